@@ -1,0 +1,75 @@
+"""The small table of per-family differences that the generic span runner needs.
+
+Every supported decoder family runs through the same code path (`swarmllm.models.span`). What differs is
+only *which attention pattern each layer uses* and *whether the rotary embedding depends on that
+pattern*. Keeping those facts here, as data, is what lets us avoid one wrapper class per model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+# Mask builders by layer type. Each one sizes the mask from the cache of the layer index it is given.
+MASK_BUILDERS: dict[str, Callable[..., torch.Tensor | None]] = {
+    FULL: create_causal_mask,
+    SLIDING: create_sliding_window_causal_mask,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Per-family facts, keyed by `config.model_type`."""
+
+    model_type: str
+    # Mistral marks sliding-window attention with `config.sliding_window` instead of `layer_types`.
+    sliding_from_window: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama"),
+        Family("mistral", sliding_from_window=True),
+        Family("qwen2"),
+        Family("gemma3_text"),
+        Family("gemma3"),
+    )
+}
+
+
+class UnsupportedModelError(ValueError):
+    """Raised for a model family that the generic runner has not been checked against."""
+
+
+def family_of(config: PretrainedConfig) -> Family:
+    try:
+        return FAMILIES[config.model_type]
+    except KeyError:
+        supported = ", ".join(sorted(FAMILIES))
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} is not supported yet (supported: {supported})"
+        ) from None
+
+
+def layer_type(config: PretrainedConfig, layer_idx: int) -> str:
+    """Attention pattern of one layer: 'full_attention' or 'sliding_attention'."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return types[layer_idx]
+    if family_of(config).sliding_from_window and getattr(config, "sliding_window", None) is not None:
+        return SLIDING
+    return FULL
+
+
+def rotary_takes_layer_type(rotary: torch.nn.Module) -> bool:
+    """Gemma 3 keeps one rotary table per layer type (different bases for local and global layers)."""
+    return "layer_type" in inspect.signature(rotary.forward).parameters

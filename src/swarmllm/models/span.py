@@ -1,0 +1,204 @@
+"""One generic runner for a contiguous span of transformer blocks.
+
+A `Span` holds blocks `[start, end)` of a decoder and runs them exactly as the full transformers model
+would: same decoder-layer classes, same rotary tables, same mask builders. Chaining spans that cover all
+blocks therefore reproduces the full model's hidden states bit for bit.
+
+Loading reads only the span's own tensors from safetensors (`safe_open` is lazy), so a server holding 10
+of 30 blocks holds about a third of the block weights and never materializes the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.cache_utils import DynamicCache
+
+from swarmllm.models.family import MASK_BUILDERS, family_of, layer_type, rotary_takes_layer_type
+
+logger = logging.getLogger(__name__)
+
+_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)layers\.(?P<idx>\d+)\.(?P<rest>.+)$")
+
+
+class SpanError(ValueError):
+    """A span that is out of range or inverted."""
+
+
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The decoder config (multimodal checkpoints nest it); attention is pinned to sdpa, as transformers
+    picks by default, so that servers and the local reference run the same kernel."""
+    config = config.get_text_config(decoder=True)
+    if getattr(config, "_attn_implementation", None) is None:
+        config._attn_implementation = "sdpa"
+    return config
+
+
+def load_config(model_dir: Path) -> PretrainedConfig:
+    return text_config(AutoConfig.from_pretrained(model_dir))
+
+
+def check_span(start: int, end: int, num_blocks: int) -> None:
+    if not (0 <= start < end <= num_blocks):
+        raise SpanError(f"invalid span {start}:{end}: the model has blocks 0:{num_blocks}, and start < end is required")
+
+
+@dataclass(frozen=True)
+class _Skeleton:
+    decoder_cls: type[nn.Module]
+    rotary: nn.Module
+
+
+def _skeleton(config: PretrainedConfig) -> _Skeleton:
+    """Find the decoder-layer class and build the rotary module, without allocating any weights."""
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    backbone = meta.base_model
+    decoder_cls = type(backbone.layers[0])
+    # Rotary tables are computed, not loaded, so they are built for real (on the CPU) from the config.
+    rotary = type(backbone.rotary_emb)(config)
+    return _Skeleton(decoder_cls=decoder_cls, rotary=rotary)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {model_dir}")
+    return files
+
+
+def read_tensors(model_dir: Path, want: "callable[[str], str | None]") -> dict[str, torch.Tensor]:
+    """Read only the tensors whose checkpoint key `want` maps to a local name (None skips it)."""
+    out: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name = want(key)
+                if name is not None:
+                    out[name] = f.get_tensor(key)
+    return out
+
+
+def block_weight_bytes(model_dir: Path) -> dict[int, int]:
+    """Bytes of each block's weights as stored, read from safetensors headers only."""
+    sizes: dict[int, int] = {}
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                m = _LAYER_KEY.match(key)
+                if m:
+                    sl = f.get_slice(key)
+                    numel = 1
+                    for d in sl.get_shape():
+                        numel *= d
+                    itemsize = torch.finfo(_dtype(sl.get_dtype())).bits // 8
+                    sizes[int(m["idx"])] = sizes.get(int(m["idx"]), 0) + numel * itemsize
+    return sizes
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
+
+
+class Span(nn.Module):
+    """Blocks `[start, end)` of a decoder, runnable with or without an attention cache.
+
+    Guarantee: for any inputs, `Span(a, b)` followed by `Span(b, c)` gives the same hidden states as the
+    full model's blocks `a..c` given the same position ids, 2D padding mask and cache contents.
+    """
+
+    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: list[nn.Module], rotary: nn.Module):
+        super().__init__()
+        check_span(start, end, config.num_hidden_layers)
+        self.config, self.start, self.end = config, start, end
+        self.layers = nn.ModuleList(layers)
+        self.rotary = rotary
+        self.types = [layer_type(config, i) for i in range(start, end)]
+        self._rotary_per_type = rotary_takes_layer_type(rotary)
+
+    def new_cache(self) -> DynamicCache:
+        """An empty cache for one session. Layers outside the span stay empty and cost nothing."""
+        return DynamicCache(config=self.config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # (batch, seq, hidden)
+        position_ids: torch.Tensor,  # (batch, seq)
+        attention_mask: torch.Tensor | None = None,  # (batch, past + seq) 1 = real token, 0 = padding
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        masks, rotary = {}, {}
+        for offset, lt in enumerate(self.types):
+            if lt in masks:
+                continue
+            # The mask must be sized from the cache of this span's own first layer of this type: layer 0's
+            # cache lives on another server and is empty here (a chunk after decode would silently break).
+            masks[lt] = MASK_BUILDERS[lt](
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+                layer_idx=self.start + offset,
+            )
+            args = (lt,) if self._rotary_per_type else ()
+            rotary[lt] = self.rotary(hidden, position_ids, *args)
+        for layer, lt in zip(self.layers, self.types):
+            hidden = layer(
+                hidden,
+                attention_mask=masks[lt],
+                position_embeddings=rotary[lt],
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+            )
+        return hidden
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def load_span(model_dir: Path, start: int, end: int, dtype: torch.dtype = torch.float32) -> Span:
+    """Load blocks `[start, end)` from a local folder, reading only their tensors."""
+    config = load_config(model_dir)
+    family_of(config)  # fail early, with the list of supported families
+    check_span(start, end, config.num_hidden_layers)
+    skeleton = _skeleton(config)
+
+    def want(key: str) -> str | None:
+        m = _LAYER_KEY.match(key)
+        if m and start <= int(m["idx"]) < end:
+            return f"{int(m['idx']) - start}.{m['rest']}"
+        return None
+
+    tensors = read_tensors(model_dir, want)
+    layers = []
+    for i in range(start, end):
+        with torch.device("meta"):
+            layer = skeleton.decoder_cls(config, i)
+        own = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i - start)}
+        missing = set(layer.state_dict()) - set(own)
+        if missing:
+            raise ValueError(f"block {i} is missing weights in {model_dir}: {sorted(missing)[:5]}")
+        layer.load_state_dict(own, strict=False, assign=True)
+        layers.append(layer.to(dtype).eval().requires_grad_(False))
+    return Span(config, start, end, layers, skeleton.rotary).eval()
+
+
+def span_from_model(model: nn.Module, start: int, end: int) -> Span:
+    """A span that shares the blocks of an already loaded transformers model (tests, local blocks)."""
+    backbone = model.base_model
+    config = text_config(model.config)
+    return Span(config, start, end, list(backbone.layers[start:end]), backbone.rotary_emb)

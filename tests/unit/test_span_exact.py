@@ -1,0 +1,112 @@
+"""Chaining spans reproduces the full transformers model exactly, for every supported family.
+
+Tiny random configs (2..4 layers, width 32): no downloads. Each case checks prefill, single-token decode
+and a multi-token chunk after decode, with left padding in a batch of 2, against the full model's own
+forward with its own cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+from swarmllm.models.span import Span, SpanError, check_span, span_from_model
+
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(num_hidden_layers=4, **COMMON),
+    "mistral": lambda: MistralConfig(num_hidden_layers=4, sliding_window=5, **COMMON),
+    "qwen2": lambda: Qwen2Config(num_hidden_layers=4, **COMMON),
+    # Gemma 3 alternates sliding and global layers, with a rotary table per layer type; a window of 4
+    # makes the sliding mask matter within these short sequences.
+    "gemma3": lambda: Gemma3TextConfig(
+        num_hidden_layers=4, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2, **COMMON
+    ),
+}
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = CONFIGS[name]()
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _run_full(model, embeds, position_ids, mask, cache):
+    out = model.base_model(
+        inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, cache=cache, use_cache=True
+    )
+    return out.last_hidden_state
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_chained_spans_equal_full_model(name: str) -> None:
+    model = _model(name)
+    n = model.config.num_hidden_layers
+    spans = [span_from_model(model, 0, 1), span_from_model(model, 1, 3), span_from_model(model, 3, n)]
+    norm = model.base_model.norm
+    caches = [s.new_cache() for s in spans]
+    full_cache = DynamicCache(config=model.config)
+
+    # Batch of 2 with left padding on the second row. Steps: prefill 6, decode 1, chunk of 3, decode 1.
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    steps = [6, 1, 3, 1]
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, sum(steps)))
+    past = 0
+    for seq in steps:
+        if past:
+            mask = torch.cat([mask, torch.ones(2, seq, dtype=mask.dtype)], dim=1)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past : past + seq]
+        embeds = model.get_input_embeddings()(ids[:, past : past + seq])
+        want = _run_full(model, embeds, position_ids, mask, full_cache)
+        hidden = embeds
+        for span, cache in zip(spans, caches):
+            hidden = span(hidden, position_ids, mask, cache)
+        got = norm(hidden)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name}: step of {seq} after {past}")
+        past += seq
+
+
+def test_span_without_cache_equals_full_forward() -> None:
+    model = _model("llama")
+    ids = torch.randint(0, 97, (2, 7))
+    embeds = model.get_input_embeddings()(ids)
+    position_ids = torch.arange(7).expand(2, -1)
+    want = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    hidden = span_from_model(model, 0, 2)(embeds, position_ids)
+    hidden = span_from_model(model, 2, 4)(hidden, position_ids)
+    torch.testing.assert_close(model.base_model.norm(hidden), want, rtol=0, atol=0)
+
+
+def test_span_trap_first_layer_idx_matters() -> None:
+    """The reason Span passes its own first layer index to the mask builder: with layer 0's (empty) cache,
+    a multi-token chunk after decode would be computed with the wrong mask. Show that the shortcut is wrong."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = _model("llama")
+    span = span_from_model(model, 2, 4)
+    cache = span.new_cache()
+    embeds = torch.randn(1, 5, 32)
+    span(embeds, torch.arange(5)[None], None, cache)
+    chunk = torch.randn(1, 3, 32)
+    pos = torch.arange(5, 8)[None]
+    good = create_causal_mask(model.config, chunk, None, cache, pos, layer_idx=2)
+    bad = create_causal_mask(model.config, chunk, None, cache, pos, layer_idx=0)
+    assert (good is None) != (bad is None) or not torch.equal(good, bad)
+
+
+@pytest.mark.parametrize("start,end", [(-1, 2), (3, 3), (3, 1), (0, 5)])
+def test_invalid_spans_are_refused(start: int, end: int) -> None:
+    with pytest.raises(SpanError, match="invalid span"):
+        check_span(start, end, 4)
