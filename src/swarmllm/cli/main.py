@@ -1,0 +1,147 @@
+"""`swarmllm`: one entry point with subcommands: dht, serve, generate, chat, local."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from swarmllm.cli.options import add_config_args, config_from_args
+from swarmllm.client.config import ClientConfig
+from swarmllm.server.config import ServerConfig
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # hivemind and transformers are chatty at INFO; their warnings still show.
+    for name in ("hivemind", "transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from hivemind.utils.logging import use_hivemind_log_handler
+
+        use_hivemind_log_handler("nowhere")
+    except ImportError:
+        pass
+
+
+def cmd_dht(args: argparse.Namespace) -> None:
+    from hivemind import DHT
+
+    dht = DHT(start=True, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs or None)
+    print("initial peers: " + " ".join(str(m) for m in dht.get_visible_maddrs()), flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    dht.shutdown()
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from swarmllm.server.server import Server
+
+    Server(config_from_args(ServerConfig, args)).run()
+
+
+def _client_model(args: argparse.Namespace):
+    from swarmllm.models.distributed import AutoDistributedModelForCausalLM
+
+    config = config_from_args(ClientConfig, args)
+    return AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import time
+
+    from transformers import AutoTokenizer, TextStreamer
+
+    from swarmllm.models.source import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    model = _client_model(args)
+    try:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        streamer = TextStreamer(tokenizer, skip_prompt=False)
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                             temperature=args.temperature or None, streamer=streamer)
+        dt = time.perf_counter() - t0
+        new = out.shape[1] - ids.shape[1]
+        print(f"\n[{new} tokens in {dt:.2f}s: {new / dt:.2f} tokens/s]", file=sys.stderr)
+    finally:
+        model.sequence_manager.shutdown()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from swarmllm.cli.chat import chat_loop
+
+    chat_loop(_client_model(args), args.model, args.max_new_tokens, args.max_length)
+
+
+def cmd_local(args: argparse.Namespace) -> None:
+    from swarmllm.cli.local import run_local
+
+    run_local(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarmllm", description="Run LLMs across a swarm of peers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dht", help="start a bootstrap peer and print its multiaddrs")
+    p.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/0"], help="multiaddrs to listen on")
+    p.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs to announce")
+    p.set_defaults(func=cmd_dht)
+
+    p = sub.add_parser("serve", help="serve a span of blocks of a model")
+    add_config_args(p, ServerConfig, positional=("model",))
+    p.set_defaults(func=cmd_serve)
+
+    for name, func, help_text in (
+        ("generate", cmd_generate, "generate text from a prompt through the swarm"),
+        ("chat", cmd_chat, "interactive chat through the swarm, with the model's chat template"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model", help="model: a local folder, a .gguf file, a hub repo id, or a shortcut (smollm2)")
+        add_config_args(p, ClientConfig)
+        p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+        p.set_defaults(func=func)
+    generate = sub.choices["generate"]
+    generate.add_argument("--prompt", required=True, help="the prompt text")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    sub.choices["chat"].add_argument("--max-length", type=int, default=2048, help="tokens the chat session may hold")
+
+    p = sub.add_parser("local", help="start a local swarm (bootstrap + servers), answer a chat prompt, stop")
+    p.add_argument("model", nargs="?", default="smollm2", help="model to serve (default: smollm2)")
+    p.add_argument("--servers", type=int, default=3, help="number of servers, splitting the blocks evenly")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores)")
+    p.add_argument("--prompt", default="What is a swarm of computers good for? Answer in two sentences.")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # clear one-line errors for users; tracebacks with -v
+        if args.verbose:
+            raise
+        name = type(e).__name__
+        print(f"error: {name}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

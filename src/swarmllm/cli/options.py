@@ -1,0 +1,53 @@
+"""Build argparse options from a pydantic config, so defaults and help live only in the config class."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type[BaseModel], positional: tuple[str, ...] = ()) -> None:
+    for name, field in config_cls.model_fields.items():
+        kind, args = _kind(field.annotation)
+        help_text = field.description or ""
+        if name in positional:
+            parser.add_argument(name, help=help_text)
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if default is not None and kind is not bool:
+            help_text += f" (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
+        elif kind is Literal:
+            parser.add_argument(flag, choices=args, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def config_from_args(config_cls: type[BaseModel], ns: argparse.Namespace, **extra: Any):
+    values = {k: v for k, v in vars(ns).items() if k in config_cls.model_fields}
+    values.update(extra)
+    try:
+        return config_cls(**values)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise SystemExit(f"error: {msgs}") from None
+
+
+def _kind(annotation: Any) -> tuple[Any, tuple]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _kind(inner[0])
+    if origin is list:
+        return list, ()
+    if origin is Literal:
+        return Literal, typing.get_args(annotation)
+    return annotation, ()

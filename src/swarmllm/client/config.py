@@ -1,0 +1,25 @@
+"""ClientConfig: the one source of truth for a client's settings (Python API and CLI alike)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ClientConfig(BaseModel):
+    """Settings of a client. Field descriptions become the CLI help."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of any peers in the swarm")
+    request_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for one server reply")
+    missing_blocks_timeout: float = Field(
+        default=30.0, ge=0, description="seconds to wait for servers of missing blocks before failing"
+    )
+    update_period: float = Field(default=5.0, gt=0, description="seconds between refreshes of the swarm view")
+    ban_time: float = Field(default=15.0, ge=0, description="seconds a server that failed a request is avoided")
+    max_retries: int = Field(default=3, ge=0, description="attempts to open a session on another route after a failure")
+    client_mode: bool = Field(
+        default=False, description="join the DHT without accepting incoming connections (behind NAT)"
+    )
+    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
+    num_threads: int | None = Field(default=None, ge=1, description="torch threads for the local layers")

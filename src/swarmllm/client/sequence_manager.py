@@ -1,0 +1,90 @@
+"""The client's view of the swarm: which servers hold which blocks, which are banned, and how to call them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarmllm.client import loop
+from swarmllm.client.config import ClientConfig
+from swarmllm.client.routing import Hop, MissingBlocksError, fewest_hops
+from swarmllm.dht.records import get_servers
+from swarmllm.protocol import ServerRecord
+
+logger = logging.getLogger(__name__)
+
+
+class SequenceManager:
+    """Keeps a fresh list of servers for one model and turns it into routes.
+
+    Guarantee: `make_route` returns a chain covering the requested blocks with servers that are online and
+    not banned, or raises `MissingBlocksError` naming the blocks that had no server for
+    `missing_blocks_timeout` seconds.
+    """
+
+    def __init__(self, config: ClientConfig, model_name: str, num_blocks: int, dht: DHT | None = None):
+        self.config, self.model_name, self.num_blocks = config, model_name, num_blocks
+        self._own_dht = dht is None
+        self.dht = dht or DHT(
+            initial_peers=config.initial_peers,
+            client_mode=config.client_mode,
+            host_maddrs=config.host_maddrs,
+            start=True,
+        )
+        self.p2p: P2P = loop.run(self.dht.replicate_p2p(), timeout=config.request_timeout)
+        self._servers: list[ServerRecord] = []
+        self._updated = 0.0
+        self._bans: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def servers(self, force: bool = False) -> list[ServerRecord]:
+        with self._lock:
+            if force or time.monotonic() - self._updated > self.config.update_period:
+                self._servers = get_servers(self.dht, self.model_name)
+                self._updated = time.monotonic()
+            return list(self._servers)
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        logger.warning("avoiding server %s for %.0fs: %s", peer_id[-8:], self.config.ban_time, reason)
+        self._bans[peer_id] = time.monotonic() + self.config.ban_time
+
+    def banned(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(p for p, until in self._bans.items() if until > now)
+
+    def make_route(self, start: int = 0, end: int | None = None) -> list[Hop]:
+        end = self.num_blocks if end is None else end
+        deadline = time.monotonic() + self.config.missing_blocks_timeout
+        force = False
+        while True:
+            try:
+                return fewest_hops(self.servers(force=force), start, end, exclude=self.banned())
+            except MissingBlocksError as e:
+                if time.monotonic() >= deadline:
+                    raise MissingBlocksError(e.missing, waited=self.config.missing_blocks_timeout) from None
+                logger.info("waiting for servers of blocks %s", e.missing)
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                force = True
+
+    async def call(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        return await self.p2p.call_protobuf_handler(
+            PeerID.from_base58(peer_id), name, request, runtime_pb2.ExpertResponse
+        )
+
+    async def open_stream(self, peer_id: str, name: str, requests) -> object:
+        return await self.p2p.iterate_protobuf_handler(
+            PeerID.from_base58(peer_id), name, requests, runtime_pb2.ExpertResponse
+        )
+
+    def shutdown(self) -> None:
+        if self._own_dht:
+            try:
+                loop.run(self.p2p.shutdown(), timeout=5)
+            except Exception:  # already gone; nothing to release
+                pass
+            self.dht.shutdown()

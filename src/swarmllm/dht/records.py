@@ -1,0 +1,56 @@
+"""DHT key schema, and announcing and reading server records.
+
+Schema: one key per model, `swarmllm.v1.<model>.servers`; each server stores its `ServerRecord` under its
+own peer id as subkey, with an expiration. One DHT lookup therefore returns the whole swarm for a model.
+Records that fail validation (unknown versions, garbage) are skipped, never trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+from pydantic import ValidationError
+
+from swarmllm.protocol import PROTOCOL_VERSION, ServerRecord, ServerState
+
+logger = logging.getLogger(__name__)
+
+
+def servers_key(model: str) -> str:
+    return f"swarmllm.v{PROTOCOL_VERSION}.{model}.servers"
+
+
+def announce(dht: DHT, model: str, record: ServerRecord, ttl: float) -> bool:
+    """Store (or refresh) this server's record. Returns whether the DHT accepted it."""
+    return bool(
+        dht.store(
+            servers_key(model),
+            subkey=record.peer_id,
+            value=record.model_dump(mode="json"),
+            expiration_time=get_dht_time() + ttl,
+        )
+    )
+
+
+def parse_servers(raw: dict | None) -> list[ServerRecord]:
+    """Valid, online records out of a DHT value (a dict subkey -> ValueWithExpiration)."""
+    out = []
+    for subkey, item in (raw or {}).items():
+        try:
+            record = ServerRecord.model_validate(item.value)
+        except ValidationError:
+            logger.debug("ignoring an invalid server record under %s", subkey)
+            continue
+        # A record is only believed for the peer that stored it under its own id.
+        if record.peer_id != subkey or record.version != PROTOCOL_VERSION or record.end <= record.start:
+            continue
+        if record.state == ServerState.ONLINE:
+            out.append(record)
+    return out
+
+
+def get_servers(dht: DHT, model: str, latest: bool = True) -> list[ServerRecord]:
+    found = dht.get(servers_key(model), latest=latest)
+    return parse_servers(found.value if found is not None else None)

@@ -1,0 +1,158 @@
+"""Start a local swarm of real processes (a bootstrap peer and servers) and stop it cleanly.
+
+Used by `make run` and by the test fixtures. Each child runs in its own process group, so stopping it
+also stops the libp2p daemon it spawned; only the groups of processes started here are ever signalled.
+Readiness is a line each process prints when it can serve, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    lines: queue.Queue = field(default_factory=queue.Queue)
+    log: list[str] = field(default_factory=list)
+
+    def wait_for(self, prefix: str, timeout: float) -> str:
+        """Block until the child prints a line starting with `prefix`; fail early if it dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if line.startswith(prefix):
+                return line
+        tail = "".join(self.log[-30:])
+        raise LaunchError(f"{self.name} did not print {prefix!r} within {timeout:.0f}s (exit {self.proc.poll()}):\n{tail}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            # SIGTERM to the main process only: it shuts its own DHT and daemon down in order (a group-wide
+            # SIGTERM would kill the DHT under it before it withdraws its record).
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
+        # Whatever the main process did, its group (the libp2p daemon included) must not outlive it.
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None, echo: bool = False) -> Child:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarmllm.cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    child = Child(name, proc)
+
+    def pump() -> None:
+        for line in proc.stdout:
+            child.log.append(line)
+            child.lines.put(line)
+            if echo:
+                sys.stderr.write(f"[{name}] {line}")
+
+    threading.Thread(target=pump, daemon=True, name=f"pump-{name}").start()
+    return child
+
+
+@dataclass
+class ServerSpec:
+    blocks: str
+    extra: tuple[str, ...] = ()
+
+
+class LocalSwarm:
+    """A bootstrap peer plus servers on loopback. Use as a context manager; everything stops on exit."""
+
+    def __init__(self, model: str, servers: Sequence[ServerSpec], threads: int = 1, ready_timeout: float = 240.0,
+                 echo: bool = False):
+        self.model, self.specs, self.threads = model, list(servers), threads
+        self.ready_timeout, self.echo = ready_timeout, echo
+        self.children: list[Child] = []
+        self.initial_peers: list[str] = []
+        self.servers: dict[str, Child] = {}
+        self.server_lines: dict[str, str] = {}
+
+    def start(self) -> LocalSwarm:
+        try:
+            boot = self._spawn("dht", ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
+            line = boot.wait_for("initial peers:", self.ready_timeout)
+            self.initial_peers = line.split(":", 1)[1].split()
+            for i, spec in enumerate(self.specs):
+                self.add_server(f"server{i}", spec, wait=False)
+            for name, child in self.servers.items():
+                self.server_lines[name] = child.wait_for("server ready:", self.ready_timeout).strip()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_server(self, name: str, spec: ServerSpec, wait: bool = True) -> Child:
+        args = ["serve", self.model, "--initial-peers", *self.initial_peers, "--blocks", spec.blocks,
+                "--num-threads", str(self.threads), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *spec.extra]
+        child = self._spawn(name, args)
+        self.servers[name] = child
+        if wait:
+            self.server_lines[name] = child.wait_for("server ready:", self.ready_timeout).strip()
+        return child
+
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        env = {"OMP_NUM_THREADS": str(self.threads)}
+        child = spawn(name, args, env=env, echo=self.echo)
+        self.children.append(child)
+        return child
+
+    def stop(self) -> None:
+        # Servers first, so they can withdraw their records while the bootstrap peer is still up.
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+    def __enter__(self) -> LocalSwarm:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,100 @@
+"""Pure compute of a server: validate inputs, then run forward, backward or one inference step of a span.
+
+Nothing here knows about the network. Every function checks shapes, dtypes and finiteness before any
+model code runs, and raises `BadRequest` with a message meant for the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from swarmllm.models.span import Span
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class TooLong(ValueError):
+    pass
+
+
+def sub_span(span: Span, start: int, end: int) -> Span:
+    """The blocks `[start, end)` of a server's span, sharing its weights."""
+    if not (span.start <= start < end <= span.end):
+        raise BadRequest(f"blocks {start}:{end} are not within this server's span {span.start}:{span.end}")
+    if (start, end) == (span.start, span.end):
+        return span
+    layers = list(span.layers[start - span.start : end - span.start])
+    return Span(span.config, start, end, layers, span.rotary)
+
+
+def check_inputs(
+    span: Span, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, past: int = 0
+) -> None:
+    """Validate a (hidden, position_ids, mask) triple for a span whose cache already holds `past` tokens."""
+    if hidden.ndim != 3 or hidden.shape[-1] != span.config.hidden_size or hidden.shape[1] == 0:
+        raise BadRequest(f"hidden states must be (batch, seq>0, {span.config.hidden_size}), got {tuple(hidden.shape)}")
+    if not hidden.is_floating_point():
+        raise BadRequest(f"hidden states must be floating point, got {hidden.dtype}")
+    if not torch.isfinite(hidden).all():
+        raise BadRequest("hidden states contain NaN or infinity")
+    if position_ids.shape != hidden.shape[:2] or position_ids.dtype != torch.int64:
+        raise BadRequest(f"position_ids must be int64 {tuple(hidden.shape[:2])}, got {position_ids.dtype} {tuple(position_ids.shape)}")
+    if mask is not None and mask.shape != (hidden.shape[0], past + hidden.shape[1]):
+        raise BadRequest(f"attention_mask must be (batch, past + seq) = {(hidden.shape[0], past + hidden.shape[1])}, got {tuple(mask.shape)}")
+
+
+@torch.inference_mode()
+def forward(span: Span, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    check_inputs(span, hidden, position_ids, mask)
+    dtype = next(span.parameters()).dtype
+    return span(hidden.to(dtype), position_ids, mask).to(hidden.dtype)
+
+
+def backward(
+    span: Span, hidden: torch.Tensor, position_ids: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Gradient of the span's output wrt its input, by recomputing the forward pass (servers keep no
+    activations between calls). Base weights are frozen and never receive gradients."""
+    check_inputs(span, hidden, position_ids, mask)
+    if grad_out.shape != hidden.shape or not torch.isfinite(grad_out).all():
+        raise BadRequest(f"grad_output must be finite and shaped like hidden {tuple(hidden.shape)}")
+    dtype = next(span.parameters()).dtype
+    with torch.enable_grad():
+        x = hidden.detach().to(dtype).requires_grad_(True)
+        out = span(x, position_ids, mask)
+        (grad_in,) = torch.autograd.grad(out, x, grad_out.to(dtype))
+    return grad_in.to(hidden.dtype)
+
+
+@dataclass
+class SessionCache:
+    """The attention cache of one inference session on one server."""
+
+    span: Span
+    batch_size: int
+    max_length: int
+    cache: DynamicCache = field(init=False)
+    length: int = 0
+
+    def __post_init__(self) -> None:
+        self.cache = self.span.new_cache()
+
+    @torch.inference_mode()
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        check_inputs(self.span, hidden, position_ids, mask, past=self.length)
+        if hidden.shape[0] != self.batch_size:
+            raise BadRequest(f"session was opened for batch {self.batch_size}, step has batch {hidden.shape[0]}")
+        if self.length + hidden.shape[1] > self.max_length:
+            raise TooLong(
+                f"session declared max_length={self.max_length}; it holds {self.length} tokens and cannot take "
+                f"{hidden.shape[1]} more"
+            )
+        dtype = next(self.span.parameters()).dtype
+        out = self.span(hidden.to(dtype), position_ids, mask, self.cache)
+        self.length += hidden.shape[1]
+        return out.to(hidden.dtype)

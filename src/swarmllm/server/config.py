@@ -1,0 +1,46 @@
+"""ServerConfig: the one source of truth for a server's settings; `swarmllm serve --help` is built from it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ServerConfig(BaseModel):
+    """Settings of one server process. Field descriptions become the CLI help."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(description="model: a local folder, a .gguf file, a hub repo id, or a shortcut (smollm2)")
+    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of any peers already in the swarm")
+    blocks: str | None = Field(default=None, description="span to serve, START:END (end exclusive)")
+    num_blocks: int | None = Field(default=None, ge=1, description="serve this many blocks, chosen where the swarm is weakest")
+    dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the blocks' weights and compute")
+    max_cache_tokens: int = Field(
+        default=32768, ge=1, description="server-wide attention-cache budget, in tokens (batch x max_length, summed over sessions)"
+    )
+    session_timeout: float = Field(default=300.0, gt=0, description="seconds a session may stay idle before its cache is freed")
+    announce_ttl: float = Field(default=30.0, gt=1, description="seconds a DHT record lives; it is refreshed every third of that")
+    num_threads: int | None = Field(default=None, ge=1, description="torch compute threads (default: all cores)")
+    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
+    announce_maddrs: list[str] = Field(default_factory=list, description="public multiaddrs to announce, if not the listen ones")
+
+    @model_validator(mode="after")
+    def _one_span_choice(self) -> ServerConfig:
+        if (self.blocks is None) == (self.num_blocks is None):
+            raise ValueError("give exactly one of --blocks START:END or --num-blocks N")
+        if self.blocks is not None:
+            parse_blocks(self.blocks)
+        return self
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """'3:10' -> (3, 10). Range checks against the model happen once the model is known."""
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--blocks must look like START:END, got {text!r}") from None
+    if start < 0 or end <= start:
+        raise ValueError(f"invalid span {text}: need 0 <= START < END")
+    return start, end

@@ -1,0 +1,65 @@
+"""Packing records and tensors into hivemind protobuf messages, and typed errors out of them.
+
+A message is a hivemind `ExpertRequest`/`ExpertResponse`: `metadata` holds one JSON record from
+`swarmllm.protocol`, `tensors` hold the tensors that record describes. An `ErrorReply` in place of the
+expected record becomes a `RemoteError` on the caller's side.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from pydantic import ValidationError
+
+from swarmllm.protocol import PROTOCOL_VERSION, ErrorCode, ErrorReply, Record
+
+R = TypeVar("R", bound=Record)
+
+
+class RemoteError(RuntimeError):
+    """A server refused or failed a request; `code` says why (see `protocol.ErrorCode`)."""
+
+    def __init__(self, code: ErrorCode, message: str, peer: str = "?"):
+        super().__init__(f"server {peer[-8:]} refused: [{code}] {message}")
+        self.code, self.remote_message, self.peer = code, message, peer
+
+
+class ProtocolError(ValueError):
+    """A message that does not parse as the record it should hold."""
+
+
+def request(record: Record, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(
+        metadata=record.to_bytes(), tensors=[serialize_torch_tensor(t.detach()) for t in tensors]
+    )
+
+
+def response(record: Record, *tensors: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(
+        metadata=record.to_bytes(), tensors=[serialize_torch_tensor(t.detach()) for t in tensors]
+    )
+
+
+def error_response(code: ErrorCode, message: str) -> runtime_pb2.ExpertResponse:
+    return response(ErrorReply(code=code, message=message))
+
+
+def parse(msg, cls: type[R], peer: str = "?") -> tuple[R, list[torch.Tensor]]:
+    """Decode one message into (record, tensors); raise RemoteError if the peer sent an ErrorReply."""
+    # Errors are checked first: no other record has both `code` and `message`.
+    try:
+        err = ErrorReply.from_bytes(msg.metadata)
+    except ValidationError:
+        err = None
+    if err is not None:
+        raise RemoteError(err.code, err.message, peer)
+    try:
+        record = cls.from_bytes(msg.metadata)
+    except ValidationError as e:
+        raise ProtocolError(f"expected {cls.__name__}: {e.errors()[:2]}") from None
+    if record.version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {record.version} is not {PROTOCOL_VERSION}")
+    return record, [deserialize_torch_tensor(t) for t in msg.tensors]
