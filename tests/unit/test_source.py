@@ -51,7 +51,7 @@ def test_folder_with_config_is_returned_as_is(tmp_path: Path, monkeypatch: pytes
     assert resolve_model(str(tmp_path), cache_dir=tmp_path / "cache") == tmp_path
 
 
-@pytest.mark.parametrize("name", ["no/such/thing/x", "/definitely/not/here", "smollm", "weights.gguf"])
+@pytest.mark.parametrize("name", ["no/such/thing/x", "/definitely/not/here", "smollm", "models/weights.gguf"])
 def test_unknown_name_fails_at_once_without_the_hub(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -43,6 +43,15 @@ class RemoteCache(DynamicCache):
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.session.position
 
+    @property
+    def is_linear(self) -> list[bool]:
+        # generate() slices new tokens only if `not all(cache.is_linear)`; an empty cache would say all([]).
+        return [False]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
 
 class DistributedBackbone(nn.Module):
     """Embeddings and final norm run here; the blocks run remotely. Attribute names match transformers'."""
@@ -116,6 +125,8 @@ class DistributedMixin:
             session.close()
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
         session = self._active_session
         if session is None:
             max_length = _max_length(self.generation_config, kwargs, inputs)

