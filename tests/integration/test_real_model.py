@@ -34,7 +34,7 @@ def test_session_continues_across_two_generate_calls(smollm2_client, smollm2_loc
         out1 = smollm2_client.generate(first, max_new_tokens=12, do_sample=False)
         position = session.position
         out2 = smollm2_client.generate(more, max_new_tokens=12, do_sample=False)
-        # The second call sent only new tokens: the servers' caches kept the first call's 
+        # The second call sent only new tokens: the servers' caches kept the first call's tokens.
         assert session.position == out2.shape[1] - 1 and session.position > position
     want1 = smollm2_local.generate(first, max_new_tokens=12, do_sample=False)
     assert torch.equal(out1, want1)
@@ -55,4 +55,6 @@ def test_sampling_runs_through_the_swarm(smollm2_client, smollm2_tokenizer) -> N
 def test_forward_logits_match_local(smollm2_client, smollm2_local, smollm2_tokenizer) -> None:
     ids = smollm2_tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     with torch.no_grad():
-        torch.testing.assert_close(smollm2_client(ids).logits, smollm2_local(ids).logits, rtol=0, atol=1e-5)
+        # Servers run with 1 thread and the local model with all cores: float32 sums in another order differ
+        # in the last bits (seen: 8e-5 on logits of magnitude ~10). Greedy tokens are compared exactly above.
+        torch.testing.assert_close(smollm2_client(ids).logits, smollm2_local(ids).logits, rtol=0, atol=5e-4)

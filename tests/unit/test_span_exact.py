@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
 
-from swarmllm.models.span import Span, SpanError, check_span, span_from_model
+from swarmllm.models.span import SpanError, check_span, span_from_model
 
 COMMON = dict(
     vocab_size=97,

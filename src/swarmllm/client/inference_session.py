@@ -34,6 +34,14 @@ class PromptTooLongError(ValueError):
     pass
 
 
+class _HopFailed(Exception):
+    """Which server of a route failed; the cause is the original error."""
+
+    def __init__(self, hop: Hop):
+        super().__init__(f"server {hop.peer_id[-8:]} (blocks {hop.start}:{hop.end}) failed")
+        self.hop = hop
+
+
 class _ServerStream:
     """The stream to one server: requests go through a queue, replies come from the response iterator."""
 
@@ -109,28 +117,35 @@ class InferenceSession:
                 self._streams = streams
                 logger.debug("session %s opened on %s", self.session_id[:8], route)
                 return
-            except wire.RemoteError as e:
+            except _HopFailed as failed:
                 loop.run(self._close_all(streams))
-                if e.code == ErrorCode.CACHE_FULL and attempt == retries:
-                    raise
-                self.manager.ban(e.peer, str(e))
-            except Exception as e:  # a server that vanished between the DHT lookup and the open
-                loop.run(self._close_all(streams))
-                bad = next((s.hop.peer_id for s in streams if s.replies is None), route[0].peer_id)
-                self.manager.ban(bad, repr(e))
+                error = failed.__cause__
+                if isinstance(error, wire.RemoteError) and error.code == ErrorCode.BAD_REQUEST:
+                    raise error from None  # our request is wrong: no other server would accept it either
+                self.manager.ban(failed.hop.peer_id, repr(error))
                 if attempt == retries:
-                    raise SessionFailedError(f"could not open a session after {retries + 1} attempts: {e!r}") from e
+                    raise SessionFailedError(
+                        f"could not open a session for blocks {self.start}:{self.end} after {retries + 1} attempts; "
+                        f"last error: {error}"
+                    ) from error
 
     async def _open_all(self, streams: list[_ServerStream]) -> None:
-        meta = lambda hop: OpenSession(  # noqa: E731
-            session_id=self.session_id, start=hop.start, end=hop.end, batch_size=self.batch_size, max_length=self.max_length
-        )
         for s in streams:  # in order, so that a failure names the first bad server
-            await s.open(meta(s.hop))
+            meta = OpenSession(
+                session_id=self.session_id, start=s.hop.start, end=s.hop.end, batch_size=self.batch_size,
+                max_length=self.max_length,
+            )
+            try:
+                await s.open(meta)
+            except Exception as e:
+                raise _HopFailed(s.hop) from e
 
     async def _step_all(self, hidden, position_ids, mask) -> torch.Tensor:
         for s in self._streams:
-            hidden = await s.step(self._step_id, hidden, position_ids, mask)
+            try:
+                hidden = await s.step(self._step_id, hidden, position_ids, mask)
+            except Exception as e:
+                raise _HopFailed(s.hop) from e
         return hidden
 
     def step(
@@ -149,14 +164,14 @@ class InferenceSession:
             self._open(hidden.shape[0])
         try:
             out = loop.run(self._step_all(hidden, position_ids, attention_mask))
-        except wire.RemoteError as e:
-            if e.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG):
-                raise
+        except _HopFailed as failed:
+            # Earlier servers of the route have already extended their caches with this step, so the
+            # session cannot simply go on: it is closed, and the failing server is avoided from now on.
             self.close()
-            raise SessionFailedError(f"a server failed mid-session: {e}") from e
-        except Exception as e:
-            self.close()
-            raise SessionFailedError(f"a server failed mid-session: {e!r}") from e
+            error = failed.__cause__
+            if not (isinstance(error, wire.RemoteError) and error.code == ErrorCode.BAD_REQUEST):
+                self.manager.ban(failed.hop.peer_id, repr(error))
+            raise SessionFailedError(f"server {failed.hop.peer_id[-8:]} failed mid-session: {error}") from error
         self._step_id += 1
         self.position += hidden.shape[1]
         return out

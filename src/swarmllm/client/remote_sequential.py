@@ -123,5 +123,10 @@ class _RemoteSpanFn(torch.autograd.Function):
         for start, end, hidden in reversed(ctx.saved):
             # Backward is stateless on the server (it recomputes the span), so any server holding exactly
             # these blocks can answer it; call_span reroutes around failures.
-            grad = ctx.remote.call_span(RPC_BACKWARD, start, end, hidden, ctx.position_ids, grad, ctx.mask)
+            try:
+                grad = ctx.remote.call_span(RPC_BACKWARD, start, end, hidden, ctx.position_ids, grad, ctx.mask)
+            except _Split:
+                raise RuntimeError(
+                    f"backward: no single live server holds blocks {start}:{end} any more (their forward server left)"
+                ) from None
         return grad, None, None, None

@@ -79,7 +79,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_tensors(model_dir: Path, want: "callable[[str], str | None]") -> dict[str, torch.Tensor]:
+def read_tensors(model_dir: Path, want: callable[[str], str | None]) -> dict[str, torch.Tensor]:
     """Read only the tensors whose checkpoint key `want` maps to a local name (None skips it)."""
     out: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):

@@ -15,6 +15,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from swarmllm import wire
+from swarmllm.models.span import Span
 from swarmllm.protocol import (
     RPC_BACKWARD,
     RPC_FORWARD,
@@ -29,7 +30,6 @@ from swarmllm.protocol import (
     Step,
     StepDone,
 )
-from swarmllm.models.span import Span
 from swarmllm.server import compute
 from swarmllm.server.cache import CacheBudget, CacheFullError
 
@@ -53,7 +53,7 @@ def _error(e: Exception) -> runtime_pb2.ExpertResponse:
 class Handler:
     """Serves `info`, `forward`, `backward` and `inference` for one span."""
 
-    def __init__(self, span: Span, budget: CacheBudget, session_timeout: float, record: "callable[[], ServerRecord]"):
+    def __init__(self, span: Span, budget: CacheBudget, session_timeout: float, record: callable[[], ServerRecord]):
         self.span, self.budget, self.session_timeout, self.record = span, budget, session_timeout, record
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.active_sessions = 0
