@@ -19,7 +19,7 @@ import torch
 
 from swarmllm import wire
 from swarmllm.client import loop
-from swarmllm.client.routing import Hop
+from swarmllm.client.routing import Hop, MissingBlocksError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.protocol import RPC_INFERENCE, ErrorCode, OpenSession, SessionOpened, Step, StepDone
 
@@ -32,6 +32,9 @@ class SessionFailedError(RuntimeError):
 
 class PromptTooLongError(ValueError):
     pass
+
+
+_NOT_THE_SERVERS_FAULT = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.SESSION_TIMEOUT)
 
 
 class _HopFailed(Exception):
@@ -109,8 +112,14 @@ class InferenceSession:
     def _open(self, batch_size: int) -> None:
         self.batch_size = batch_size
         retries = self.manager.config.max_retries
+        full: dict[str, Exception] = {}  # servers whose cache cannot hold this session: healthy, not banned
         for attempt in range(retries + 1):
-            route = self.manager.make_route(self.start, self.end)
+            try:
+                route = self.manager.make_route(self.start, self.end, exclude=frozenset(full))
+            except MissingBlocksError:
+                if not full:
+                    raise
+                raise SessionFailedError(f"no server can hold this session: {list(full.values())[-1]}") from None
             streams = [_ServerStream(self.manager, hop) for hop in route]
             try:
                 loop.run(self._open_all(streams))
@@ -122,6 +131,9 @@ class InferenceSession:
                 error = failed.__cause__
                 if isinstance(error, wire.RemoteError) and error.code == ErrorCode.BAD_REQUEST:
                     raise error from None  # our request is wrong: no other server would accept it either
+                if isinstance(error, wire.RemoteError) and error.code == ErrorCode.CACHE_FULL:
+                    full[failed.hop.peer_id] = error
+                    continue
                 self.manager.ban(failed.hop.peer_id, repr(error))
                 if attempt == retries:
                     raise SessionFailedError(
@@ -169,7 +181,8 @@ class InferenceSession:
             # session cannot simply go on: it is closed, and the failing server is avoided from now on.
             self.close()
             error = failed.__cause__
-            if not (isinstance(error, wire.RemoteError) and error.code == ErrorCode.BAD_REQUEST):
+            # A server that refused our request or timed out our idle session is healthy: no ban.
+            if not (isinstance(error, wire.RemoteError) and error.code in _NOT_THE_SERVERS_FAULT):
                 self.manager.ban(failed.hop.peer_id, repr(error))
             raise SessionFailedError(f"server {failed.hop.peer_id[-8:]} failed mid-session: {error}") from error
         self._step_id += 1

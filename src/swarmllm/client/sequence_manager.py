@@ -57,13 +57,14 @@ class SequenceManager:
         now = time.monotonic()
         return frozenset(p for p, until in self._bans.items() if until > now)
 
-    def make_route(self, start: int = 0, end: int | None = None) -> list[Hop]:
+    def make_route(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset()) -> list[Hop]:
+        """`exclude`: servers to skip for this route only (e.g. ones that just said their cache is full)."""
         end = self.num_blocks if end is None else end
-        deadline = time.monotonic() + self.config.missing_blocks_timeout
+        deadline = time.monotonic() + (0 if exclude else self.config.missing_blocks_timeout)
         force = False
         while True:
             try:
-                return fewest_hops(self.servers(force=force), start, end, exclude=self.banned())
+                return fewest_hops(self.servers(force=force), start, end, exclude=self.banned() | exclude)
             except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
                     raise MissingBlocksError(e.missing, waited=self.config.missing_blocks_timeout) from None

@@ -33,20 +33,26 @@ class Server:
         self.model_dir = resolve_model(config.model)
         self.model_name = model_display_name(config.model)
         self.model_config = load_config(self.model_dir)
+        num_blocks = self.model_config.num_hidden_layers
+        if config.blocks is not None:  # checked before joining the swarm, so a bad span leaves nothing behind
+            check_span(*parse_blocks(config.blocks), num_blocks)
         self.dht = DHT(
             initial_peers=config.initial_peers,
             host_maddrs=config.host_maddrs,
             announce_maddrs=config.announce_maddrs or None,
             start=True,
         )
-        num_blocks = self.model_config.num_hidden_layers
-        if config.blocks is not None:
-            self.start, self.end = parse_blocks(config.blocks)
-            check_span(self.start, self.end, num_blocks)
-        else:
-            self.start, self.end = choose_span(get_servers(self.dht, self.model_name), num_blocks, config.num_blocks)
-        logger.info("loading blocks %d:%d of %s (%s)", self.start, self.end, self.model_name, config.dtype)
-        self.span = load_span(self.model_dir, self.start, self.end, DTYPES[config.dtype])
+        try:
+            if config.blocks is not None:
+                self.start, self.end = parse_blocks(config.blocks)
+            else:
+                records = get_servers(self.dht, self.model_name)
+                self.start, self.end = choose_span(records, num_blocks, config.num_blocks)
+            logger.info("loading blocks %d:%d of %s (%s)", self.start, self.end, self.model_name, config.dtype)
+            self.span = load_span(self.model_dir, self.start, self.end, DTYPES[config.dtype])
+        except BaseException:
+            self.dht.shutdown()
+            raise
         self.budget = CacheBudget(config.max_cache_tokens)
         self.handler = Handler(self.span, self.budget, config.session_timeout, self.record)
         self.peer_id = str(self.dht.peer_id)

@@ -1,0 +1,152 @@
+"""Bad input and failing peers on a real swarm of tiny-model processes: each gets a clear error, nothing leaks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarmllm import AutoDistributedModelForCausalLM
+from swarmllm.client.inference_session import PromptTooLongError, SessionFailedError
+from swarmllm.client.routing import MissingBlocksError
+from swarmllm.dht.records import get_servers
+from swarmllm.launcher import LocalSwarm, ServerSpec, spawn
+
+pytestmark = pytest.mark.swarm
+
+
+def _group_gone(pgid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--blocks", "2:9"], "invalid span 2:9"),
+        (["--blocks", "3:1"], "invalid span"),
+        (["--blocks", "0:2", "--num-blocks", "2"], "exactly one of"),
+    ],
+)
+def test_bad_span_is_refused_and_leaves_no_process(tiny_llama_dir, args, message) -> None:
+    child = spawn("bad-span", ["serve", str(tiny_llama_dir), *args])
+    assert child.proc.wait(60) != 0
+    assert message in "".join(child.log)
+    assert _group_gone(child.proc.pid)
+
+
+def test_unknown_model_is_refused(tmp_path) -> None:
+    child = spawn("unknown", ["serve", str(tmp_path / "no-such-model"), "--blocks", "0:1"])
+    assert child.proc.wait(60) != 0
+    assert "unknown model" in "".join(child.log)
+    assert _group_gone(child.proc.pid)
+
+
+@pytest.fixture(scope="module")
+def tiny_swarm(tiny_llama_dir):
+    specs = [
+        ServerSpec("0:2", ("--max-cache-tokens", "200", "--session-timeout", "3")),
+        ServerSpec("2:4"),
+        ServerSpec("2:4"),
+    ]
+    with LocalSwarm(str(tiny_llama_dir), specs) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def tiny_client(tiny_swarm, tiny_llama_dir):
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_llama_dir), initial_peers=tiny_swarm.initial_peers, request_timeout=10, missing_blocks_timeout=5
+    )
+    yield model
+    model.sequence_manager.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_local(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+def _peer_of(swarm: LocalSwarm, name: str) -> str:
+    return swarm.server_lines[name].split(" peer ")[1].split()[0]
+
+
+def test_prompt_longer_than_max_length(tiny_client) -> None:
+    ids = torch.randint(1, 90, (1, 6))
+    with tiny_client.inference_session(max_length=4):
+        with pytest.raises(PromptTooLongError, match="max_length=4"):
+            tiny_client.generate(ids, max_new_tokens=2)
+
+
+def test_session_over_cache_budget_is_refused_with_what_is_available(tiny_client) -> None:
+    ids = torch.randint(1, 90, (1, 4))
+    with pytest.raises(SessionFailedError, match="budget is 200"):
+        with tiny_client.inference_session(max_length=300):
+            tiny_client.generate(ids, max_new_tokens=2)
+    assert not tiny_client.sequence_manager.banned(), "a full server is healthy: it must not be banned"
+
+
+def test_idle_session_times_out_and_frees_its_cache(tiny_client, tiny_swarm) -> None:
+    session = tiny_client.model.layers.inference_session(max_length=150)
+    session.step(torch.randn(1, 3, 32), torch.arange(3)[None])  # reserves 150 of server0's 200 tokens
+    with pytest.raises(SessionFailedError, match="budget is 200|free now"):
+        with tiny_client.inference_session(max_length=100):
+            tiny_client.generate(torch.randint(1, 90, (1, 4)), max_new_tokens=2)
+    time.sleep(4)  # server0 was started with --session-timeout 3; the client never closes `session`
+    out = tiny_client.generate(torch.randint(1, 90, (1, 4)), max_new_tokens=2)
+    assert out.shape == (1, 6)
+    with pytest.raises(SessionFailedError):
+        session.step(torch.randn(1, 1, 32), torch.tensor([[3]]))
+
+
+def test_server_gone_before_session_opens_is_routed_around(tiny_client, tiny_local, tiny_swarm) -> None:
+    manager = tiny_client.sequence_manager
+    preferred = manager.make_route()[1].peer_id
+    victim = next(n for n in ("server1", "server2") if _peer_of(tiny_swarm, n) == preferred)
+    # SIGKILL: the server cannot withdraw its record, so the DHT still lists it when the session opens.
+    os.killpg(tiny_swarm.servers[victim].proc.pid, signal.SIGKILL)
+    assert preferred in {r.peer_id for r in manager.servers(force=True)}
+    ids = torch.randint(1, 90, (2, 5))
+    out = tiny_client.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, tiny_local.generate(ids, max_new_tokens=6, do_sample=False))
+    assert preferred in manager.banned()
+
+
+def test_shutdown_withdraws_the_record_at_once(tiny_client, tiny_swarm) -> None:
+    manager = tiny_client.sequence_manager
+    child = tiny_swarm.add_server("extra", ServerSpec("1:3"))
+    peer = _peer_of(tiny_swarm, "extra")
+    assert peer in {r.peer_id for r in manager.servers(force=True)}
+    child.proc.send_signal(signal.SIGTERM)
+    assert child.proc.wait(30) == 0
+    # The record's TTL is 30 s; it is gone long before that because the server announced itself offline.
+    assert peer not in {r.peer_id for r in get_servers(manager.dht, manager.model_name)}
+
+
+def test_missing_blocks_fail_after_timeout_naming_them(tiny_llama_dir, tiny_swarm, tmp_path) -> None:
+    # The same weights under another name form another model in the DHT, served only for block 0.
+    other = tmp_path / "tiny-other"
+    shutil.copytree(tiny_llama_dir, other)
+    tiny_swarm.model = str(other)
+    tiny_swarm.add_server("partial", ServerSpec("0:1"))
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(other), initial_peers=tiny_swarm.initial_peers, missing_blocks_timeout=2
+    )
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(MissingBlocksError, match=r"blocks 1:4 after waiting 2s"):
+            model.generate(torch.randint(1, 90, (1, 3)), max_new_tokens=2)
+        assert time.monotonic() - t0 >= 2
+    finally:
+        model.sequence_manager.shutdown()
