@@ -1,0 +1,70 @@
+"""Wire records: versioned, frozen, tolerant of unknown fields; errors become typed exceptions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hivemind.utils import ValueWithExpiration
+from pydantic import ValidationError
+
+from swarmllm import wire
+from swarmllm.dht.records import parse_servers
+from swarmllm.protocol import ErrorCode, OpenSession, ServerRecord, ServerState, Step, StepDone
+
+
+def test_records_ignore_unknown_fields_from_newer_peers() -> None:
+    data = json.dumps({"step_id": 3, "has_mask": False, "speculative": True, "version": 1}).encode()
+    assert Step.from_bytes(data) == Step(step_id=3)
+
+
+def test_records_are_frozen_and_validated() -> None:
+    step = Step(step_id=1)
+    with pytest.raises(ValidationError):
+        step.step_id = 2
+    with pytest.raises(ValidationError):
+        OpenSession(session_id="s", start=0, end=2, batch_size=0, max_length=8)
+
+
+def test_tensors_round_trip_with_their_record() -> None:
+    hidden = torch.randn(2, 3, 8)
+    msg = wire.response(StepDone(step_id=7, length=3), hidden)
+    record, (out,) = wire.parse(msg, StepDone)
+    assert record.step_id == 7 and torch.equal(out, hidden)
+
+
+def test_error_reply_becomes_a_typed_exception() -> None:
+    msg = wire.error_response(ErrorCode.CACHE_FULL, "only 10 tokens free")
+    with pytest.raises(wire.RemoteError, match="only 10 tokens free") as info:
+        wire.parse(msg, StepDone, peer="peerXYZ")
+    assert info.value.code == ErrorCode.CACHE_FULL
+
+
+def test_garbage_metadata_is_a_protocol_error() -> None:
+    msg = wire.response(Step(step_id=1))
+    with pytest.raises(wire.ProtocolError):
+        wire.parse(msg, OpenSession)
+
+
+def test_other_protocol_versions_are_refused() -> None:
+    msg = wire.response(StepDone(step_id=1, length=1, version=99))
+    with pytest.raises(wire.ProtocolError, match="version 99"):
+        wire.parse(msg, StepDone)
+
+
+def _dht_value(record: dict) -> ValueWithExpiration:
+    return ValueWithExpiration(value=record, expiration_time=0.0)
+
+
+def test_dht_parsing_keeps_only_valid_online_records_under_their_own_peer_id() -> None:
+    good = ServerRecord(peer_id="A", start=0, end=5, dtype="float32", cache_tokens_left=10)
+    offline = good.model_copy(update={"peer_id": "B", "state": ServerState.OFFLINE})
+    raw = {
+        "A": _dht_value(good.model_dump(mode="json")),
+        "B": _dht_value(offline.model_dump(mode="json")),
+        "C": _dht_value(good.model_dump(mode="json")),  # claims to be A while stored under C
+        "D": _dht_value({"garbage": True}),
+        "E": _dht_value({**good.model_dump(mode="json"), "peer_id": "E", "start": 5, "end": 2}),
+    }
+    assert [r.peer_id for r in parse_servers(raw)] == ["A"]

@@ -1,0 +1,92 @@
+"""Server pieces without a network: cache admission, input validation, sub-spans, config and CLI options."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from swarmllm.cli.options import add_config_args, config_from_args
+from swarmllm.models.span import span_from_model
+from swarmllm.server import compute
+from swarmllm.server.cache import CacheBudget, CacheFullError
+from swarmllm.server.config import ServerConfig
+
+
+@pytest.fixture(scope="module")
+def span():
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=4, vocab_size=50, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config._attn_implementation = "sdpa"
+    return span_from_model(AutoModelForCausalLM.from_config(config).eval(), 0, 4)
+
+
+def test_budget_admits_within_limits_and_says_what_is_free() -> None:
+    budget = CacheBudget(100)
+    budget.reserve(60)
+    with pytest.raises(CacheFullError, match="only 40 of 100"):
+        budget.reserve(50)
+    with pytest.raises(CacheFullError, match="whole budget is 100"):
+        budget.reserve(101)
+    budget.release(60)
+    budget.reserve(100)
+    assert budget.free == 0
+
+
+@pytest.mark.parametrize(
+    "hidden, pos, mask, match",
+    [
+        (torch.randn(1, 3, 31), torch.zeros(1, 3, dtype=torch.long), None, "hidden states must be"),
+        (torch.randn(1, 0, 32), torch.zeros(1, 0, dtype=torch.long), None, "hidden states must be"),
+        (torch.full((1, 3, 32), float("nan")), torch.zeros(1, 3, dtype=torch.long), None, "NaN"),
+        (torch.randn(1, 3, 32), torch.zeros(1, 3, dtype=torch.int32), None, "position_ids"),
+        (torch.randn(1, 3, 32), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 5), "attention_mask"),
+        (torch.ones(1, 3, 32, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), None, "floating"),
+    ],
+)
+def test_bad_inputs_are_rejected_before_compute(span, hidden, pos, mask, match) -> None:
+    with pytest.raises(compute.BadRequest, match=match):
+        compute.forward(span, hidden, pos, mask)
+
+
+def test_session_refuses_more_than_max_length_and_keeps_its_state(span) -> None:
+    session = compute.SessionCache(span, batch_size=1, max_length=4)
+    session.step(torch.randn(1, 3, 32), torch.arange(3)[None], None)
+    with pytest.raises(compute.TooLong, match="max_length=4"):
+        session.step(torch.randn(1, 2, 32), torch.arange(3, 5)[None], None)
+    assert session.length == 3
+    session.step(torch.randn(1, 1, 32), torch.tensor([[3]]), None)
+    assert session.length == 4
+
+
+def test_sub_span_outside_the_server_is_refused(span) -> None:
+    with pytest.raises(compute.BadRequest, match="not within"):
+        compute.sub_span(span, 2, 6)
+    assert compute.sub_span(span, 1, 3).start == 1
+
+
+def test_backward_matches_local_autograd(span) -> None:
+    hidden = torch.randn(2, 5, 32, requires_grad=True)
+    pos = torch.arange(5).expand(2, -1)
+    out = span(hidden, pos)
+    grad_out = torch.randn_like(out)
+    (want,) = torch.autograd.grad(out, hidden, grad_out)
+    got = compute.backward(span, hidden.detach(), pos, grad_out, None)
+    torch.testing.assert_close(got, want)
+    assert all(p.grad is None for p in span.parameters()), "base weights never receive gradients"
+
+
+def test_server_config_cli_is_built_from_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, ServerConfig, positional=("model",))
+    ns = parser.parse_args(["m", "--blocks", "0:3", "--dtype", "bfloat16", "--initial-peers", "/ip4/1.2.3.4/tcp/1"])
+    config = config_from_args(ServerConfig, ns)
+    assert (config.blocks, config.dtype, config.initial_peers) == ("0:3", "bfloat16", ["/ip4/1.2.3.4/tcp/1"])
+    assert config.max_cache_tokens == ServerConfig.model_fields["max_cache_tokens"].default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--dtype", "float64"])
+    with pytest.raises(SystemExit, match="exactly one of"):
+        config_from_args(ServerConfig, parser.parse_args(["m"]))
