@@ -28,7 +28,9 @@ def run_local(args: argparse.Namespace) -> None:
     threads = args.threads or os.cpu_count() or 1
     specs = [ServerSpec(s) for s in even_spans(num_blocks, args.servers)]
     print(f"starting a bootstrap peer and {len(specs)} servers for {args.model} ({num_blocks} blocks)...", file=sys.stderr)
-    with LocalSwarm(str(model_dir), specs, threads=threads) as swarm:
+    # Servers and client get the name as typed: it names the model in the DHT, and the conversion above is
+    # cached, so the servers resolve it instantly instead of racing to convert it.
+    with LocalSwarm(args.model, specs, threads=threads) as swarm:
         print(f"initial peers: {' '.join(swarm.initial_peers)}")
         for name, line in swarm.server_lines.items():
             blocks = line.split(" blocks ")[1].split()[0]
@@ -36,7 +38,7 @@ def run_local(args: argparse.Namespace) -> None:
             print(f"  {name}: blocks {blocks}  peer ...{peer[-12:]}")
         torch.set_num_threads(threads)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoDistributedModelForCausalLM.from_pretrained(str(model_dir), initial_peers=swarm.initial_peers)
+        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
         try:
             messages = [{"role": "user", "content": args.prompt}]
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
