@@ -6,7 +6,7 @@ machine hits both alike. Absolute tokens/s on a shared machine are noise; the ra
 number to track: it is what the swarm's network, serialization and hand-offs cost over the same compute.
 The swarm's tokens must equal the local tokens exactly, or the run fails (exit 1).
 
-Usage: python bench/decode.py [--new-tokens 128] [--threads N] [--repeats 3] [--omp-wait-policy PASSIVE]
+Usage: python bench/decode.py [--new-tokens 128] [--threads N] [--repeats 3] [--gomp-spincount -1]
 """
 
 from __future__ import annotations
@@ -15,11 +15,16 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 TARGET = 0.9
@@ -31,17 +36,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, here and per server")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the median is reported")
     p.add_argument("--prompt", default="Explain in a few sentences why the sky is blue.")
-    # Measured on 2 cores, 3 servers + client (see the report in results.json): no policy (libgomp's
-    # default short spin) was as fast as PASSIVE, and ACTIVE starves the one process whose turn it is.
-    # Unset stays the default so the bench measures what users get; the flag is there to re-check.
+    # Spinning, not the thread count, is what costs on a small machine. After each parallel region libgomp's
+    # idle threads busy-wait (300000 spins, ~3 ms) unless told otherwise; in a pipeline that is exactly when
+    # the next process computes, so every hop runs on half the cores. Measured on 2 cores, 3 servers + client:
+    # default spin 18 tok/s swarm / 29 local (0.63); OMP_WAIT_POLICY=PASSIVE 15.5 / 17.4 (0.89, but only
+    # because sleeping between every op slows local most); GOMP_SPINCOUNT=15000..50000 23.5 / 29 (0.82),
+    # local unchanged. So: keep the wait policy, shorten the spin, in this process and (inherited) servers.
+    p.add_argument("--gomp-spincount", type=int, default=30000,
+                   help="GOMP_SPINCOUNT here and for the servers; -1 keeps libgomp's default (a set spin "
+                        "count overrides the wait policy's)")
     p.add_argument("--omp-wait-policy", choices=["unset", "PASSIVE", "ACTIVE"], default="unset",
-                   help="OMP_WAIT_POLICY for this process and the servers (read when OpenMP starts)")
+                   help="OMP_WAIT_POLICY here and for the servers")
     return p.parse_args()
 
 
 @contextlib.contextmanager
 def timed_steps(cls: type, totals: list[float]) -> Iterator[None]:
-    """Add the seconds spent in `cls.step` (the client's remote step: all hops, round trips) to `totals`."""
+    """Add the seconds spent in `cls.step` (the client's remote step: all hops, round trips) to `totals[0]`."""
     original = cls.step
 
     def step(self, *args, **kwargs):
@@ -58,19 +69,16 @@ def timed_steps(cls: type, totals: list[float]) -> Iterator[None]:
         cls.step = original
 
 
-def run_once(generate: Callable, ids, new_tokens: int) -> tuple[float, list[int]]:
+def run_once(generate: Callable, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
     """Seconds for one greedy generation of exactly `new_tokens` tokens (prefill included), and the tokens."""
     t0 = time.perf_counter()
-    # min_new_tokens keeps an early EOS from shortening one run: both sides decode the same count.
+    # min_new_tokens keeps an early EOS from shortening a run: both sides decode the same count.
     out = generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    seconds = time.perf_counter() - t0
-    return seconds, out[0, ids.shape[1]:].tolist()
+    return time.perf_counter() - t0, out[0, ids.shape[1] :].tolist()
 
 
-def main() -> int:
-    args = parse_args()
-    if args.omp_wait_policy != "unset":
-        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # before torch starts OpenMP; servers inherit it
+def measure(args: argparse.Namespace) -> dict:
+    """Alternate local and swarm runs; return their times, tokens and the time spent in remote steps."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,13 +92,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model_dir = resolve_model("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]  # (1, prompt)
+    messages = [{"role": "user", "content": args.prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]  # (1, prompt)
     local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     specs = [ServerSpec(s) for s in even_spans(load_config(model_dir).num_hidden_layers, 3)]
-    times: dict[str, list[float]] = {"local": [], "swarm": []}
-    tokens: dict[str, list[list[int]]] = {"local": [], "swarm": []}
-    remote = [0.0]
+    out: dict = {"local_s": [], "swarm_s": [], "local_tokens": [], "swarm_tokens": [], "remote_s": [0.0]}
     with LocalSwarm(str(model_dir), specs, threads=args.threads) as swarm:
         dist = AutoDistributedModelForCausalLM.from_pretrained(
             str(model_dir), initial_peers=swarm.initial_peers, num_threads=args.threads, dtype=torch.float32
@@ -99,42 +106,53 @@ def main() -> int:
             sides = {"local": local.generate, "swarm": dist.generate}
             for generate in sides.values():
                 run_once(generate, ids, 4)  # warm-up: connections, allocator, kernels; not timed
-            with torch.inference_mode(), timed_steps(InferenceSession, remote):
+            with timed_steps(InferenceSession, out["remote_s"]):
                 for r in range(args.repeats):
-                    for name in (("local", "swarm") if r % 2 == 0 else ("swarm", "local")):
-                        seconds, toks = run_once(sides[name], ids, args.new_tokens)
-                        times[name].append(seconds)
-                        tokens[name].append(toks)
+                    for name in ("local", "swarm") if r % 2 == 0 else ("swarm", "local"):
+                        seconds, tokens = run_once(sides[name], ids, args.new_tokens)
+                        out[f"{name}_s"].append(seconds)
+                        out[f"{name}_tokens"].append(tokens)
                         print(f"  run {r} {name}: {args.new_tokens / seconds:.2f} tok/s", file=sys.stderr)
         finally:
             dist.sequence_manager.shutdown()
+    out["torch"] = torch.__version__
+    return out
 
-    match = all(t == tokens["local"][0] for t in tokens["local"] + tokens["swarm"])
-    local_tps = args.new_tokens / statistics.median(times["local"])
-    swarm_tps = args.new_tokens / statistics.median(times["swarm"])
+
+def main() -> int:
+    args = parse_args()
+    # libgomp reads both when torch loads it (in `measure`); LocalSwarm passes os.environ to the servers.
+    if args.gomp_spincount >= 0:
+        os.environ["GOMP_SPINCOUNT"] = str(args.gomp_spincount)
+    if args.omp_wait_policy != "unset":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    # A plain SIGTERM (e.g. from `timeout`) would skip LocalSwarm's cleanup and orphan the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    m = measure(args)
+    reference = m["local_tokens"][0]
+    match = all(t == reference for t in m["local_tokens"] + m["swarm_tokens"])
+    local_tps = args.new_tokens / statistics.median(m["local_s"])
+    swarm_tps = args.new_tokens / statistics.median(m["swarm_s"])
     ratio = swarm_tps / local_tps
     steps = args.repeats * args.new_tokens
-    remote_ms = 1000 * remote[0] / steps
-    client_ms = 1000 * (sum(times["swarm"]) - remote[0]) / steps
-    print(f"swarm per token: {remote_ms:.1f} ms remote step (3 hops), {client_ms:.1f} ms client-side "
+    remote_ms, client_ms = 1000 * m["remote_s"][0] / steps, 1000 * (sum(m["swarm_s"]) - m["remote_s"][0]) / steps
+    print(f"swarm per token: {remote_ms:.1f} ms in remote steps (3 hops), {client_ms:.1f} ms on the client "
           f"(embeddings, norm, lm_head, generate)")
     results = {
-        "new_tokens": args.new_tokens, "threads": args.threads, "repeats": args.repeats,
-        "omp_wait_policy": args.omp_wait_policy, "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "local_tok_s": round(local_tps, 3), "swarm_tok_s": round(swarm_tps, 3), "ratio": round(ratio, 4),
-        "target": TARGET, "tokens_match": match, "local_s": times["local"], "swarm_s": times["swarm"],
+        "target": TARGET, "tokens_match": match, "new_tokens": args.new_tokens, "threads": args.threads,
+        "repeats": args.repeats, "gomp_spincount": args.gomp_spincount, "omp_wait_policy": args.omp_wait_policy,
+        "cpu_count": os.cpu_count(), "torch": m["torch"], "local_s": m["local_s"], "swarm_s": m["swarm_s"],
         "swarm_remote_ms_per_token": round(remote_ms, 2), "swarm_client_ms_per_token": round(client_ms, 2),
     }
     merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    merged["decode"] = results
-    RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
+    RESULTS.write_text(json.dumps({**merged, "decode": results}, indent=2) + "\n")
     print(f"greedy tokens {'match' if match else 'DIFFER'} between swarm and local")
     if not match:
         print("!!! EXACTNESS FAILURE: the swarm's greedy tokens differ from local transformers !!!", file=sys.stderr)
-        for name in tokens:
-            print(f"{name}: {tokens[name]}", file=sys.stderr)
-    print(f"decode: swarm {swarm_tps:.1f} tok/s, local {local_tps:.1f} tok/s, ratio {ratio:.2f} "
-          f"(target >= {TARGET})")
+        for name in ("local", "swarm"):
+            print(f"{name}: {m[f'{name}_tokens']}", file=sys.stderr)
+    print(f"decode: swarm {swarm_tps:.1f} tok/s, local {local_tps:.1f} tok/s, ratio {ratio:.2f} (target >= {TARGET})")
     return 0 if match else 1
 
 
