@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_tensors(model_dir: Path, want: callable[[str], str | None]) -> dict[str, torch.Tensor]:
+def read_tensors(model_dir: Path, want: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
     """Read only the tensors whose checkpoint key `want` maps to a local name (None skips it)."""
     out: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from hivemind.p2p import P2P, P2PContext
@@ -53,7 +53,7 @@ def _error(e: Exception) -> runtime_pb2.ExpertResponse:
 class Handler:
     """Serves `info`, `forward`, `backward` and `inference` for one span."""
 
-    def __init__(self, span: Span, budget: CacheBudget, session_timeout: float, record: callable[[], ServerRecord]):
+    def __init__(self, span: Span, budget: CacheBudget, session_timeout: float, record: Callable[[], ServerRecord]):
         self.span, self.budget, self.session_timeout, self.record = span, budget, session_timeout, record
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.active_sessions = 0
