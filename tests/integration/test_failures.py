@@ -110,6 +110,18 @@ def test_idle_session_times_out_and_frees_its_cache(tiny_client, tiny_swarm) -> 
         session.step(torch.randn(1, 1, 32), torch.tensor([[3]]))
 
 
+def test_gradients_flow_back_through_the_servers(tiny_client, tiny_local) -> None:
+    """loss.backward() on the client sends gradients through every server's backward RPC."""
+    ids = torch.randint(1, 90, (2, 6))
+    grads = []
+    for model in (tiny_client, tiny_local):
+        embeds = tiny_local.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds).logits.square().mean().backward()
+        grads.append(embeds.grad)
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 def test_server_gone_before_session_opens_is_routed_around(tiny_client, tiny_local, tiny_swarm) -> None:
     manager = tiny_client.sequence_manager
     preferred = manager.make_route()[1].peer_id
@@ -118,6 +130,11 @@ def test_server_gone_before_session_opens_is_routed_around(tiny_client, tiny_loc
     os.killpg(tiny_swarm.servers[victim].proc.pid, signal.SIGKILL)
     assert preferred in {r.peer_id for r in manager.servers(force=True)}
     ids = torch.randint(1, 90, (2, 5))
+    # Stateless forward: the dead server's call fails, it is banned, the redundant server answers.
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_client(ids).logits, tiny_local(ids).logits, rtol=0, atol=1e-5)
+    assert preferred in manager.banned()
+    manager._bans.clear()  # let the session path below meet the dead server on its own
     out = tiny_client.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(out, tiny_local.generate(ids, max_new_tokens=6, do_sample=False))
     assert preferred in manager.banned()

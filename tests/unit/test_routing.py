@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from swarmllm.client.routing import Hop, MissingBlocksError, fewest_hops, missing_blocks
+from swarmllm.client.routing import Hop, MissingBlocksError, fewest_hops, holders, missing_blocks
 from swarmllm.protocol import ServerRecord
 from swarmllm.server.block_selection import choose_span, coverage
 
@@ -78,3 +78,10 @@ def test_new_server_adds_redundancy_where_thinnest() -> None:
 
 def test_num_blocks_larger_than_the_model_takes_everything() -> None:
     assert choose_span([], 4, 10) == (0, 4)
+
+
+def test_holders_hold_the_whole_range_most_free_cache_first() -> None:
+    records = [rec("a", 0, 4, free=5), rec("b", 2, 6, free=50), rec("c", 0, 6, free=9), rec("d", 3, 6)]
+    assert [r.peer_id for r in holders(records, 2, 4)] == ["b", "c", "a"]
+    assert [r.peer_id for r in holders(records, 2, 4, exclude=frozenset({"b"}))] == ["c", "a"]
+    assert holders(records, 0, 6, exclude=frozenset({"c"})) == []

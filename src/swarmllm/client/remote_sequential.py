@@ -11,7 +11,7 @@ from torch import nn
 from swarmllm import wire
 from swarmllm.client import loop
 from swarmllm.client.inference_session import InferenceSession
-from swarmllm.client.routing import Hop
+from swarmllm.client.routing import NoHolderError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.protocol import RPC_BACKWARD, RPC_FORWARD, ErrorCode, SpanReply, SpanRequest
 
@@ -60,53 +60,45 @@ class RemoteSequential(nn.Module):
     # --- plumbing used by the autograd function ---
 
     def call_span(self, verb: str, start: int, end: int, *tensors: torch.Tensor | None) -> torch.Tensor:
-        """Run `verb` over blocks `[start, end)`, hop by hop, rerouting around failing servers."""
+        """Run `verb` over blocks `[start, end)` on one server that holds them all, trying another such
+        server after a failure. Raises NoHolderError once no unbanned server holds the whole range."""
         *args, mask = tensors
         meta = SpanRequest(start=start, end=end, has_mask=mask is not None)
-        for attempt in range(self.manager.config.max_retries + 1):
-            hop = self.manager.make_route(start, end)[0]
-            if (hop.start, hop.end) != (start, end):
-                raise _Split(hop)
+        msg = wire.request(meta, *args, *([mask] if mask is not None else []))
+        error: Exception | None = None
+        for _ in range(self.manager.config.max_retries + 1):
+            peer = self.manager.holder(start, end)
             try:
-                msg = wire.request(meta, *args, *([mask] if mask is not None else []))
                 reply = loop.run(
-                    asyncio.wait_for(self.manager.call(hop.peer_id, verb, msg), self.manager.config.request_timeout)
+                    asyncio.wait_for(self.manager.call(peer, verb, msg), self.manager.config.request_timeout)
                 )
-                _, (out,) = wire.parse(reply, SpanReply, hop.peer_id)
+                _, (out,) = wire.parse(reply, SpanReply, peer)
                 return out
             except wire.RemoteError as e:
                 if e.code in _CALLER_ERRORS:
                     raise
-                self.manager.ban(hop.peer_id, str(e))
+                error = e
             except Exception as e:  # timeouts, dropped connections, vanished peers
-                self.manager.ban(hop.peer_id, repr(e))
-                if attempt == self.manager.config.max_retries:
-                    raise
-        raise RuntimeError(f"{verb} of blocks {start}:{end} failed {self.manager.config.max_retries + 1} times")
-
-    def route(self) -> list[Hop]:
-        return self.manager.make_route(self.start, self.end)
-
-
-class _Split(Exception):
-    """The chosen server covers only part of the requested range (used to re-plan hop boundaries)."""
-
-    def __init__(self, hop: Hop):
-        self.hop = hop
+                error = e
+            self.manager.ban(peer, repr(error))
+        raise RuntimeError(f"{verb} of blocks {start}:{end} failed {self.manager.config.max_retries + 1} times") from error
 
 
 def _forward_chain(remote: RemoteSequential, hidden, position_ids, mask) -> tuple[torch.Tensor, list]:
     """Forward through all hops; returns the output and each hop's (start, end, input) for backward."""
-    pos, saved = remote.start, []
+    pos, saved, replans = remote.start, [], 0
     while pos < remote.end:
         hop = remote.manager.make_route(pos, remote.end)[0]
-        saved.append((hop.start, hop.end, hidden))
         try:
-            hidden = remote.call_span(RPC_FORWARD, hop.start, hop.end, hidden, position_ids, mask)
-        except _Split as split:  # the first server of a fresh route stops earlier: take its range instead
-            saved[-1] = (split.hop.start, split.hop.end, hidden)
-            hidden = remote.call_span(RPC_FORWARD, split.hop.start, split.hop.end, hidden, position_ids, mask)
-        pos = saved[-1][1]
+            out = remote.call_span(RPC_FORWARD, hop.start, hop.end, hidden, position_ids, mask)
+        except NoHolderError:
+            # Every server of exactly this range failed and is banned now: plan again from here, around them.
+            replans += 1
+            if replans > remote.manager.config.max_retries:
+                raise
+            continue
+        saved.append((hop.start, hop.end, hidden))
+        hidden, pos = out, hop.end
     return hidden, saved
 
 
@@ -121,12 +113,7 @@ class _RemoteSpanFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad = grad_out.contiguous()
         for start, end, hidden in reversed(ctx.saved):
-            # Backward is stateless on the server (it recomputes the span), so any server holding exactly
-            # these blocks can answer it; call_span reroutes around failures.
-            try:
-                grad = ctx.remote.call_span(RPC_BACKWARD, start, end, hidden, ctx.position_ids, grad, ctx.mask)
-            except _Split:
-                raise RuntimeError(
-                    f"backward: no single live server holds blocks {start}:{end} any more (their forward server left)"
-                ) from None
+            # Backward is stateless on the server (it recomputes the span), so any server holding all of
+            # these blocks can answer it; call_span moves to another one after a failure.
+            grad = ctx.remote.call_span(RPC_BACKWARD, start, end, hidden, ctx.position_ids, grad, ctx.mask)
         return grad, None, None, None

@@ -18,6 +18,10 @@ class MissingBlocksError(RuntimeError):
         super().__init__(f"no server in the swarm holds blocks {ranges}{after}")
 
 
+class NoHolderError(RuntimeError):
+    """No usable server holds all of a range of blocks (stateless calls need one that does)."""
+
+
 @dataclass(frozen=True)
 class Hop:
     """One server of a route and the blocks it runs for this route."""
@@ -53,6 +57,12 @@ def fewest_hops(records: Sequence[ServerRecord], start: int, end: int, exclude: 
         route.append(Hop(best.peer_id, pos, min(best.end, end)))
         pos = min(best.end, end)
     return route
+
+
+def holders(records: Iterable[ServerRecord], start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[ServerRecord]:
+    """Servers holding all of `[start, end)`, best first by the same tie-break as `fewest_hops`."""
+    found = [r for r in records if r.start <= start and end <= r.end and r.peer_id not in exclude]
+    return sorted(found, key=lambda r: (r.cache_tokens_left, r.peer_id), reverse=True)
 
 
 def _ranges(blocks: Sequence[int]) -> str:

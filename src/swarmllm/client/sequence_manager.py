@@ -12,7 +12,7 @@ from hivemind.proto import runtime_pb2
 
 from swarmllm.client import loop
 from swarmllm.client.config import ClientConfig
-from swarmllm.client.routing import Hop, MissingBlocksError, fewest_hops
+from swarmllm.client.routing import Hop, MissingBlocksError, NoHolderError, fewest_hops, holders
 from swarmllm.dht.records import get_servers
 from swarmllm.protocol import ServerRecord
 
@@ -71,6 +71,13 @@ class SequenceManager:
                 logger.info("waiting for servers of blocks %s", e.missing)
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 force = True
+
+    def holder(self, start: int, end: int) -> str:
+        """A live, unbanned server holding all of `[start, end)`; raises NoHolderError if there is none."""
+        found = holders(self.servers(), start, end, self.banned())
+        if not found:
+            raise NoHolderError(f"no live server holds all of blocks {start}:{end}")
+        return found[0].peer_id
 
     async def call(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         return await self.p2p.call_protobuf_handler(
