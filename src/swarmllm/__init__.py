@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoDistributedModelForCausalLM", "ClientConfig", "ServerConfig", "__version__"]
+__all__ = ["AutoDistributedModelForCausalLM", "ClientConfig", "LoraSpec", "ServerConfig", "__version__"]
 
 if TYPE_CHECKING:
+    from swarmllm.adapters.lora import LoraSpec
     from swarmllm.client.config import ClientConfig
     from swarmllm.models.distributed import AutoDistributedModelForCausalLM
     from swarmllm.server.config import ServerConfig
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "AutoDistributedModelForCausalLM": "swarmllm.models.distributed",
     "ClientConfig": "swarmllm.client.config",
+    "LoraSpec": "swarmllm.adapters.lora",
     "ServerConfig": "swarmllm.server.config",
 }
 

@@ -27,6 +27,7 @@ RPC_INFO = f"swarmllm.v{PROTOCOL_VERSION}.info"
 RPC_FORWARD = f"swarmllm.v{PROTOCOL_VERSION}.forward"
 RPC_BACKWARD = f"swarmllm.v{PROTOCOL_VERSION}.backward"
 RPC_INFERENCE = f"swarmllm.v{PROTOCOL_VERSION}.inference"
+RPC_LORA_PUT = f"swarmllm.v{PROTOCOL_VERSION}.lora_put"
 
 
 class Record(BaseModel):
@@ -60,6 +61,15 @@ class ServerRecord(Record):
     state: ServerState = ServerState.ONLINE
     cache_tokens_left: Annotated[int, Field(ge=0)]
     software_version: str = __version__
+    adapters: tuple[str, ...] = ()  # named adapters loaded and ready to apply
+    # A fine-tuned version of some of its blocks, published under this name. Clients route a block to a
+    # server only if both agree on which version of that block they mean (see `client.routing`).
+    override: str | None = None
+    override_blocks: tuple[int, ...] = ()
+
+    def block_version(self, block: int) -> str | None:
+        """Which version of `block` this server runs: its override's name, or None for the base weights."""
+        return self.override if block in self.override_blocks else None
 
     @property
     def span(self) -> tuple[int, int]:
@@ -71,6 +81,8 @@ class ErrorCode(enum.StrEnum):
     CACHE_FULL = "cache_full"  # the session's cache does not fit the server's budget
     TOO_LONG = "too_long"  # more tokens than the session declared in max_length
     SESSION_TIMEOUT = "session_timeout"
+    NOT_CACHED = "not_cached"  # the LoRA weights named by hash are not (or no longer) cached: send them
+    ADAPTER = "adapter"  # a named adapter or override is unknown, fails verification, is too large or does not fit
     VERSION = "version"  # protocol version mismatch
     INTERNAL = "internal"
 
@@ -80,6 +92,52 @@ class ErrorReply(Record):
 
     code: ErrorCode
     message: str
+
+
+class LoraRef(Record):
+    """Client-owned LoRA weights for blocks `[start, end)` of a request, named by their content hash.
+
+    The weights travel once (in `LoraPut` messages) and are then cached by the server per requester; a
+    request carries only this reference. For each block in order and each target module in `targets`
+    order there are two tensors: A (rank, in_features) and B (out_features, rank). `seed` fixes the
+    dropout masks, so a backward recomputation sees the same masks as the forward pass.
+    """
+
+    sha256: str
+    rank: Annotated[int, Field(ge=1)]
+    alpha: float
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    targets: tuple[str, ...]
+    seed: int = 0
+
+
+class Tuning(Record):
+    """What, besides the base blocks, a request runs with. The default is the plain base model."""
+
+    adapter: str | None = None  # a named adapter the server applies (fetched from the swarm if needed)
+    lora: LoraRef | None = None
+    # Deep prompt tuning: one extra tensor (blocks, batch or 1, prefix, hidden) added to the first `prefix`
+    # positions before each block; backward returns its gradient.
+    prompts: bool = False
+    # The block override the client expects (None = base weights); a server running another version refuses.
+    override: str | None = None
+
+
+class LoraPut(Record):
+    """Upload (part of) client-owned LoRA weights. Tensors: A and B per (block in `blocks`, target), in order.
+
+    Parts may arrive in several messages (a size limit applies per message); the server verifies the hash
+    once every block of `[start, end)` has arrived, then caches the weights for this requester.
+    """
+
+    lora: LoraRef
+    start: int
+    end: int
+    blocks: tuple[int, ...]
+
+
+class LoraStored(Record):
+    complete: bool
 
 
 class SpanRequest(Record):
@@ -93,10 +151,12 @@ class SpanRequest(Record):
     start: int
     end: int
     has_mask: bool = False
+    tuning: Tuning = Tuning()
 
 
 class SpanReply(Record):
-    """Reply of `forward` (tensors: hidden out) and of `backward` (tensors: grad wrt hidden in)."""
+    """Reply of `forward` (tensors: hidden out) and of `backward` (tensors: grad wrt hidden in, then the
+    gradient of the deep prompts if sent, then one per LoRA tensor in `LoraRef` order if a LoRA was used)."""
 
 
 class OpenSession(Record):
@@ -107,6 +167,7 @@ class OpenSession(Record):
     end: int
     batch_size: Annotated[int, Field(ge=1)]
     max_length: Annotated[int, Field(ge=1)]
+    tuning: Tuning = Tuning()  # deep prompts, if any, travel as this message's one tensor
 
 
 class SessionOpened(Record):
@@ -129,3 +190,52 @@ class StepDone(Record):
 
     step_id: int
     length: int
+
+
+# --- adapter hub ---
+# Trained adapters shared through the swarm itself (see `swarmllm.adapters.swarm_hub`): a name record says
+# which content a name means, provider records say who holds that content, and `adapter_get` streams it.
+
+RPC_ADAPTER_GET = f"swarmllm.v{PROTOCOL_VERSION}.adapter_get"
+
+AdapterKind = Literal["lora", "blocks"]
+# Content is named by the sha256 of its packed bytes (`adapters.package.pack`): lowercase hex, exactly 64.
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# Names are DHT subkeys and table cells, never paths: a word character first, then no spaces.
+AdapterName = Annotated[str, Field(pattern=r"^\w[\w.\-/+]{0,127}$")]
+
+
+class AdapterRecord(Record):
+    """A named adapter, stored under `swarmllm.v1.adapters` with `name` as subkey.
+
+    `size` is the length of the packed bytes that `adapter_get` streams, so a fetcher can refuse an adapter
+    larger than its limit before downloading anything. `model` is the base model's display name.
+    """
+
+    name: AdapterName
+    sha256: Sha256Hex
+    size: Annotated[int, Field(gt=0)]
+    kind: AdapterKind
+    model: Annotated[str, Field(min_length=1)]
+    publisher: PeerIdStr
+
+
+class AdapterProvider(Record):
+    """A peer that serves some content, stored under `swarmllm.v1.adapter.<sha256>` with `peer_id` as subkey."""
+
+    peer_id: PeerIdStr
+
+
+class AdapterGet(Record):
+    """Request of `adapter_get`: stream the packed bytes of `sha256`, starting at `offset`."""
+
+    sha256: Sha256Hex
+    offset: Annotated[int, Field(ge=0)] = 0
+
+
+class AdapterChunk(Record):
+    """One reply of the `adapter_get` stream. Tensors: (uint8 bytes [offset, offset + n) of `total`,)."""
+
+    sha256: Sha256Hex
+    offset: Annotated[int, Field(ge=0)]
+    total: Annotated[int, Field(gt=0)]

@@ -12,6 +12,7 @@ from typing import TypeVar
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 from pydantic import ValidationError
 
 from swarmllm.protocol import PROTOCOL_VERSION, ErrorCode, ErrorReply, Record
@@ -63,3 +64,42 @@ def parse(msg, cls: type[R], peer: str = "?") -> tuple[R, list[torch.Tensor]]:
     if record.version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {record.version} is not {PROTOCOL_VERSION}")
     return record, [deserialize_torch_tensor(t) for t in msg.tensors]
+
+
+# --- messages larger than one P2P frame ---
+# hivemind sends a unary message in one frame of at most 2 MiB. Forward and backward carry whole batches
+# (and LoRA gradients), so they travel as streams of parts instead: the first part holds the record,
+# every part holds a few tensor pieces, and no part exceeds `max_part_bytes`.
+
+MAX_PART_BYTES = 1 << 20
+
+
+def split(msg, max_part_bytes: int = MAX_PART_BYTES) -> list:
+    """One ExpertRequest/ExpertResponse -> parts of the same type, each at most about `max_part_bytes`."""
+    cls = type(msg)
+    pieces = [p for t in msg.tensors for p in split_for_streaming(t, max_part_bytes)]
+    parts, current, size = [cls(metadata=msg.metadata)], [], 0
+    for piece in pieces:
+        if current and size + len(piece.buffer) > max_part_bytes:
+            parts[-1].tensors.extend(current)
+            parts.append(cls())
+            current, size = [], 0
+        current.append(piece)
+        size += len(piece.buffer)
+    parts[-1].tensors.extend(current)
+    return parts
+
+
+def join(parts: list):
+    """Inverse of `split`. Raises ProtocolError on a truncated or malformed sequence of parts."""
+    if not parts:
+        raise ProtocolError("empty message stream")
+    pieces = [p for part in parts for p in part.tensors]
+    tensors, i = [], 0
+    while i < len(pieces):
+        n = pieces[i].chunks or 1
+        if i + n > len(pieces):
+            raise ProtocolError("message stream ended in the middle of a tensor")
+        tensors.append(combine_from_streaming(pieces[i : i + n]))
+        i += n
+    return type(parts[0])(metadata=parts[0].metadata, tensors=tensors)

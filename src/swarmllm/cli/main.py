@@ -1,4 +1,4 @@
-"""`swarmllm`: one entry point with subcommands: dht, serve, generate, chat, local."""
+"""`swarmllm`: one entry point with subcommands: dht, serve, generate, chat, local, adapters."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import threading
 # 15.5 (it sleeps between every op); a short spin of 15000..50000, 23.5, with local speed unchanged.
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
+from swarmllm.cli.adapters import add_adapter_commands
 from swarmllm.cli.options import add_config_args, config_from_args
 from swarmllm.client.config import ClientConfig
 from swarmllm.server.config import ServerConfig
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="What is a swarm of computers good for? Answer in two sentences.")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_local)
+
+    p = sub.add_parser("adapters", help="publish, list and fetch trained adapters (in the swarm or a hub)")
+    add_adapter_commands(p)
     return parser
 
 

@@ -23,3 +23,10 @@ class ClientConfig(BaseModel):
     )
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
     num_threads: int | None = Field(default=None, ge=1, description="torch threads for the local layers")
+    block_override: str | None = Field(
+        default=None, description="use the published fine-tuned version NAME of the blocks it covers (servers started with --block-override NAME)"
+    )
+    adapter: str | None = Field(default=None, description="a named LoRA adapter that every server applies (fetched from the swarm or hub)")
+    max_chunk_tokens: int = Field(
+        default=8192, ge=1, description="forward/backward batches are split into chunks of at most this many tokens"
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 
 import torch
 
@@ -21,7 +22,7 @@ from swarmllm import wire
 from swarmllm.client import loop
 from swarmllm.client.routing import Hop, MissingBlocksError
 from swarmllm.client.sequence_manager import SequenceManager
-from swarmllm.protocol import RPC_INFERENCE, ErrorCode, OpenSession, SessionOpened, Step, StepDone
+from swarmllm.protocol import RPC_INFERENCE, ErrorCode, OpenSession, SessionOpened, Step, StepDone, Tuning
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ class _ServerStream:
         while (msg := await self.queue.get()) is not None:
             yield msg
 
-    async def open(self, meta: OpenSession) -> None:
-        self.queue.put_nowait(wire.request(meta))
+    async def open(self, meta: OpenSession, tensors: list[torch.Tensor] = ()) -> None:
+        self.queue.put_nowait(wire.request(meta, *tensors))
         self.replies = await self.manager.open_stream(self.hop.peer_id, RPC_INFERENCE, self._requests())
         wire.parse(await self._next(), SessionOpened, self.hop.peer_id)
 
@@ -93,11 +94,15 @@ class InferenceSession:
     session closes (or, if the client vanishes, when it times out on the servers).
     """
 
-    def __init__(self, manager: SequenceManager, start: int, end: int, max_length: int, batch_size: int | None = None):
-        self.manager, self.start, self.end = manager, start, end
+    def __init__(
+        self, manager: SequenceManager, start: int, end: int, max_length: int, batch_size: int | None = None,
+        extras: Callable[[Hop], Awaitable[tuple[Tuning, list[torch.Tensor]]]] | None = None,
+    ):
+        self.manager, self.start, self.end, self.extras = manager, start, end, extras
         self.max_length, self.batch_size = max_length, batch_size
         self.session_id = uuid.uuid4().hex
         self.position = 0
+        self.prefix = 0  # prompt-tuning tokens the caches hold before the first real token
         self._streams: list[_ServerStream] = []
         self._step_id = 0
         self.closed = False
@@ -129,7 +134,7 @@ class InferenceSession:
             except _HopFailed as failed:
                 loop.run(self._close_all(streams))
                 error = failed.__cause__
-                if isinstance(error, wire.RemoteError) and error.code == ErrorCode.BAD_REQUEST:
+                if isinstance(error, wire.RemoteError) and error.code in (ErrorCode.BAD_REQUEST, ErrorCode.ADAPTER):
                     raise error from None  # our request is wrong: no other server would accept it either
                 if isinstance(error, wire.RemoteError) and error.code == ErrorCode.CACHE_FULL:
                     full[failed.hop.peer_id] = error
@@ -143,12 +148,13 @@ class InferenceSession:
 
     async def _open_all(self, streams: list[_ServerStream]) -> None:
         for s in streams:  # in order, so that a failure names the first bad server
-            meta = OpenSession(
-                session_id=self.session_id, start=s.hop.start, end=s.hop.end, batch_size=self.batch_size,
-                max_length=self.max_length,
-            )
             try:
-                await s.open(meta)
+                tuning, tensors = await self.extras(s.hop) if self.extras is not None else (Tuning(), [])
+                meta = OpenSession(
+                    session_id=self.session_id, start=s.hop.start, end=s.hop.end, batch_size=self.batch_size,
+                    max_length=self.max_length, tuning=tuning,
+                )
+                await s.open(meta, tensors)
             except Exception as e:
                 raise _HopFailed(s.hop) from e
 

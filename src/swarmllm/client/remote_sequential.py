@@ -13,27 +13,32 @@ from swarmllm.client import loop
 from swarmllm.client.inference_session import InferenceSession
 from swarmllm.client.routing import NoHolderError
 from swarmllm.client.sequence_manager import SequenceManager
-from swarmllm.protocol import RPC_BACKWARD, RPC_FORWARD, ErrorCode, SpanReply, SpanRequest
+from swarmllm.client.tuning import ClientTuning
+from swarmllm.protocol import RPC_BACKWARD, RPC_FORWARD, ErrorCode, SpanReply, SpanRequest, Tuning
 
 logger = logging.getLogger(__name__)
 
 # Errors that say the request itself is wrong: retrying elsewhere would fail the same way.
-_CALLER_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.VERSION)
+_CALLER_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.VERSION, ErrorCode.ADAPTER)
 
 
 class RemoteSequential(nn.Module):
     """Blocks `[start, end)` of the model, computed by servers of the swarm.
 
-    `forward` is stateless (no cache) and differentiable with respect to its input: gradients flow back
-    through every server via the `backward` RPC. A server that fails a forward or backward call is banned
-    and its blocks are rerouted, up to `max_retries` times.
+    `forward` is stateless (no cache) and differentiable with respect to its input and to the client's
+    tuning parameters (deep prompts, LoRA weights): gradients flow back through every server via the
+    `backward` RPC. A server that fails a call is banned and its blocks are rerouted, up to `max_retries`
+    times. If the server that ran a forward is gone by the backward, the backward recomputes that span's
+    forward on other servers first, so the step still succeeds with the same gradients.
     """
 
-    def __init__(self, manager: SequenceManager, start: int = 0, end: int | None = None):
+    def __init__(self, manager: SequenceManager, start: int = 0, end: int | None = None, tuning: ClientTuning | None = None):
         super().__init__()
         self.manager = manager
         self.start = start
         self.end = manager.num_blocks if end is None else end
+        # Not a submodule: the model owns (and registers) the tuning parameters once.
+        self.__dict__["tuning"] = tuning
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -44,7 +49,7 @@ class RemoteSequential(nn.Module):
         start, stop, step = item.indices(len(self))
         if step != 1 or stop <= start:
             raise IndexError("remote blocks can only be sliced into a non-empty contiguous range")
-        return RemoteSequential(self.manager, self.start + start, self.start + stop)
+        return RemoteSequential(self.manager, self.start + start, self.start + stop, self.tuning)
 
     def forward(
         self,
@@ -52,45 +57,90 @@ class RemoteSequential(nn.Module):
         position_ids: torch.Tensor,  # (batch, seq)
         attention_mask: torch.Tensor | None = None,  # (batch, seq)
     ) -> torch.Tensor:
-        return _RemoteSpanFn.apply(hidden, position_ids, attention_mask, self)
+        t = self.tuning
+        prompts = t.deep_prompts[self.start : self.end] if t is not None and t.deep_prompts is not None else None
+        lora_tensors = t.lora_tensors(self.start, self.end) if t is not None else []
+        return _RemoteSpanFn.apply(hidden, position_ids, attention_mask, self, prompts, *lora_tensors)
 
     def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
-        return InferenceSession(self.manager, self.start, self.end, max_length, batch_size)
+        return InferenceSession(self.manager, self.start, self.end, max_length, batch_size, extras=self._session_extras)
+
+    async def _session_extras(self, hop) -> tuple[Tuning, list[torch.Tensor]]:
+        """What an inference session sends when it opens on `hop`: tuning record and deep prompts."""
+        t = self.tuning
+        prompts = t.deep_prompts[hop.start : hop.end].detach() if t is not None and t.deep_prompts is not None else None
+        lora_tensors = [x.detach() for x in t.lora_tensors(hop.start, hop.end)] if t is not None else []
+        tuning, ref = self._tuning(hop.start, hop.end, prompts, lora_tensors)
+        if ref is not None:
+            await t.ensure_uploaded(self.manager, hop.peer_id, ref, hop.start, hop.end, lora_tensors)
+        return tuning, [prompts] if prompts is not None else []
+
+    def _tuning(self, start, end, prompts, lora_tensors):
+        override = self.manager.override_for(start, end)
+        if self.tuning is None:
+            return Tuning(adapter=self.manager.config.adapter, override=override), None
+        return self.tuning.request(start, end, prompts, lora_tensors, override)
 
     # --- plumbing used by the autograd function ---
 
-    def call_span(self, verb: str, start: int, end: int, *tensors: torch.Tensor | None) -> torch.Tensor:
+    def call_span(self, verb: str, start: int, end: int, tensors: list[torch.Tensor], mask: torch.Tensor | None,
+                  prompts: torch.Tensor | None = None, lora_tensors: list[torch.Tensor] = ()) -> list[torch.Tensor]:
         """Run `verb` over blocks `[start, end)` on one server that holds them all, trying another such
-        server after a failure. Raises NoHolderError once no unbanned server holds the whole range."""
-        *args, mask = tensors
-        meta = SpanRequest(start=start, end=end, has_mask=mask is not None)
-        msg = wire.request(meta, *args, *([mask] if mask is not None else []))
+        server after a failure. Raises NoHolderError once no unbanned server holds the whole range.
+
+        `prompts` (blocks, 1, prefix, hidden) and `lora_tensors` (wire order) are those of these blocks.
+        """
+        tuning, ref = self._tuning(start, end, prompts, lora_tensors)
+        meta = SpanRequest(start=start, end=end, has_mask=mask is not None, tuning=tuning)
+        extra = [t for t in (mask, prompts) if t is not None]
+        msg = wire.request(meta, *tensors, *extra)
         error: Exception | None = None
         for _ in range(self.manager.config.max_retries + 1):
             peer = self.manager.holder(start, end)
             try:
+                if ref is not None:
+                    loop.run(self.tuning.ensure_uploaded(self.manager, peer, ref, start, end, lora_tensors))
                 reply = loop.run(
-                    asyncio.wait_for(self.manager.call(peer, verb, msg), self.manager.config.request_timeout)
+                    asyncio.wait_for(self.manager.call_split(peer, verb, msg), self.manager.config.request_timeout)
                 )
-                _, (out,) = wire.parse(reply, SpanReply, peer)
-                return out
+                return wire.parse(reply, SpanReply, peer)[1]
             except wire.RemoteError as e:
                 if e.code in _CALLER_ERRORS:
                     raise
                 error = e
+                if e.code == ErrorCode.NOT_CACHED:  # evicted since the upload: send the weights again
+                    self.tuning.forget(peer, ref.sha256)
+                    continue
             except Exception as e:  # timeouts, dropped connections, vanished peers
                 error = e
             self.manager.ban(peer, repr(error))
         raise RuntimeError(f"{verb} of blocks {start}:{end} failed {self.manager.config.max_retries + 1} times") from error
 
 
-def _forward_chain(remote: RemoteSequential, hidden, position_ids, mask) -> tuple[torch.Tensor, list]:
-    """Forward through all hops; returns the output and each hop's (start, end, input) for backward."""
-    pos, saved, replans = remote.start, [], 0
-    while pos < remote.end:
-        hop = remote.manager.make_route(pos, remote.end)[0]
+class _Args:
+    """The tuning tensors of a RemoteSequential call, sliced per hop (blocks are absolute indices)."""
+
+    def __init__(self, remote: RemoteSequential, prompts: torch.Tensor | None, lora_tensors: tuple):
+        self.remote, self.prompts, self.lora = remote, prompts, list(lora_tensors)
+        self.per_block = remote.tuning.per_block() if remote.tuning is not None and self.lora else 0
+
+    def prompts_for(self, start: int, end: int) -> torch.Tensor | None:
+        base = self.remote.start
+        return None if self.prompts is None else self.prompts[start - base : end - base]
+
+    def lora_for(self, start: int, end: int) -> list[torch.Tensor]:
+        base, k = self.remote.start, self.per_block
+        return self.lora[(start - base) * k : (end - base) * k]
+
+
+def _forward_chain(remote: RemoteSequential, hidden, position_ids, mask, args: _Args, start: int, end: int):
+    """Forward through blocks [start, end) hop by hop; returns the output and each hop's (start, end, input)."""
+    pos, saved, replans = start, [], 0
+    while pos < end:
+        hop = remote.manager.make_route(pos, end)[0]
         try:
-            out = remote.call_span(RPC_FORWARD, hop.start, hop.end, hidden, position_ids, mask)
+            (out,) = remote.call_span(RPC_FORWARD, hop.start, hop.end, [hidden, position_ids], mask,
+                                      args.prompts_for(hop.start, hop.end), args.lora_for(hop.start, hop.end))
         except NoHolderError:
             # Every server of exactly this range failed and is banned now: plan again from here, around them.
             replans += 1
@@ -102,18 +152,72 @@ def _forward_chain(remote: RemoteSequential, hidden, position_ids, mask) -> tupl
     return hidden, saved
 
 
+def _backward_range(remote: RemoteSequential, start: int, end: int, hidden, grad, position_ids, mask, args: _Args,
+                    grads: dict) -> torch.Tensor:
+    """Backward of blocks [start, end) given their input; tuning gradients are added into `grads`."""
+    prompts, lora_tensors = args.prompts_for(start, end), args.lora_for(start, end)
+    try:
+        outs = remote.call_span(RPC_BACKWARD, start, end, [hidden, position_ids, grad], mask, prompts, lora_tensors)
+    except NoHolderError:
+        # No live server holds this whole range any more (its server died after the forward): recompute the
+        # range's forward on a new route to get each hop's input, then run backward hop by hop.
+        logger.info("recomputing blocks %d:%d on a new route for backward", start, end)
+        _, saved = _forward_chain(remote, hidden, position_ids, mask, args, start, end)
+        for s, e, h in reversed(saved):
+            grad = _backward_range(remote, s, e, h, grad, position_ids, mask, args, grads)
+        return grad
+    grad_in, *rest = outs
+    if prompts is not None:
+        grads[("prompts", start, end)], *rest = rest
+    if lora_tensors:
+        grads[("lora", start, end)] = rest
+    return grad_in
+
+
 class _RemoteSpanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, position_ids, mask, remote: RemoteSequential):
-        out, saved = _forward_chain(remote, hidden.detach(), position_ids, mask)
-        ctx.remote, ctx.saved, ctx.position_ids, ctx.mask = remote, saved, position_ids, mask
-        return out
+    def forward(ctx, hidden, position_ids, mask, remote: RemoteSequential, prompts, *lora_tensors):
+        args = _Args(remote, prompts.detach() if prompts is not None else None, tuple(t.detach() for t in lora_tensors))
+        if remote.tuning is not None and remote.tuning.lora_spec is not None:
+            remote.tuning.next_step()
+        outs, saved = [], []
+        # Large batches go in chunks of rows, bounding the memory a server spends on one request.
+        rows = max(1, remote.manager.config.max_chunk_tokens // max(1, hidden.shape[1]))
+        for i in range(0, hidden.shape[0], rows):
+            m = mask[i : i + rows] if mask is not None else None
+            out, chain = _forward_chain(remote, hidden[i : i + rows].detach(), position_ids[i : i + rows], m, args,
+                                        remote.start, remote.end)
+            outs.append(out)
+            saved.append((i, chain))
+        ctx.remote, ctx.args, ctx.saved, ctx.position_ids, ctx.mask, ctx.rows = remote, args, saved, position_ids, mask, rows
+        ctx.seed = remote.tuning.seed if remote.tuning is not None else 0
+        return torch.cat(outs)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad = grad_out.contiguous()
-        for start, end, hidden in reversed(ctx.saved):
-            # Backward is stateless on the server (it recomputes the span), so any server holding all of
-            # these blocks can answer it; call_span moves to another one after a failure.
-            grad = ctx.remote.call_span(RPC_BACKWARD, start, end, hidden, ctx.position_ids, grad, ctx.mask)
-        return grad, None, None, None
+        remote, args = ctx.remote, ctx.args
+        if remote.tuning is not None:
+            remote.tuning.seed = ctx.seed  # the same dropout masks as this forward pass
+        grad_prompts = torch.zeros_like(args.prompts) if args.prompts is not None else None
+        grad_lora = [torch.zeros_like(t) for t in args.lora]
+        grad_in = []
+        for i, chain in ctx.saved:
+            grad = grad_out[i : i + ctx.rows].contiguous()
+            pos = ctx.position_ids[i : i + ctx.rows]
+            mask = ctx.mask[i : i + ctx.rows] if ctx.mask is not None else None
+            grads: dict = {}
+            for start, end, hidden in reversed(chain):
+                grad = _backward_range(remote, start, end, hidden, grad, pos, mask, args, grads)
+            _accumulate(grads, remote, args, grad_prompts, grad_lora)
+            grad_in.append(grad)
+        return (torch.cat(grad_in), None, None, None, grad_prompts, *grad_lora)
+
+
+def _accumulate(grads: dict, remote: RemoteSequential, args: _Args, grad_prompts, grad_lora: list) -> None:
+    base, k = remote.start, args.per_block
+    for (kind, start, end), g in grads.items():
+        if kind == "prompts":
+            grad_prompts[start - base : end - base] += g
+        else:
+            for j, gj in enumerate(g):
+                grad_lora[(start - base) * k + j] += gj

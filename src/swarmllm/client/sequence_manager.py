@@ -9,10 +9,12 @@ import time
 from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import as_aiter
 
+from swarmllm import wire
 from swarmllm.client import loop
 from swarmllm.client.config import ClientConfig
-from swarmllm.client.routing import Hop, MissingBlocksError, NoHolderError, fewest_hops, holders
+from swarmllm.client.routing import Hop, MissingBlocksError, NoHolderError, Versions, fewest_hops, holders
 from swarmllm.dht.records import get_servers
 from swarmllm.protocol import ServerRecord
 
@@ -57,6 +59,18 @@ class SequenceManager:
         now = time.monotonic()
         return frozenset(p for p, until in self._bans.items() if until > now)
 
+    def versions(self, servers: list[ServerRecord]) -> Versions:
+        """Block -> override name for the override this client asked for; its block list comes from the
+        records of the servers that run it (each announces the whole list)."""
+        name = self.config.block_override
+        if name is None:
+            return {}
+        for r in servers:
+            if r.override == name:
+                return dict.fromkeys(r.override_blocks, name)
+        # No server runs it (yet): every block is wanted in a version nobody has, so routing waits for it.
+        return dict.fromkeys(range(self.num_blocks), name)
+
     def make_route(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset()) -> list[Hop]:
         """`exclude`: servers to skip for this route only (e.g. ones that just said their cache is full)."""
         end = self.num_blocks if end is None else end
@@ -64,17 +78,21 @@ class SequenceManager:
         force = False
         while True:
             try:
-                return fewest_hops(self.servers(force=force), start, end, exclude=self.banned() | exclude)
+                servers = self.servers(force=force)
+                return fewest_hops(servers, start, end, self.banned() | exclude, self.versions(servers))
             except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
-                    raise MissingBlocksError(e.missing, waited=self.config.missing_blocks_timeout) from None
+                    raise MissingBlocksError(
+                        e.missing, waited=self.config.missing_blocks_timeout, version=self.config.block_override
+                    ) from None
                 logger.info("waiting for servers of blocks %s", e.missing)
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 force = True
 
     def holder(self, start: int, end: int) -> str:
         """A live, unbanned server holding all of `[start, end)`; raises NoHolderError if there is none."""
-        found = holders(self.servers(), start, end, self.banned())
+        servers = self.servers()
+        found = holders(servers, start, end, self.banned(), self.versions(servers))
         if not found:
             raise NoHolderError(f"no live server holds all of blocks {start}:{end}")
         return found[0].peer_id
@@ -84,10 +102,22 @@ class SequenceManager:
             PeerID.from_base58(peer_id), name, request, runtime_pb2.ExpertResponse
         )
 
+    async def call_split(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        """Call a handler that takes and returns messages split into parts (forward, backward)."""
+        replies = await self.p2p.iterate_protobuf_handler(
+            PeerID.from_base58(peer_id), name, as_aiter(*wire.split(request)), runtime_pb2.ExpertResponse
+        )
+        return wire.join([part async for part in replies])
+
     async def open_stream(self, peer_id: str, name: str, requests) -> object:
         return await self.p2p.iterate_protobuf_handler(
             PeerID.from_base58(peer_id), name, requests, runtime_pb2.ExpertResponse
         )
+
+    def override_for(self, start: int, end: int) -> str | None:
+        """The override name to send with a request for blocks [start, end): only if it touches its blocks."""
+        versions = self.versions(self.servers())
+        return self.config.block_override if any(b in versions for b in range(start, end)) else None
 
     def shutdown(self) -> None:
         if self._own_dht:

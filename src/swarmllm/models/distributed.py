@@ -10,22 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from swarmllm.adapters import blocks as block_ckpt
+from swarmllm.adapters import lora as lora_lib
 from swarmllm.client.config import ClientConfig
 from swarmllm.client.inference_session import InferenceSession
+from swarmllm.client.pipeline import LocalBlocks, Pipeline, split_segments
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.sequence_manager import SequenceManager
+from swarmllm.client.tuning import ClientTuning, TuningMode
 from swarmllm.models.family import family_of
 from swarmllm.models.source import model_display_name, resolve_model
-from swarmllm.models.span import text_config
+from swarmllm.models.span import load_span, meta_block, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ class RemoteCache(DynamicCache):
         self.session = session
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        return self.session.position
+        return self.session.position - self.session.prefix  # prompt-tuning tokens are invisible to generate
 
     @property
     def is_linear(self) -> list[bool]:
@@ -54,11 +60,14 @@ class RemoteCache(DynamicCache):
 
 
 class DistributedBackbone(nn.Module):
-    """Embeddings and final norm run here; the blocks run remotely. Attribute names match transformers'."""
+    """Embeddings and final norm run here; the blocks run remotely (or, for trainable blocks, here too).
+    Attribute names match transformers'."""
 
-    def __init__(self, config: PretrainedConfig, embed_tokens: nn.Module, norm: nn.Module, layers: RemoteSequential):
+    def __init__(self, config: PretrainedConfig, embed_tokens: nn.Module, norm: nn.Module,
+                 layers: RemoteSequential | Pipeline, tuning: ClientTuning | None = None):
         super().__init__()
         self.config, self.embed_tokens, self.norm, self.layers = config, embed_tokens, norm, layers
+        self.__dict__["tuning"] = tuning  # registered on the model, not here
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
@@ -81,8 +90,17 @@ class DistributedBackbone(nn.Module):
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (batch, seq, hidden)
         session = cache.session if isinstance(cache, RemoteCache) else None
         past = session.position if session is not None else 0
+        prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
+        added = prefix if past == 0 else 0
+        if added:
+            # Prompt tuning: trainable embeddings before the first token; they are stripped from the output.
+            embeds = torch.cat([self.tuning.prompts.expand(embeds.shape[0], -1, -1).to(embeds.dtype), embeds], dim=1)
+            if session is not None:
+                session.prefix = prefix
+        if prefix and attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], prefix), attention_mask], 1)
         batch, seq = embeds.shape[:2]
-        if position_ids is None:
+        if position_ids is None or prefix:
             position_ids = _positions(attention_mask, past, seq, batch)
         position_ids = position_ids.expand(batch, -1).contiguous()
         # An all-ones mask carries no information: leave it out so servers use the fast causal path.
@@ -93,7 +111,7 @@ class DistributedBackbone(nn.Module):
             hidden = session.step(embeds, position_ids, mask)
         else:
             hidden = self.layers(embeds, position_ids, mask)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden[:, added:]), cache=cache)
 
 
 def _positions(attention_mask: torch.Tensor | None, past: int, seq: int, batch: int) -> torch.Tensor:
@@ -116,13 +134,40 @@ class DistributedMixin:
         """Keep one server-side session across several `generate` calls (each continues where the last ended)."""
         if self._active_session is not None:
             raise RuntimeError("an inference session is already active on this model")
-        session = self.model.layers.inference_session(max_length, batch_size)
+        prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
+        session = self.base_model.layers.inference_session(max_length + prefix, batch_size)
         self._active_session = session
         try:
             yield session
         finally:
             self._active_session = None
             session.close()
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write the trained tuning parameters: LoRA and ptune in the standard peft format, deep_ptune as
+        `swarmllm_prompts.safetensors`. Trainable blocks are saved separately with `save_blocks`."""
+        path = Path(path)
+        t = self.tuning
+        if t is None or t.mode is None:
+            raise ValueError("this model has no tuning parameters (load it with tuning_mode=...)")
+        if t.mode == "lora":
+            weights = {b: {p: (a.detach(), bb.detach()) for p, (a, bb) in m.items()} for b, m in t.lora_weights().items()}
+            lora_lib.save_peft(path, weights, t.lora_spec, self.base_model_prefix, self._swarm_model_name)
+        else:
+            save_prompts(path, t, self.config, self._swarm_model_name)
+        return path
+
+    def save_blocks(self, path: str | Path) -> Path:
+        """Write the blocks trained on the client (`trainable_blocks`) as a block checkpoint."""
+        local = {b.start + i: layer for b in self._local_blocks() for i, layer in enumerate(b.span.layers)}
+        if not local:
+            raise ValueError("this model trains no whole blocks (load it with trainable_blocks=[...])")
+        block_ckpt.save_blocks(Path(path), self._swarm_model_name, local, self._base_hashes)
+        return Path(path)
+
+    def _local_blocks(self) -> list[LocalBlocks]:
+        layers = self.base_model.layers
+        return [s for s in layers.segments if isinstance(s, LocalBlocks)] if isinstance(layers, Pipeline) else []
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         if inputs is None:
@@ -175,8 +220,17 @@ class AutoDistributedModelForCausalLM:
         *,
         config: ClientConfig | None = None,
         dtype: torch.dtype = torch.float32,
+        tuning_mode: TuningMode | None = None,
+        pre_seq_len: int = 0,
+        lora: lora_lib.LoraSpec | None = None,
+        init_adapter: str | Path | None = None,
+        trainable_blocks: list[int] | tuple[int, ...] = (),
         **client_options,
     ):
+        """Build the distributed model. Tuning: `tuning_mode` ("ptune" and "deep_ptune" with `pre_seq_len`,
+        "lora" with `lora`, a LoraSpec, or LoRA weights to train further from `init_adapter`, a peft folder);
+        `trainable_blocks` run on the client as trainable modules. Client options (initial_peers,
+        adapter, block_override, ...) are those of `ClientConfig`."""
         client = config or ClientConfig(initial_peers=list(initial_peers), **client_options)
         if client.num_threads:
             torch.set_num_threads(client.num_threads)
@@ -190,13 +244,78 @@ class AutoDistributedModelForCausalLM:
         local_config = _without_blocks(hf_config)
         model = dist_cls.from_pretrained(model_dir, config=local_config, dtype=dtype)
         model.config = hf_config
-        manager = SequenceManager(client, model_display_name(name), text_config(hf_config).num_hidden_layers)
+        text = text_config(hf_config)
+        num_blocks = text.num_hidden_layers
+        local = sorted(set(trainable_blocks))
+        if any(not 0 <= b < num_blocks for b in local):
+            raise ValueError(f"trainable_blocks must be within 0:{num_blocks}, got {local}")
+        tuning = _make_tuning(tuning_mode, text, num_blocks, pre_seq_len, lora, init_adapter, local, client)
+        manager = SequenceManager(client, model_display_name(name), num_blocks)
         backbone = model.base_model
         model.sequence_manager = manager
-        setattr(model, model.base_model_prefix, DistributedBackbone(
-            text_config(hf_config), backbone.embed_tokens, backbone.norm, RemoteSequential(manager)
-        ))
+        model._swarm_model_name = model_display_name(name)
+        if tuning_mode is not None or local:
+            model.requires_grad_(False)  # the base model stays frozen; only tuning parameters train
+        model.tuning = tuning
+        layers: RemoteSequential | Pipeline = RemoteSequential(manager, tuning=tuning)
+        if local:
+            layers = _pipeline(manager, tuning, model_dir, dtype, num_blocks, local)
+            model._base_hashes = block_ckpt.base_hashes(model_dir, local)
+        setattr(model, model.base_model_prefix, DistributedBackbone(text, backbone.embed_tokens, backbone.norm, layers, tuning))
         return model.eval()
+
+
+def _make_tuning(mode, text: PretrainedConfig, num_blocks: int, pre_seq_len: int, lora_config, init_adapter,
+                 local: list[int], client: ClientConfig) -> ClientTuning:
+    init = None
+    if init_adapter is not None:
+        if mode not in (None, "lora"):
+            raise ValueError("init_adapter continues training a LoRA adapter: use tuning_mode='lora'")
+        mode = "lora"
+        lora_config, init = lora_lib.load_peft(Path(init_adapter))
+    if mode == "lora":
+        lora_config = lora_config or lora_lib.LoraSpec()
+        block = meta_block(text, 0)
+        paths = lora_lib.target_paths(block, lora_config.target_modules)
+        remote = [b for b in range(num_blocks) if b not in local]
+        fresh = {b: lora_lib.init_weights(block, paths, lora_config.rank) for b in remote}
+        if init is not None:
+            for b in remote:
+                fresh[b].update({p: (a.clone(), bb.clone()) for p, (a, bb) in init.get(b, {}).items() if p in fresh[b]})
+        init = fresh
+    elif mode is not None and mode not in ("ptune", "deep_ptune"):
+        raise ValueError(f"tuning_mode must be one of ptune, deep_ptune, lora; got {mode!r}")
+    return ClientTuning(mode, num_blocks, text.hidden_size, pre_seq_len, lora_config, init, adapter=client.adapter)
+
+
+def _pipeline(manager: SequenceManager, tuning: ClientTuning, model_dir: Path, dtype: torch.dtype, num_blocks: int,
+              local: list[int]) -> Pipeline:
+    segments: list[nn.Module] = []
+    for start, end, is_local in split_segments(num_blocks, set(local)):
+        if is_local:
+            span = load_span(model_dir, start, end, dtype)
+            span.requires_grad_(True)
+            segments.append(LocalBlocks(span, tuning))
+        else:
+            segments.append(RemoteSequential(manager, start, end, tuning))
+    return Pipeline(segments)
+
+
+def save_prompts(path: Path, tuning: ClientTuning, config: PretrainedConfig, model_name: str) -> None:
+    """ptune: peft's PROMPT_TUNING format. deep_ptune has no peft equivalent: swarmllm's own file."""
+    path.mkdir(parents=True, exist_ok=True)
+    text = text_config(config)
+    if tuning.mode == "ptune":
+        save_file({"prompt_embeddings": tuning.prompts.detach()[0].contiguous()}, str(path / lora_lib.PEFT_WEIGHTS))
+        (path / lora_lib.PEFT_CONFIG).write_text(json.dumps({
+            "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": tuning.pre_seq_len,
+            "token_dim": text.hidden_size, "num_transformer_submodules": 1,
+            "num_attention_heads": text.num_attention_heads, "num_layers": text.num_hidden_layers,
+            "prompt_tuning_init": "RANDOM", "inference_mode": True, "base_model_name_or_path": model_name,
+        }, indent=2))
+    else:
+        save_file({"prompts": tuning.prompts.detach().contiguous(), "deep_prompts": tuning.deep_prompts.detach().contiguous()},
+                  str(path / "swarmllm_prompts.safetensors"))
 
 
 def _without_blocks(config: PretrainedConfig) -> PretrainedConfig:

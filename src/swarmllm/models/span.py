@@ -69,6 +69,13 @@ def _skeleton(config: PretrainedConfig) -> _Skeleton:
     return _Skeleton(decoder_cls=decoder_cls, rotary=rotary)
 
 
+def meta_block(config: PretrainedConfig, idx: int) -> nn.Module:
+    """Block `idx` on the meta device: its module structure and shapes, without weights."""
+    decoder_cls = _skeleton(config).decoder_cls
+    with torch.device("meta"):
+        return decoder_cls(config, idx)
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
@@ -139,6 +146,7 @@ class Span(nn.Module):
         position_ids: torch.Tensor,  # (batch, seq)
         attention_mask: torch.Tensor | None = None,  # (batch, past + seq) 1 = real token, 0 = padding
         cache: DynamicCache | None = None,
+        prompts: torch.Tensor | None = None,  # (blocks, batch or 1, prefix, hidden) deep prompt tuning
     ) -> torch.Tensor:
         masks, rotary = {}, {}
         for offset, lt in enumerate(self.types):
@@ -156,7 +164,12 @@ class Span(nn.Module):
             )
             args = (lt,) if self._rotary_per_type else ()
             rotary[lt] = self.rotary(hidden, position_ids, *args)
-        for layer, lt in zip(self.layers, self.types):
+        for i, (layer, lt) in enumerate(zip(self.layers, self.types)):
+            if prompts is not None:
+                # Deep prompts are added to the prefix positions before every block (out of place, so
+                # autograd sees both the hidden states and the prompts).
+                n = prompts.shape[2]
+                hidden = torch.cat([hidden[:, :n] + prompts[i].to(hidden.dtype), hidden[:, n:]], dim=1)
             hidden = layer(
                 hidden,
                 attention_mask=masks[lt],

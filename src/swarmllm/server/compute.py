@@ -6,11 +6,13 @@ model code runs, and raises `BadRequest` with a message meant for the caller.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache
 
+from swarmllm.adapters import lora
 from swarmllm.models.span import Span
 
 
@@ -48,27 +50,81 @@ def check_inputs(
         raise BadRequest(f"attention_mask must be (batch, past + seq) = {(hidden.shape[0], past + hidden.shape[1])}, got {tuple(mask.shape)}")
 
 
+@dataclass
+class Extras:
+    """What a request adds to the base span, resolved by the handler (see `protocol.Tuning`).
+
+    `trainable` lists client-owned LoRA tensors in wire order: backward returns their gradients. A named
+    adapter's weights are applied but are not trainable.
+    """
+
+    prompts: torch.Tensor | None = None  # (blocks, batch or 1, prefix, hidden)
+    lora: lora.LoraWeights | None = None
+    scaling: float = 1.0
+    dropout: float = 0.0
+    seed: int = 0
+    trainable: list[torch.Tensor] = field(default_factory=list)
+
+    def applied(self, span: Span):
+        if not self.lora:
+            return contextlib.nullcontext()
+        return lora.applied(span.layers, span.start, self.lora, self.scaling, self.dropout, self.seed)
+
+
+NO_EXTRAS = Extras()
+
+
+def check_prompts(span: Span, hidden: torch.Tensor, prompts: torch.Tensor | None) -> None:
+    if prompts is None:
+        return
+    n_blocks, batch, seq = len(span.layers), hidden.shape[0], hidden.shape[1]
+    if (prompts.ndim != 4 or prompts.shape[0] != n_blocks or prompts.shape[1] not in (1, batch)
+            or not 0 < prompts.shape[2] <= seq or prompts.shape[3] != hidden.shape[2]):
+        raise BadRequest(
+            f"deep prompts must be ({n_blocks}, 1 or {batch}, prefix <= {seq}, {hidden.shape[2]}), got {tuple(prompts.shape)}"
+        )
+    if not prompts.is_floating_point() or not torch.isfinite(prompts).all():
+        raise BadRequest("deep prompts must be finite floating point")
+
+
 @torch.inference_mode()
-def forward(span: Span, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def forward(
+    span: Span, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, extras: Extras = NO_EXTRAS
+) -> torch.Tensor:
     check_inputs(span, hidden, position_ids, mask)
+    check_prompts(span, hidden, extras.prompts)
     dtype = next(span.parameters()).dtype
-    return span(hidden.to(dtype), position_ids, mask).to(hidden.dtype)
+    with extras.applied(span):
+        return span(hidden.to(dtype), position_ids, mask, prompts=extras.prompts).to(hidden.dtype)
 
 
 def backward(
-    span: Span, hidden: torch.Tensor, position_ids: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Gradient of the span's output wrt its input, by recomputing the forward pass (servers keep no
-    activations between calls). Base weights are frozen and never receive gradients."""
+    span: Span, hidden: torch.Tensor, position_ids: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor | None,
+    extras: Extras = NO_EXTRAS,
+) -> list[torch.Tensor]:
+    """Gradients of the span's output wrt its input, the deep prompts (if any) and the client's LoRA tensors
+    (if any), in that order, by recomputing the forward pass (servers keep no activations between calls).
+    Base weights are frozen and never receive gradients."""
     check_inputs(span, hidden, position_ids, mask)
+    check_prompts(span, hidden, extras.prompts)
     if grad_out.shape != hidden.shape or not torch.isfinite(grad_out).all():
         raise BadRequest(f"grad_output must be finite and shaped like hidden {tuple(hidden.shape)}")
     dtype = next(span.parameters()).dtype
     with torch.enable_grad():
         x = hidden.detach().to(dtype).requires_grad_(True)
-        out = span(x, position_ids, mask)
-        (grad_in,) = torch.autograd.grad(out, x, grad_out.to(dtype))
-    return grad_in.to(hidden.dtype)
+        prompts = extras.prompts.detach().requires_grad_(True) if extras.prompts is not None else None
+        for t in extras.trainable:
+            t.requires_grad_(True)
+        with extras.applied(span):
+            out = span(x, position_ids, mask, prompts=prompts)
+        wrt = [x] + ([prompts] if prompts is not None else []) + list(extras.trainable)
+        grads = torch.autograd.grad(out, wrt, grad_out.to(dtype), allow_unused=True)
+    for t in extras.trainable:
+        t.requires_grad_(False)
+    return [
+        (g if g is not None else torch.zeros_like(w)).to(w.dtype if i else hidden.dtype)
+        for i, (g, w) in enumerate(zip(grads, wrt))
+    ]
 
 
 @dataclass
@@ -78,6 +134,7 @@ class SessionCache:
     span: Span
     batch_size: int
     max_length: int
+    extras: Extras = field(default_factory=Extras)
     cache: DynamicCache = field(init=False)
     length: int = 0
 
@@ -94,7 +151,11 @@ class SessionCache:
                 f"session declared max_length={self.max_length}; it holds {self.length} tokens and cannot take "
                 f"{hidden.shape[1]} more"
             )
+        # Deep prompts belong to the first positions of the sequence: only the first step adds them.
+        prompts = self.extras.prompts if self.length == 0 else None
+        check_prompts(self.span, hidden, prompts)
         dtype = next(self.span.parameters()).dtype
-        out = self.span(hidden.to(dtype), position_ids, mask, self.cache)
+        with self.extras.applied(self.span):
+            out = self.span(hidden.to(dtype), position_ids, mask, self.cache, prompts=prompts)
         self.length += hidden.shape[1]
         return out.to(hidden.dtype)

@@ -25,6 +25,19 @@ class ServerConfig(BaseModel):
     num_threads: int | None = Field(default=None, ge=1, description="torch compute threads (default: all cores)")
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
     announce_maddrs: list[str] = Field(default_factory=list, description="public multiaddrs to announce, if not the listen ones")
+    adapters: list[str] = Field(
+        default_factory=list, description="named LoRA adapters to load at start (others are fetched when first asked for)"
+    )
+    block_override: str | None = Field(
+        default=None, description="serve the published fine-tuned version NAME of its blocks instead of the base weights"
+    )
+    hub_dir: str | None = Field(
+        default=None, description="a local folder laid out like a hub (DIR/<repo id>/...) to fetch adapters from"
+    )
+    max_adapter_bytes: int = Field(default=256 * 2**20, ge=1, description="largest adapter this server will fetch, in bytes")
+    lora_cache_bytes: int = Field(
+        default=256 * 2**20, ge=1, description="memory for clients' LoRA weights cached between requests, in bytes"
+    )
 
     @model_validator(mode="after")
     def _one_span_choice(self) -> ServerConfig:

@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from swarmllm import wire
+from swarmllm.adapters import lora
+from swarmllm.adapters.package import AdapterError
 from swarmllm.models.span import Span
 from swarmllm.protocol import (
     RPC_BACKWARD,
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_LORA_PUT,
     ErrorCode,
+    LoraPut,
+    LoraStored,
     OpenSession,
     ServerRecord,
     SessionOpened,
@@ -29,9 +35,11 @@ from swarmllm.protocol import (
     SpanRequest,
     Step,
     StepDone,
+    Tuning,
 )
 from swarmllm.server import compute
 from swarmllm.server.cache import CacheBudget, CacheFullError
+from swarmllm.server.lora_cache import LoraCache, NotCached
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +48,59 @@ _ERRORS = {
     wire.ProtocolError: ErrorCode.BAD_REQUEST,
     CacheFullError: ErrorCode.CACHE_FULL,
     compute.TooLong: ErrorCode.TOO_LONG,
+    lora.LoraShapeError: ErrorCode.BAD_REQUEST,
+    NotCached: ErrorCode.NOT_CACHED,
 }
 
 
+def _code(e: Exception) -> ErrorCode:
+    if isinstance(e, AdapterError):
+        return ErrorCode.ADAPTER
+    return _ERRORS.get(type(e), ErrorCode.INTERNAL)
+
+
 def _error(e: Exception) -> runtime_pb2.ExpertResponse:
-    code = _ERRORS.get(type(e), ErrorCode.INTERNAL)
+    code = _code(e)
     if code == ErrorCode.INTERNAL:
         logger.exception("internal error while serving a request")
     return wire.error_response(code, str(e))
 
 
-class Handler:
-    """Serves `info`, `forward`, `backward` and `inference` for one span."""
+NamedAdapter = tuple[lora.LoraSpec, lora.LoraWeights]
 
-    def __init__(self, span: Span, budget: CacheBudget, session_timeout: float, record: Callable[[], ServerRecord]):
+
+@dataclass(frozen=True)
+class Override:
+    """A fine-tuned version of some blocks that this server runs instead of the base weights."""
+
+    name: str
+    blocks: frozenset[int]
+
+
+class Handler:
+    """Serves `info`, `forward`, `backward`, `inference` and `lora_put` for one span.
+
+    `adapter(name)` returns a named adapter's weights for this span, fetching it first if needed.
+    """
+
+    def __init__(
+        self, span: Span, budget: CacheBudget, session_timeout: float, record: Callable[[], ServerRecord],
+        lora_cache: LoraCache | None = None, adapter: Callable[[str], Awaitable[NamedAdapter]] | None = None,
+        override: Override | None = None,
+    ):
         self.span, self.budget, self.session_timeout, self.record = span, budget, session_timeout, record
+        self.lora_cache = lora_cache or LoraCache(256 * 2**20)
+        self.adapter, self.override = adapter, override
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.active_sessions = 0
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
-        await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest)
-        await p2p.add_protobuf_handler(RPC_BACKWARD, self.rpc_backward, runtime_pb2.ExpertRequest)
+        for name, fn in ((RPC_FORWARD, self.forward), (RPC_BACKWARD, self.backward)):
+            await p2p.add_protobuf_handler(
+                name, _streamed(fn), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+            )
+        await p2p.add_protobuf_handler(RPC_LORA_PUT, self.rpc_lora_put, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(
             RPC_INFERENCE, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
@@ -72,25 +111,69 @@ class Handler:
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return wire.response(self.record())
 
-    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             meta, tensors = wire.parse(request, SpanRequest)
-            hidden, position_ids, mask = _unpack(tensors, 2, meta.has_mask)
+            hidden, position_ids, mask, prompts = _unpack(tensors, 2, meta.has_mask, meta.tuning.prompts)
             span = compute.sub_span(self.span, meta.start, meta.end)
-            out = await self._compute(compute.forward, span, hidden, position_ids, mask)
+            extras = await self._extras(meta.tuning, span, str(context.remote_id), prompts)
+            out = await self._compute(compute.forward, span, hidden, position_ids, mask, extras)
             return wire.response(SpanReply(), out)
         except Exception as e:
             return _error(e)
 
-    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             meta, tensors = wire.parse(request, SpanRequest)
-            hidden, position_ids, grad_out, mask = _unpack(tensors, 3, meta.has_mask)
+            hidden, position_ids, grad_out, mask, prompts = _unpack(tensors, 3, meta.has_mask, meta.tuning.prompts)
             span = compute.sub_span(self.span, meta.start, meta.end)
-            grad_in = await self._compute(compute.backward, span, hidden, position_ids, grad_out, mask)
-            return wire.response(SpanReply(), grad_in)
+            extras = await self._extras(meta.tuning, span, str(context.remote_id), prompts)
+            grads = await self._compute(compute.backward, span, hidden, position_ids, grad_out, mask, extras)
+            return wire.response(SpanReply(), *grads)
         except Exception as e:
             return _error(e)
+
+    async def rpc_lora_put(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Receive (part of) a client's LoRA weights; shapes are checked against the blocks before caching."""
+        try:
+            meta, tensors = wire.parse(request, LoraPut)
+            compute.sub_span(self.span, meta.start, meta.end)
+            weights = lora.unflatten(tensors, meta.blocks, meta.lora.targets)
+            for b in meta.blocks:
+                if not meta.start <= b < meta.end:
+                    raise compute.BadRequest(f"block {b} is outside the upload's range {meta.start}:{meta.end}")
+                lora.check_fits(self.span.layers[b - self.span.start], b, weights[b])
+            complete = self.lora_cache.put(str(context.remote_id), meta.lora, meta.start, meta.end, meta.blocks, tensors)
+            return wire.response(LoraStored(complete=complete))
+        except Exception as e:
+            return _error(e)
+
+    async def _extras(self, tuning: Tuning, span: Span, peer: str, prompts) -> compute.Extras:
+        """Resolve a request's tuning into what compute applies; refuses a mismatched block override."""
+        self._check_override(tuning, span)
+        if tuning.lora is not None and tuning.adapter is not None:
+            raise compute.BadRequest("a request uses either client LoRA weights or a named adapter, not both")
+        if tuning.lora is not None:
+            ref = tuning.lora
+            trainable = self.lora_cache.get(peer, ref, span.start, span.end)
+            weights = lora.unflatten(trainable, range(span.start, span.end), ref.targets)
+            return compute.Extras(prompts, weights, ref.alpha / ref.rank, ref.dropout, ref.seed, trainable)
+        if tuning.adapter is not None:
+            if self.adapter is None:
+                raise compute.BadRequest("this server does not serve named adapters")
+            spec, weights = await self.adapter(tuning.adapter)
+            return compute.Extras(prompts, weights, spec.scaling)
+        return compute.Extras(prompts)
+
+    def _check_override(self, tuning: Tuning, span: Span) -> None:
+        mine = self.override.name if self.override else None
+        touches = self.override is not None and any(b in self.override.blocks for b in range(span.start, span.end))
+        # A client that asks for an override must get it, and one that does not must never get it.
+        if tuning.override != mine and (tuning.override is not None or touches):
+            raise AdapterError(
+                f"blocks {span.start}:{span.end} here run {mine or 'the base weights'}, "
+                f"the request expects {tuning.override or 'the base weights'}"
+            )
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -99,12 +182,15 @@ class Handler:
         reserved = 0
         try:
             first = await asyncio.wait_for(anext(requests), self.session_timeout)
-            meta, _ = wire.parse(first, OpenSession)
+            meta, tensors = wire.parse(first, OpenSession)
             span = compute.sub_span(self.span, meta.start, meta.end)
+            if len(tensors) != int(meta.tuning.prompts):
+                raise compute.BadRequest(f"OpenSession carries {int(meta.tuning.prompts)} tensors, got {len(tensors)}")
+            extras = await self._extras(meta.tuning, span, str(context.remote_id), tensors[0] if tensors else None)
             self.budget.reserve(meta.batch_size * meta.max_length)
             reserved = meta.batch_size * meta.max_length
             self.active_sessions += 1
-            session = compute.SessionCache(span, meta.batch_size, meta.max_length)
+            session = compute.SessionCache(span, meta.batch_size, meta.max_length, extras)
             logger.info("session %s opened by %s: blocks %d:%d, %d tokens", meta.session_id[:8],
                         str(context.remote_id)[-8:], meta.start, meta.end, reserved)
             yield wire.response(SessionOpened(session_id=meta.session_id, cache_tokens=reserved))
@@ -115,7 +201,7 @@ class Handler:
                     return  # the client closed the session
                 try:
                     step, tensors = wire.parse(msg, Step)
-                    hidden, position_ids, mask = _unpack(tensors, 2, step.has_mask)
+                    hidden, position_ids, mask, _ = _unpack(tensors, 2, step.has_mask)
                     out = await self._compute(session.step, hidden, position_ids, mask)
                     yield wire.response(StepDone(step_id=step.step_id, length=session.length), out)
                 except (compute.BadRequest, compute.TooLong, wire.ProtocolError) as e:
@@ -133,9 +219,34 @@ class Handler:
                 self.active_sessions -= 1
 
 
-def _unpack(tensors: list, n_required: int, has_mask: bool) -> tuple:
-    expected = n_required + int(has_mask)
+MAX_REQUEST_BYTES = 1 << 30
+
+
+def _streamed(fn):
+    """Adapt a unary handler to the split-message streams that forward and backward use (see wire.split)."""
+
+    async def handler(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        parts, size = [], 0
+        try:
+            async for part in requests:
+                size += part.ByteSize()
+                if size > MAX_REQUEST_BYTES:
+                    raise wire.ProtocolError(f"request larger than {MAX_REQUEST_BYTES} bytes")
+                parts.append(part)
+            reply = await fn(wire.join(parts), context)
+        except Exception as e:
+            reply = _error(e)
+        for part in wire.split(reply):
+            yield part
+
+    return handler
+
+
+def _unpack(tensors: list, n_required: int, has_mask: bool, has_prompts: bool = False) -> tuple:
+    """(required..., mask or None, prompts or None) out of a request's tensors, checking their count."""
+    expected = n_required + int(has_mask) + int(has_prompts)
     if len(tensors) != expected:
         raise compute.BadRequest(f"expected {expected} tensors, got {len(tensors)}")
     mask = tensors[n_required] if has_mask else None
-    return (*tensors[:n_required], mask)
+    prompts = tensors[-1] if has_prompts else None
+    return (*tensors[:n_required], mask, prompts)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import torch
 from hivemind import DHT
 
+from swarmllm.adapters import blocks as block_ckpt
+from swarmllm.adapters import lora
+from swarmllm.adapters.package import AdapterError
+from swarmllm.adapters.resolve import resolve_adapter
+from swarmllm.adapters.store import AdapterStore
+from swarmllm.adapters.swarm_hub import SwarmHub
 from swarmllm.dht.records import announce, get_servers
 from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import check_span, load_config, load_span
@@ -16,7 +23,8 @@ from swarmllm.protocol import ServerRecord, ServerState
 from swarmllm.server.block_selection import choose_span
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.config import ServerConfig, parse_blocks
-from swarmllm.server.handler import Handler
+from swarmllm.server.handler import Handler, NamedAdapter, Override
+from swarmllm.server.lora_cache import LoraCache
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +62,13 @@ class Server:
             self.dht.shutdown()
             raise
         self.budget = CacheBudget(config.max_cache_tokens)
-        self.handler = Handler(self.span, self.budget, config.session_timeout, self.record)
+        self.hub = SwarmHub(self.dht, AdapterStore(), max_bytes=config.max_adapter_bytes)
+        self.adapters: dict[str, NamedAdapter] = {}
+        self._adapter_locks: dict[str, asyncio.Lock] = {}
+        self.handler = Handler(
+            self.span, self.budget, config.session_timeout, self.record,
+            lora_cache=LoraCache(config.lora_cache_bytes), adapter=self.adapter,
+        )
         self.peer_id = str(self.dht.peer_id)
 
     def record(self, state: ServerState = ServerState.ONLINE) -> ServerRecord:
@@ -65,7 +79,42 @@ class Server:
             dtype=self.config.dtype,
             state=state,
             cache_tokens_left=self.budget.free,
+            adapters=tuple(sorted(self.adapters)),
+            override=self.handler.override.name if self.handler.override else None,
+            override_blocks=tuple(sorted(self.handler.override.blocks)) if self.handler.override else (),
         )
+
+    async def _folder(self, name: str) -> Path:
+        hub_dir = Path(self.config.hub_dir) if self.config.hub_dir else None
+        return await resolve_adapter(name, swarm_hub=self.hub, hub_dir=hub_dir)
+
+    async def adapter(self, name: str) -> NamedAdapter:
+        """A named LoRA adapter's weights for this span, fetched (swarm first, then the hub) on first use."""
+        if name in self.adapters:
+            return self.adapters[name]
+        async with self._adapter_locks.setdefault(name, asyncio.Lock()):
+            if name not in self.adapters:
+                folder = await self._folder(name)
+                try:
+                    spec, weights = lora.load_peft(folder)
+                    weights = {b: w for b, w in weights.items() if self.start <= b < self.end}
+                    for b, w in weights.items():
+                        lora.check_fits(self.span.layers[b - self.start], b, w)
+                except (lora.LoraShapeError, ValueError) as e:
+                    raise AdapterError(f"adapter {name!r} cannot be served by blocks {self.start}:{self.end}: {e}") from None
+                self.adapters[name] = (spec, weights)
+                logger.info("adapter %s loaded (%d of its blocks are here)", name, len(weights))
+        return self.adapters[name]
+
+    async def _load_override(self, name: str) -> Override:
+        """Replace this span's weights by the fine-tuned blocks published as `name`, after verifying them."""
+        folder = await self._folder(name)
+        meta, tensors = block_ckpt.load_blocks(folder, set(range(self.start, self.end)))
+        expected = block_ckpt.base_hashes(self.model_dir, list(tensors))
+        layers = {b: self.span.layers[b - self.start] for b in tensors}
+        block_ckpt.apply_blocks(layers, tensors, expected, meta)
+        logger.info("serving override %s for blocks %s", name, sorted(tensors))
+        return Override(name, frozenset(meta.blocks))
 
     def run(self) -> None:
         try:
@@ -79,6 +128,11 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         p2p = await self.dht.replicate_p2p()
+        await self.hub.register(p2p)
+        if self.config.block_override:
+            self.handler.override = await self._load_override(self.config.block_override)
+        for name in self.config.adapters:
+            await self.adapter(name)
         await self.handler.register(p2p)
         ttl = self.config.announce_ttl
         await loop.run_in_executor(None, announce, self.dht, self.model_name, self.record(), ttl)
@@ -91,6 +145,7 @@ class Server:
                     await asyncio.wait_for(stop.wait(), ttl / 3)
                 except TimeoutError:
                     await loop.run_in_executor(None, announce, self.dht, self.model_name, self.record(), ttl)
+                    await self.hub.refresh(ttl)
         finally:
             logger.info("shutting down: withdrawing the record of blocks %d:%d", self.start, self.end)
             await loop.run_in_executor(

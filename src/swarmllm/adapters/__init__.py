@@ -1,0 +1,1 @@
+"""Trained adapters: LoRA weights, block checkpoints, and the hubs that share them."""
