@@ -52,11 +52,21 @@ from swarmllm.protocol import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHUNK_BYTES", "SwarmHub", "SyncSwarmHub"]
+__all__ = ["CHUNK_BYTES", "SwarmHub", "SyncSwarmHub", "check_name"]
 
 # hivemind caps one message at 2 MiB; half of that leaves ample room for the record and framing.
 CHUNK_BYTES = 1 << 20
 _NAME = TypeAdapter(AdapterName)
+
+
+def check_name(name: str) -> None:
+    """AdapterError unless `name` is a valid adapter name (see `protocol.AdapterName`)."""
+    try:
+        _NAME.validate_python(name)
+    except ValidationError:
+        raise AdapterError(
+            f"invalid adapter name {name!r}: up to 128 letters, digits and . - / +, starting with a letter or digit"
+        ) from None
 
 
 class _BadProvider(Exception):
@@ -126,13 +136,7 @@ class SwarmHub:
         """
         if not self._serving:
             raise AdapterError("call register() before publish(): a publisher must serve what it announces")
-        try:
-            _NAME.validate_python(name)
-        except ValidationError:
-            raise AdapterError(
-                f"invalid adapter name {name!r}: up to 128 letters, digits and . - / +, starting with a letter "
-                "or digit"
-            ) from None
+        check_name(name)
         kind = adapter_kind(folder)
         data = await asyncio.to_thread(pack, folder)
         sha = hashlib.sha256(data).hexdigest()

@@ -45,15 +45,18 @@ def cmd_publish(args: argparse.Namespace) -> None:
     from hivemind import DHT
 
     from swarmllm.adapters.hub import publish_to_hub
-    from swarmllm.adapters.package import pack
+    from swarmllm.adapters.package import adapter_kind, pack
     from swarmllm.adapters.store import AdapterStore
+    from swarmllm.adapters.swarm_hub import check_name
 
+    adapter_kind(args.path)  # a bad folder or name fails here, before joining any swarm
     if args.hub_dir is not None or args.repo is not None:
         repo = args.repo or args.name
         sha = publish_to_hub(args.path, repo, hub_dir=args.hub_dir)
         where = f"{args.hub_dir}/{repo}" if args.hub_dir is not None else f"https://huggingface.co/{repo}"
         print(f"published: {args.name} sha256={sha} size={len(pack(args.path))} to {where}", flush=True)
         return
+    check_name(args.name)
     config = config_from_args(SwarmHubConfig, args)
     model = _model_name(args.path, args.model)
     dht = DHT(initial_peers=config.initial_peers, host_maddrs=config.host_maddrs,
