@@ -231,3 +231,27 @@ def test_server_killed_between_forward_and_backward_is_recomputed_elsewhere(tiny
                     torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6)
         finally:
             model.sequence_manager.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune", "lora", "lora+trainable_block"])
+def test_generation_with_tuning_equals_greedy_decoding_without_a_cache(mode, tiny_llama_dir, tiny_swarm):
+    """Sessions apply prompts and LoRA like stateless forward does: generate() (server caches) must pick
+    the same tokens as re-running the whole sequence each step."""
+    torch.manual_seed(4)
+    model = client(tiny_llama_dir, tiny_swarm, **MODES[mode])
+    try:
+        with torch.no_grad():
+            if model.tuning.deep_prompts is not None:
+                nn.init.normal_(model.tuning.deep_prompts, std=0.5)
+            for name, p in model.tuning.lora.items():
+                nn.init.normal_(p, std=0.3)
+        ids, _ = batch(n=1, seq=6)
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        seq = ids
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+                seq = torch.cat([seq, nxt], 1)
+        assert torch.equal(out, seq)
+    finally:
+        model.sequence_manager.shutdown()

@@ -143,6 +143,17 @@ class DistributedMixin:
             self._active_session = None
             session.close()
 
+    @property
+    def active_adapter(self) -> str | None:
+        """The named adapter every server applies to this model's requests (None: the base model)."""
+        return self.tuning.adapter
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        if name is not None and self.tuning.lora_spec is not None:
+            raise ValueError("a model training its own LoRA weights cannot also use a named adapter")
+        self.tuning.adapter = name
+
     def save_adapter(self, path: str | Path) -> Path:
         """Write the trained tuning parameters: LoRA and ptune in the standard peft format, deep_ptune as
         `swarmllm_prompts.safetensors`. Trainable blocks are saved separately with `save_blocks`."""
