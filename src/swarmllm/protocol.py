@@ -152,6 +152,9 @@ class SpanRequest(Record):
     end: int
     has_mask: bool = False
     tuning: Tuning = Tuning()
+    # forward: keep the autograd graph under this id for a backward soon; backward: use the graph kept
+    # under this id if the server still has it (else it recomputes, with the same result).
+    keep: str | None = None
 
 
 class SpanReply(Record):

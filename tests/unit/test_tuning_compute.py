@@ -134,3 +134,33 @@ def test_lora_cache_evicts_least_recently_used_within_its_budget():
     with pytest.raises(NotCached):
         cache.get("p", refs[0], 0, 1)
     assert len(cache.get("p", refs[3], 0, 1)) == 2
+
+
+def test_kept_graph_gives_the_same_gradients_as_recomputation(model):
+    span = span_from_model(model, 0, 2)
+    weights = {b: w for b, w in random_lora(model).items() if b < 2}
+    paths = list(weights[0])
+    flat = lora.flatten(weights, 0, 2, paths)
+    extras = compute.Extras(torch.randn(2, 1, 2, 32) * 0.1, lora.unflatten(flat, [0, 1], paths), 2.0, 0.0, 0, flat)
+    hidden, pos, grad_out = torch.randn(1, 6, 32), torch.arange(6)[None], torch.randn(1, 6, 32)
+    out, graph = compute.forward_with_graph(span, hidden, pos, None, extras)
+    torch.testing.assert_close(out, compute.forward(span, hidden, pos, None, extras))
+    kept = compute.backward_from_graph(graph, grad_out)
+    recomputed = compute.backward(span, hidden, pos, grad_out, None, extras)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b)
+    assert all(not t.requires_grad for t in flat)
+
+
+def test_kept_graphs_are_bounded_per_count_and_time(monkeypatch):
+    from swarmllm.server import kept_graphs
+
+    store = kept_graphs.KeptGraphs(max_graphs=2, ttl=10)
+    for i in range(3):
+        store.put("p", str(i), f"graph{i}")
+    assert len(store) == 2 and store.pop("p", "0") is None
+    assert store.pop("q", "1") is None  # graphs belong to the peer that made them
+    assert store.pop("p", "1") == "graph1" and store.pop("p", "1") is None
+    now = kept_graphs.time.monotonic()
+    monkeypatch.setattr(kept_graphs.time, "monotonic", lambda: now + 11)
+    assert store.pop("p", "2") is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import torch
 from torch import nn
@@ -84,14 +85,16 @@ class RemoteSequential(nn.Module):
     # --- plumbing used by the autograd function ---
 
     def call_span(self, verb: str, start: int, end: int, tensors: list[torch.Tensor], mask: torch.Tensor | None,
-                  prompts: torch.Tensor | None = None, lora_tensors: list[torch.Tensor] = ()) -> list[torch.Tensor]:
+                  prompts: torch.Tensor | None = None, lora_tensors: list[torch.Tensor] = (),
+                  keep: str | None = None) -> list[torch.Tensor]:
         """Run `verb` over blocks `[start, end)` on one server that holds them all, trying another such
         server after a failure. Raises NoHolderError once no unbanned server holds the whole range.
 
         `prompts` (blocks, 1, prefix, hidden) and `lora_tensors` (wire order) are those of these blocks.
+        `keep` pairs a forward with its backward, so the server can reuse the forward's activations.
         """
         tuning, ref = self._tuning(start, end, prompts, lora_tensors)
-        meta = SpanRequest(start=start, end=end, has_mask=mask is not None, tuning=tuning)
+        meta = SpanRequest(start=start, end=end, has_mask=mask is not None, tuning=tuning, keep=keep)
         extra = [t for t in (mask, prompts) if t is not None]
         msg = wire.request(meta, *tensors, *extra)
         error: Exception | None = None
@@ -120,8 +123,8 @@ class RemoteSequential(nn.Module):
 class _Args:
     """The tuning tensors of a RemoteSequential call, sliced per hop (blocks are absolute indices)."""
 
-    def __init__(self, remote: RemoteSequential, prompts: torch.Tensor | None, lora_tensors: tuple):
-        self.remote, self.prompts, self.lora = remote, prompts, list(lora_tensors)
+    def __init__(self, remote: RemoteSequential, prompts: torch.Tensor | None, lora_tensors: tuple, keep: bool = False):
+        self.remote, self.prompts, self.lora, self.keep = remote, prompts, list(lora_tensors), keep
         self.per_block = remote.tuning.per_block() if remote.tuning is not None and self.lora else 0
 
     def prompts_for(self, start: int, end: int) -> torch.Tensor | None:
@@ -134,37 +137,39 @@ class _Args:
 
 
 def _forward_chain(remote: RemoteSequential, hidden, position_ids, mask, args: _Args, start: int, end: int):
-    """Forward through blocks [start, end) hop by hop; returns the output and each hop's (start, end, input)."""
+    """Forward through blocks [start, end) hop by hop; returns the output and each hop's
+    (start, end, input, keep id) for backward."""
     pos, saved, replans = start, [], 0
     while pos < end:
         hop = remote.manager.make_route(pos, end)[0]
+        keep = uuid.uuid4().hex if args.keep else None
         try:
             (out,) = remote.call_span(RPC_FORWARD, hop.start, hop.end, [hidden, position_ids], mask,
-                                      args.prompts_for(hop.start, hop.end), args.lora_for(hop.start, hop.end))
+                                      args.prompts_for(hop.start, hop.end), args.lora_for(hop.start, hop.end), keep)
         except NoHolderError:
             # Every server of exactly this range failed and is banned now: plan again from here, around them.
             replans += 1
             if replans > remote.manager.config.max_retries:
                 raise
             continue
-        saved.append((hop.start, hop.end, hidden))
+        saved.append((hop.start, hop.end, hidden, keep))
         hidden, pos = out, hop.end
     return hidden, saved
 
 
 def _backward_range(remote: RemoteSequential, start: int, end: int, hidden, grad, position_ids, mask, args: _Args,
-                    grads: dict) -> torch.Tensor:
+                    grads: dict, keep: str | None = None) -> torch.Tensor:
     """Backward of blocks [start, end) given their input; tuning gradients are added into `grads`."""
     prompts, lora_tensors = args.prompts_for(start, end), args.lora_for(start, end)
     try:
-        outs = remote.call_span(RPC_BACKWARD, start, end, [hidden, position_ids, grad], mask, prompts, lora_tensors)
+        outs = remote.call_span(RPC_BACKWARD, start, end, [hidden, position_ids, grad], mask, prompts, lora_tensors, keep)
     except NoHolderError:
         # No live server holds this whole range any more (its server died after the forward): recompute the
         # range's forward on a new route to get each hop's input, then run backward hop by hop.
         logger.info("recomputing blocks %d:%d on a new route for backward", start, end)
         _, saved = _forward_chain(remote, hidden, position_ids, mask, args, start, end)
-        for s, e, h in reversed(saved):
-            grad = _backward_range(remote, s, e, h, grad, position_ids, mask, args, grads)
+        for s, e, h, k in reversed(saved):
+            grad = _backward_range(remote, s, e, h, grad, position_ids, mask, args, grads, k)
         return grad
     grad_in, *rest = outs
     if prompts is not None:
@@ -177,7 +182,9 @@ def _backward_range(remote: RemoteSequential, start: int, end: int, hidden, grad
 class _RemoteSpanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, position_ids, mask, remote: RemoteSequential, prompts, *lora_tensors):
-        args = _Args(remote, prompts.detach() if prompts is not None else None, tuple(t.detach() for t in lora_tensors))
+        # A backward will follow only if something needs a gradient: only then do servers keep activations.
+        keep = any(ctx.needs_input_grad)
+        args = _Args(remote, prompts.detach() if prompts is not None else None, tuple(t.detach() for t in lora_tensors), keep)
         if remote.tuning is not None and remote.tuning.lora_spec is not None:
             remote.tuning.next_step()
         outs, saved = [], []
@@ -206,8 +213,8 @@ class _RemoteSpanFn(torch.autograd.Function):
             pos = ctx.position_ids[i : i + ctx.rows]
             mask = ctx.mask[i : i + ctx.rows] if ctx.mask is not None else None
             grads: dict = {}
-            for start, end, hidden in reversed(chain):
-                grad = _backward_range(remote, start, end, hidden, grad, pos, mask, args, grads)
+            for start, end, hidden, keep in reversed(chain):
+                grad = _backward_range(remote, start, end, hidden, grad, pos, mask, args, grads, keep)
             _accumulate(grads, remote, args, grad_prompts, grad_lora)
             grad_in.append(grad)
         return (torch.cat(grad_in), None, None, None, grad_prompts, *grad_lora)

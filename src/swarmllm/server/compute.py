@@ -7,6 +7,7 @@ model code runs, and raises `BadRequest` with a message meant for the caller.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,16 @@ class Extras:
     seed: int = 0
     trainable: list[torch.Tensor] = field(default_factory=list)
 
+    def with_leaves(self) -> Extras:
+        """A copy whose trainable tensors are fresh autograd leaves (sharing memory with the originals,
+        which stay untouched: they may be cached and shared by other requests)."""
+        leaves = [t.detach().requires_grad_(True) for t in self.trainable]
+        swap = {id(t): leaf for t, leaf in zip(self.trainable, leaves)}
+        weights = self.lora
+        if weights and swap:
+            weights = {b: {p: (swap.get(id(a), a), swap.get(id(bb), bb)) for p, (a, bb) in m.items()} for b, m in weights.items()}
+        return dataclasses.replace(self, lora=weights, trainable=leaves)
+
     def applied(self, span: Span):
         if not self.lora:
             return contextlib.nullcontext()
@@ -98,33 +109,55 @@ def forward(
         return span(hidden.to(dtype), position_ids, mask, prompts=extras.prompts).to(hidden.dtype)
 
 
+@dataclass
+class Graph:
+    """A forward pass kept with its autograd graph, so that backward need not recompute it."""
+
+    hidden: torch.Tensor  # the request's input, as sent
+    wrt: list[torch.Tensor]  # input (in compute dtype), deep prompts, LoRA tensors: the leaves
+    out: torch.Tensor
+
+
+def forward_with_graph(
+    span: Span, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, extras: Extras = NO_EXTRAS
+) -> tuple[torch.Tensor, Graph]:
+    """Forward that keeps its graph for `backward_from_graph`."""
+    check_inputs(span, hidden, position_ids, mask)
+    check_prompts(span, hidden, extras.prompts)
+    dtype = next(span.parameters()).dtype
+    extras = extras.with_leaves()
+    with torch.enable_grad():
+        x = hidden.detach().to(dtype).requires_grad_(True)
+        prompts = extras.prompts.detach().requires_grad_(True) if extras.prompts is not None else None
+        with extras.applied(span):
+            out = span(x, position_ids, mask, prompts=prompts)
+    wrt = [x] + ([prompts] if prompts is not None else []) + list(extras.trainable)
+    return out.detach().to(hidden.dtype), Graph(hidden, wrt, out)
+
+
+def backward_from_graph(graph: Graph, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients wrt the graph's leaves (input, deep prompts, LoRA tensors), in that order."""
+    if grad_out.shape != graph.hidden.shape or not torch.isfinite(grad_out).all():
+        raise BadRequest(f"grad_output must be finite and shaped like hidden {tuple(graph.hidden.shape)}")
+    with torch.enable_grad():
+        grads = torch.autograd.grad(graph.out, graph.wrt, grad_out.to(graph.out.dtype), allow_unused=True)
+    return [
+        (g if g is not None else torch.zeros_like(w)).to(w.dtype if i else graph.hidden.dtype)
+        for i, (g, w) in enumerate(zip(grads, graph.wrt))
+    ]
+
+
 def backward(
     span: Span, hidden: torch.Tensor, position_ids: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor | None,
     extras: Extras = NO_EXTRAS,
 ) -> list[torch.Tensor]:
     """Gradients of the span's output wrt its input, the deep prompts (if any) and the client's LoRA tensors
-    (if any), in that order, by recomputing the forward pass (servers keep no activations between calls).
-    Base weights are frozen and never receive gradients."""
-    check_inputs(span, hidden, position_ids, mask)
-    check_prompts(span, hidden, extras.prompts)
-    if grad_out.shape != hidden.shape or not torch.isfinite(grad_out).all():
-        raise BadRequest(f"grad_output must be finite and shaped like hidden {tuple(hidden.shape)}")
-    dtype = next(span.parameters()).dtype
-    with torch.enable_grad():
-        x = hidden.detach().to(dtype).requires_grad_(True)
-        prompts = extras.prompts.detach().requires_grad_(True) if extras.prompts is not None else None
-        for t in extras.trainable:
-            t.requires_grad_(True)
-        with extras.applied(span):
-            out = span(x, position_ids, mask, prompts=prompts)
-        wrt = [x] + ([prompts] if prompts is not None else []) + list(extras.trainable)
-        grads = torch.autograd.grad(out, wrt, grad_out.to(dtype), allow_unused=True)
-    for t in extras.trainable:
-        t.requires_grad_(False)
-    return [
-        (g if g is not None else torch.zeros_like(w)).to(w.dtype if i else hidden.dtype)
-        for i, (g, w) in enumerate(zip(grads, wrt))
-    ]
+    (if any), in that order, by recomputing the forward pass. Base weights are frozen and never receive
+    gradients."""
+    if grad_out.shape != hidden.shape:
+        raise BadRequest(f"grad_output must be shaped like hidden {tuple(hidden.shape)}")
+    _, graph = forward_with_graph(span, hidden, position_ids, mask, extras)
+    return backward_from_graph(graph, grad_out)
 
 
 @dataclass

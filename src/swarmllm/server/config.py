@@ -35,6 +35,10 @@ class ServerConfig(BaseModel):
         default=None, description="a local folder laid out like a hub (DIR/<repo id>/...) to fetch adapters from"
     )
     max_adapter_bytes: int = Field(default=256 * 2**20, ge=1, description="largest adapter this server will fetch, in bytes")
+    max_kept_graphs: int = Field(
+        default=8, ge=0, description="forward passes kept with their activations until their backward (0: always recompute)"
+    )
+    kept_graph_ttl: float = Field(default=60.0, gt=0, description="seconds a kept forward pass waits for its backward")
     lora_cache_bytes: int = Field(
         default=256 * 2**20, ge=1, description="memory for clients' LoRA weights cached between requests, in bytes"
     )

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
@@ -39,6 +40,7 @@ from swarmllm.protocol import (
 )
 from swarmllm.server import compute
 from swarmllm.server.cache import CacheBudget, CacheFullError
+from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.lora_cache import LoraCache, NotCached
 
 logger = logging.getLogger(__name__)
@@ -86,10 +88,11 @@ class Handler:
     def __init__(
         self, span: Span, budget: CacheBudget, session_timeout: float, record: Callable[[], ServerRecord],
         lora_cache: LoraCache | None = None, adapter: Callable[[str], Awaitable[NamedAdapter]] | None = None,
-        override: Override | None = None,
+        override: Override | None = None, kept: KeptGraphs | None = None,
     ):
         self.span, self.budget, self.session_timeout, self.record = span, budget, session_timeout, record
         self.lora_cache = lora_cache or LoraCache(256 * 2**20)
+        self.kept = kept or KeptGraphs(max_graphs=8, ttl=60.0)
         self.adapter, self.override = adapter, override
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.active_sessions = 0
@@ -116,8 +119,13 @@ class Handler:
             meta, tensors = wire.parse(request, SpanRequest)
             hidden, position_ids, mask, prompts = _unpack(tensors, 2, meta.has_mask, meta.tuning.prompts)
             span = compute.sub_span(self.span, meta.start, meta.end)
-            extras = await self._extras(meta.tuning, span, str(context.remote_id), prompts)
-            out = await self._compute(compute.forward, span, hidden, position_ids, mask, extras)
+            peer = str(context.remote_id)
+            extras = await self._extras(meta.tuning, span, peer, prompts)
+            if meta.keep is None:
+                out = await self._compute(compute.forward, span, hidden, position_ids, mask, extras)
+            else:
+                out, graph = await self._compute(compute.forward_with_graph, span, hidden, position_ids, mask, extras)
+                self.kept.put(peer, meta.keep, graph)
             return wire.response(SpanReply(), out)
         except Exception as e:
             return _error(e)
@@ -127,8 +135,13 @@ class Handler:
             meta, tensors = wire.parse(request, SpanRequest)
             hidden, position_ids, grad_out, mask, prompts = _unpack(tensors, 3, meta.has_mask, meta.tuning.prompts)
             span = compute.sub_span(self.span, meta.start, meta.end)
-            extras = await self._extras(meta.tuning, span, str(context.remote_id), prompts)
-            grads = await self._compute(compute.backward, span, hidden, position_ids, grad_out, mask, extras)
+            peer = str(context.remote_id)
+            graph = self.kept.pop(peer, meta.keep) if meta.keep is not None else None
+            if graph is not None and graph.hidden.shape == hidden.shape and torch.equal(graph.hidden, hidden):
+                grads = await self._compute(compute.backward_from_graph, graph, grad_out)
+            else:
+                extras = await self._extras(meta.tuning, span, peer, prompts)
+                grads = await self._compute(compute.backward, span, hidden, position_ids, grad_out, mask, extras)
             return wire.response(SpanReply(), *grads)
         except Exception as e:
             return _error(e)

@@ -24,6 +24,7 @@ from swarmllm.server.block_selection import choose_span
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.config import ServerConfig, parse_blocks
 from swarmllm.server.handler import Handler, NamedAdapter, Override
+from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.lora_cache import LoraCache
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Server:
         self.handler = Handler(
             self.span, self.budget, config.session_timeout, self.record,
             lora_cache=LoraCache(config.lora_cache_bytes), adapter=self.adapter,
+            kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl),
         )
         self.peer_id = str(self.dht.peer_id)
 
