@@ -26,9 +26,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/finetune.py
 
 lint: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 
 clean:
 	rm -rf $(VENV)

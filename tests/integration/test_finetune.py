@@ -243,7 +243,7 @@ def test_generation_with_tuning_equals_greedy_decoding_without_a_cache(mode, tin
         with torch.no_grad():
             if model.tuning.deep_prompts is not None:
                 nn.init.normal_(model.tuning.deep_prompts, std=0.5)
-            for name, p in model.tuning.lora.items():
+            for p in model.tuning.lora.values():
                 nn.init.normal_(p, std=0.3)
         ids, _ = batch(n=1, seq=6)
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
