@@ -91,8 +91,8 @@ class Handler:
         override: Override | None = None, kept: KeptGraphs | None = None,
     ):
         self.span, self.budget, self.session_timeout, self.record = span, budget, session_timeout, record
-        self.lora_cache = lora_cache or LoraCache(256 * 2**20)
-        self.kept = kept or KeptGraphs(max_graphs=8, ttl=60.0)
+        self.lora_cache = lora_cache if lora_cache is not None else LoraCache(256 * 2**20)
+        self.kept = kept if kept is not None else KeptGraphs(max_graphs=8, ttl=60.0)
         self.adapter, self.override = adapter, override
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.active_sessions = 0
@@ -140,6 +140,7 @@ class Handler:
             if graph is not None and graph.hidden.shape == hidden.shape and torch.equal(graph.hidden, hidden):
                 grads = await self._compute(compute.backward_from_graph, graph, grad_out)
             else:
+                logger.debug("backward of %d:%d recomputes its forward (kept: %s)", meta.start, meta.end, graph is not None)
                 extras = await self._extras(meta.tuning, span, peer, prompts)
                 grads = await self._compute(compute.backward, span, hidden, position_ids, grad_out, mask, extras)
             return wire.response(SpanReply(), *grads)
