@@ -197,3 +197,30 @@ def test_block_override_is_served_and_never_mixed_with_base_blocks(
 def server_line_peer(swarm, child) -> str:
     name = next(k for k, v in swarm.servers.items() if v is child)
     return swarm.server_lines[name].split(" peer ")[1].split()[0]
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune", "trainable_blocks"])
+def test_other_tuning_modes_match_local_gradients_on_smollm2(mode, smollm2_swarm, smollm2_dir, smollm2_tokenizer, smollm2_local):
+    from tests.integration.test_finetune import loss_and_grads, run_locally
+
+    smollm2_local.requires_grad_(False)  # the reference's base weights need no gradients
+    options = {
+        "ptune": dict(tuning_mode="ptune", pre_seq_len=4),
+        "deep_ptune": dict(tuning_mode="deep_ptune", pre_seq_len=3),
+        "trainable_blocks": dict(tuning_mode="ptune", pre_seq_len=2, trainable_blocks=[5, 6]),
+    }[mode]
+    torch.manual_seed(6)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers, **options)
+    try:
+        if model.tuning.deep_prompts is not None:
+            nn.init.normal_(model.tuning.deep_prompts, std=0.05)
+        ids, mask, _ = encode(smollm2_tokenizer)
+        loss, grads = loss_and_grads(model, ids, mask)
+        restore = run_locally(model, smollm2_local)
+        ref_loss, ref_grads = loss_and_grads(model, ids, mask)
+        restore()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=2e-3, atol=1e-5, msg=name)
+    finally:
+        model.sequence_manager.shutdown()
