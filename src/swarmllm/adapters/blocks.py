@@ -9,7 +9,6 @@ whose base hashes differ from its own blocks', so an override is never applied t
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -116,12 +115,3 @@ def apply_blocks(layers: dict[int, nn.Module], tensors: dict[int, dict[str, torc
     for b, params in tensors.items():
         dtype = next(layers[b].parameters()).dtype
         layers[b].load_state_dict({k: v.to(dtype) for k, v in params.items()}, strict=True)
-
-
-def is_block_checkpoint(path: Path) -> bool:
-    return (path / BLOCKS_META).exists()
-
-
-def describe(path: Path) -> str:
-    meta = load_meta(path)
-    return json.dumps({"model": meta.model, "blocks": list(meta.blocks)})
