@@ -17,7 +17,11 @@ class ClientConfig(BaseModel):
     )
     update_period: float = Field(default=5.0, gt=0, description="seconds between refreshes of the swarm view")
     ban_time: float = Field(default=15.0, ge=0, description="seconds a server that failed a request is avoided")
-    max_retries: int = Field(default=3, ge=0, description="attempts to open a session on another route after a failure")
+    max_retries: int = Field(default=3, ge=0, description="attempts of a forward/backward call on other servers after a failure")
+    max_failovers: int = Field(
+        default=8, ge=0,
+        description="failed routes tolerated when opening or repairing a session (it also keeps trying for missing_blocks_timeout)",
+    )
     client_mode: bool = Field(
         default=False, description="join the DHT without accepting incoming connections (behind NAT)"
     )

@@ -5,14 +5,16 @@ states each step. A whole step (all hops) runs as one coroutine on the I/O loop,
 thread hand-off plus one round trip per server.
 
 Failure: if a server is gone or refuses when the session opens, it is banned and another route is tried
-(up to `max_retries`). A server that fails *mid-session* ends the session with `SessionFailedError`
-(transparent failover with history replay is a later feature).
+(up to `max_retries`). A server that fails *mid-session* (crash, stall past `request_timeout`, error, or
+its idle timeout) is replaced: the client keeps every input it sent to each server, routes that server's
+blocks to other servers, replays the history there to rebuild their caches, and continues the step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -35,15 +37,16 @@ class PromptTooLongError(ValueError):
     pass
 
 
-_NOT_THE_SERVERS_FAULT = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.SESSION_TIMEOUT)
-
-
 class _HopFailed(Exception):
-    """Which server of a route failed; the cause is the original error."""
+    """Which server of a route failed (and, mid-step, its position and input); the cause is the error."""
 
-    def __init__(self, hop: Hop):
+    def __init__(self, hop: Hop, index: int = 0, hidden_in: torch.Tensor | None = None):
         super().__init__(f"server {hop.peer_id[-8:]} (blocks {hop.start}:{hop.end}) failed")
-        self.hop = hop
+        self.hop, self.index, self.hidden_in = hop, index, hidden_in
+
+
+# Errors after which the server is healthy and the session's request itself is at fault: no failover.
+_CALLER_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.ADAPTER, ErrorCode.VERSION)
 
 
 class _ServerStream:
@@ -53,6 +56,8 @@ class _ServerStream:
         self.manager, self.hop = manager, hop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.replies = None
+        # Every (hidden, position_ids, mask) this server has taken into its cache, to rebuild it elsewhere.
+        self.history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
     async def _requests(self):
         while (msg := await self.queue.get()) is not None:
@@ -60,7 +65,9 @@ class _ServerStream:
 
     async def open(self, meta: OpenSession, tensors: list[torch.Tensor] = ()) -> None:
         self.queue.put_nowait(wire.request(meta, *tensors))
-        self.replies = await self.manager.open_stream(self.hop.peer_id, RPC_INFERENCE, self._requests())
+        self.replies = await asyncio.wait_for(
+            self.manager.open_stream(self.hop.peer_id, RPC_INFERENCE, self._requests()), self.manager.config.request_timeout
+        )
         wire.parse(await self._next(), SessionOpened, self.hop.peer_id)
 
     async def _next(self):
@@ -75,6 +82,7 @@ class _ServerStream:
         done, (out,) = wire.parse(await self._next(), StepDone, self.hop.peer_id)
         if done.step_id != step_id:
             raise wire.ProtocolError(f"reply to step {done.step_id}, expected {step_id}")
+        self.history.append((hidden, position_ids, mask))
         return out
 
     async def close(self) -> None:
@@ -116,11 +124,22 @@ class InferenceSession:
 
     def _open(self, batch_size: int) -> None:
         self.batch_size = batch_size
-        retries = self.manager.config.max_retries
-        full: dict[str, Exception] = {}  # servers whose cache cannot hold this session: healthy, not banned
-        for attempt in range(retries + 1):
+        self._streams = self._open_route(self.start, self.end, [])
+
+    def _open_route(self, start: int, end: int, history: list) -> list[_ServerStream]:
+        """Streams over a route for blocks [start, end), opened and fed `history` (a replaced server's inputs).
+
+        Servers that fail are banned and another route is tried. It gives up only after `max_failovers`
+        failed routes *and* `missing_blocks_timeout` seconds, or when some block has had no usable server for
+        `missing_blocks_timeout` (MissingBlocksError). Servers whose cache is full are skipped, not banned.
+        """
+        config = self.manager.config
+        deadline = time.monotonic() + config.missing_blocks_timeout
+        full: dict[str, Exception] = {}
+        failures = 0
+        while True:
             try:
-                route = self.manager.make_route(self.start, self.end, exclude=frozenset(full))
+                route = self.manager.make_route(start, end, exclude=frozenset(full))
             except MissingBlocksError:
                 if not full:
                     raise
@@ -128,22 +147,23 @@ class InferenceSession:
             streams = [_ServerStream(self.manager, hop) for hop in route]
             try:
                 loop.run(self._open_all(streams))
-                self._streams = streams
-                logger.debug("session %s opened on %s", self.session_id[:8], route)
-                return
+                loop.run(self._replay(streams, history))
+                logger.debug("session %s: blocks %d:%d on %s", self.session_id[:8], start, end, route)
+                return streams
             except _HopFailed as failed:
                 loop.run(self._close_all(streams))
                 error = failed.__cause__
-                if isinstance(error, wire.RemoteError) and error.code in (ErrorCode.BAD_REQUEST, ErrorCode.ADAPTER):
+                if isinstance(error, wire.RemoteError) and error.code in _CALLER_ERRORS:
                     raise error from None  # our request is wrong: no other server would accept it either
                 if isinstance(error, wire.RemoteError) and error.code == ErrorCode.CACHE_FULL:
                     full[failed.hop.peer_id] = error
                     continue
                 self.manager.ban(failed.hop.peer_id, repr(error))
-                if attempt == retries:
+                failures += 1
+                if failures > config.max_failovers and time.monotonic() > deadline:
                     raise SessionFailedError(
-                        f"could not open a session for blocks {self.start}:{self.end} after {retries + 1} attempts; "
-                        f"last error: {error}"
+                        f"could not open blocks {start}:{end} after {failures} failed routes in "
+                        f"{config.missing_blocks_timeout:.0f}s; last error: {error}"
                     ) from error
 
     async def _open_all(self, streams: list[_ServerStream]) -> None:
@@ -158,12 +178,14 @@ class InferenceSession:
             except Exception as e:
                 raise _HopFailed(s.hop) from e
 
-    async def _step_all(self, hidden, position_ids, mask) -> torch.Tensor:
-        for s in self._streams:
+    async def _step_from(self, first: int, hidden, position_ids, mask) -> torch.Tensor:
+        """Run the step through streams `first, first+1, ...`; a failure names the stream and its input."""
+        for i in range(first, len(self._streams)):
+            s = self._streams[i]
             try:
                 hidden = await s.step(self._step_id, hidden, position_ids, mask)
             except Exception as e:
-                raise _HopFailed(s.hop) from e
+                raise _HopFailed(s.hop, i, hidden) from e
         return hidden
 
     def step(
@@ -172,6 +194,9 @@ class InferenceSession:
         position_ids: torch.Tensor,  # (batch, seq)
         attention_mask: torch.Tensor | None = None,  # (batch, position + seq), None if no padding
     ) -> torch.Tensor:
+        """One step through every server. A server that fails is replaced (see the module docstring), so a
+        step fails only on a bad request, or with MissingBlocksError/SessionFailedError once no replacement
+        can be found."""
         if self.closed:
             raise SessionFailedError("the inference session is closed")
         if self.position + hidden.shape[1] > self.max_length:
@@ -180,20 +205,54 @@ class InferenceSession:
             )
         if not self._streams:
             self._open(hidden.shape[0])
-        try:
-            out = loop.run(self._step_all(hidden, position_ids, attention_mask))
-        except _HopFailed as failed:
-            # Earlier servers of the route have already extended their caches with this step, so the
-            # session cannot simply go on: it is closed, and the failing server is avoided from now on.
-            self.close()
-            error = failed.__cause__
-            # A server that refused our request or timed out our idle session is healthy: no ban.
-            if not (isinstance(error, wire.RemoteError) and error.code in _NOT_THE_SERVERS_FAULT):
-                self.manager.ban(failed.hop.peer_id, repr(error))
-            raise SessionFailedError(f"server {failed.hop.peer_id[-8:]} failed mid-session: {error}") from error
+        first, x = 0, hidden
+        while True:
+            try:
+                out = loop.run(self._step_from(first, x, position_ids, attention_mask))
+                break
+            except _HopFailed as failed:
+                error = failed.__cause__
+                if isinstance(error, wire.RemoteError) and error.code in _CALLER_ERRORS:
+                    # The request is wrong, not the server; earlier servers already took this step, so the
+                    # session's caches disagree now and it cannot go on.
+                    self.close()
+                    raise error from None
+                try:
+                    self._replace(failed.index, error)
+                except BaseException:
+                    self.close()
+                    raise
+                first, x = failed.index, failed.hidden_in
         self._step_id += 1
         self.position += hidden.shape[1]
         return out
+
+    def _replace(self, index: int, error: BaseException) -> None:
+        """Swap stream `index` for a new route over its blocks, with its history replayed there."""
+        old = self._streams[index]
+        # A server that timed out our idle session is healthy (and may take the session again).
+        if not (isinstance(error, wire.RemoteError) and error.code == ErrorCode.SESSION_TIMEOUT):
+            self.manager.ban(old.hop.peer_id, repr(error))
+        logger.warning("session %s: replacing server %s (blocks %d:%d) after %r", self.session_id[:8],
+                       old.hop.peer_id[-8:], old.hop.start, old.hop.end, error)
+        loop.run(self._close_all([old]))
+        self._streams[index : index + 1] = self._open_route(old.hop.start, old.hop.end, old.history)
+
+    async def _replay(self, streams: list[_ServerStream], history: list) -> None:
+        """Feed a replaced server's past inputs to its replacements as one chunk, rebuilding their caches.
+
+        Each step's mask is the full padding mask up to that step, so the last one covers the whole history
+        (None means no padding anywhere so far)."""
+        if not history:
+            return
+        hidden = torch.cat([h for h, _, _ in history], dim=1)
+        positions = torch.cat([p for _, p, _ in history], dim=1)
+        mask = history[-1][2]
+        for s in streams:
+            try:
+                hidden = await s.step(-1, hidden, positions, mask)
+            except Exception as e:
+                raise _HopFailed(s.hop) from e
 
     async def _close_all(self, streams: list[_ServerStream]) -> None:
         await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
