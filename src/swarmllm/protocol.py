@@ -61,6 +61,11 @@ class ServerRecord(Record):
     state: ServerState = ServerState.ONLINE
     cache_tokens_left: Annotated[int, Field(ge=0)]
     software_version: str = __version__
+    # Measured by the server on its own blocks at start (see server/throughput.py); 0 = not measured.
+    step_time: Annotated[float, Field(ge=0)] = 0.0  # seconds per block for one inference step (batch 1, 1 token)
+    forward_tps: Annotated[float, Field(ge=0)] = 0.0  # tokens per second per block for forward/backward batches
+    # Round-trip times (seconds) it measured to servers holding the block right after its span.
+    next_rtts: dict[str, float] = Field(default_factory=dict)
     adapters: tuple[str, ...] = ()  # named adapters loaded and ready to apply
     # A fine-tuned version of some of its blocks, published under this name. Clients route a block to a
     # server only if both agree on which version of that block they mean (see `client.routing`).

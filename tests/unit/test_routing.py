@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from swarmllm.client.routing import Hop, MissingBlocksError, fewest_hops, holders, missing_blocks
+from swarmllm.client.routing import (
+    Hop,
+    MissingBlocksError,
+    fastest_route,
+    fewest_hops,
+    holders,
+    missing_blocks,
+    spread_route,
+)
 from swarmllm.protocol import ServerRecord
 from swarmllm.server.block_selection import choose_span, coverage
 
@@ -85,3 +93,86 @@ def test_holders_hold_the_whole_range_most_free_cache_first() -> None:
     assert [r.peer_id for r in holders(records, 2, 4)] == ["b", "c", "a"]
     assert [r.peer_id for r in holders(records, 2, 4, exclude=frozenset({"b"}))] == ["c", "a"]
     assert holders(records, 0, 6, exclude=frozenset({"c"})) == []
+
+
+def timed(peer: str, start: int, end: int, step_time: float = 0.01, tps: float = 0.0) -> ServerRecord:
+    return ServerRecord(peer_id=peer, start=start, end=end, dtype="float32", cache_tokens_left=100,
+                        step_time=step_time, forward_tps=tps)
+
+
+def brute_force_cost(records, start, end, rtts):
+    """Exhaustive shortest path over (position -> position) hops, for checking the linear-time pass."""
+    import functools
+
+    @functools.cache
+    def best(pos):
+        if pos == end:
+            return 0.0
+        options = []
+        for r in records:
+            if r.start <= pos < r.end:
+                for e in range(pos + 1, min(r.end, end) + 1):
+                    options.append(rtts.get(r.peer_id, 0.05) + (e - pos) * r.step_time + best(e))
+        return min(options) if options else float("inf")
+
+    return best(start)
+
+
+def route_cost(route, records, rtts):
+    by = {r.peer_id: r for r in records}
+    return sum(rtts.get(h.peer_id, 0.05) + (h.end - h.start) * by[h.peer_id].step_time for h in route)
+
+
+def test_fastest_route_is_optimal_on_random_swarms() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(3, 12)
+        records = [timed(f"s{i}", s, rng.randint(s + 1, n), rng.uniform(0.001, 0.05))
+                   for i, s in enumerate(rng.randint(0, n - 1) for _ in range(rng.randint(1, 8)))]
+        records.append(timed("full", 0, n, 0.08))  # always coverable
+        rtts = {r.peer_id: rng.uniform(0.001, 0.2) for r in records}
+        route = fastest_route(records, 0, n, rtts)
+        assert route[0].start == 0 and route[-1].end == n
+        assert all(a.end == b.start for a, b in zip(route, route[1:]))
+        assert route_cost(route, records, rtts) == pytest.approx(brute_force_cost(records, 0, n, rtts))
+
+
+def test_fastest_route_prefers_the_low_latency_server() -> None:
+    records = [timed("far", 0, 10), timed("near", 0, 10)]
+    assert fastest_route(records, 0, 10, {"far": 0.1, "near": 0.005}) == [Hop("near", 0, 10)]
+    # ...but not at any price: a much faster server that is a bit further away wins.
+    records = [timed("slow", 0, 10, step_time=0.05), timed("fast", 0, 10, step_time=0.001)]
+    assert fastest_route(records, 0, 10, {"slow": 0.001, "fast": 0.02})[0].peer_id == "fast"
+
+
+def test_fastest_route_respects_exclusions_and_block_versions() -> None:
+    records = [timed("a", 0, 4), timed("b", 0, 4, step_time=0.001)]
+    assert fastest_route(records, 0, 4, {}, exclude=frozenset({"b"})) == [Hop("a", 0, 4)]
+    over = ServerRecord(peer_id="o", start=0, end=4, dtype="float32", cache_tokens_left=1, step_time=0.0001,
+                        override="ft", override_blocks=(2,))
+    route = fastest_route([*records, over], 0, 4, {})
+    assert all(h.peer_id != "o" or h.end <= 2 for h in route), "base clients never reach overridden block 2"
+    route = fastest_route([*records, over], 0, 4, {}, versions={2: "ft"})
+    assert any(h.peer_id == "o" and h.start <= 2 < h.end for h in route)
+
+
+def test_fastest_route_on_2000_servers_is_fast() -> None:
+    rng = random.Random(1)
+    records = []
+    for i in range(2000):
+        s = rng.randint(0, 79)
+        records.append(timed(f"s{i}", s, min(80, s + rng.randint(1, 20)), rng.uniform(0.001, 0.05)))
+    rtts = {r.peer_id: rng.uniform(0.001, 0.3) for r in records}
+    t0 = time.perf_counter()
+    for _ in range(5):
+        route = fastest_route(records, 0, 80, rtts)
+    per_route = (time.perf_counter() - t0) / 5
+    assert route[-1].end == 80
+    assert per_route < 1.0, f"{per_route:.3f}s per route"  # generous: ~0.05 s on the CI machine
+
+
+def test_spread_route_shares_load_in_proportion_to_throughput() -> None:
+    records = [timed("big", 0, 4, tps=3000.0), timed("small", 0, 4, tps=1000.0)]
+    rng = random.Random(2)
+    picks = [spread_route(records, 0, 4, rng)[0].peer_id for _ in range(4000)]
+    assert picks.count("big") / len(picks) == pytest.approx(0.75, abs=0.03)

@@ -27,6 +27,10 @@ class ClientConfig(BaseModel):
     )
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
     num_threads: int | None = Field(default=None, ge=1, description="torch threads for the local layers")
+    allowed_servers: list[str] | None = Field(default=None, description="if set, use only these servers (peer ids)")
+    blocked_servers: list[str] = Field(default_factory=list, description="never use these servers (peer ids)")
+    ping_period: float = Field(default=30.0, gt=0, description="seconds between round-trip measurements to each server")
+    ping_timeout: float = Field(default=2.0, gt=0, description="a server that does not answer a ping within this counts as this slow")
     block_override: str | None = Field(
         default=None, description="use the published fine-tuned version NAME of the blocks it covers (servers started with --block-override NAME)"
     )

@@ -141,7 +141,7 @@ def _forward_chain(remote: RemoteSequential, hidden, position_ids, mask, args: _
     (start, end, input, keep id) for backward."""
     pos, saved, replans = start, [], 0
     while pos < end:
-        hop = remote.manager.make_route(pos, end)[0]
+        hop = remote.manager.make_route(pos, end, purpose="forward")[0]
         keep = uuid.uuid4().hex if args.keep else None
         try:
             (out,) = remote.call_span(RPC_FORWARD, hop.start, hop.end, [hidden, position_ids], mask,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import threading
 import time
 
@@ -14,9 +16,17 @@ from hivemind.utils.asyncio import as_aiter
 from swarmllm import wire
 from swarmllm.client import loop
 from swarmllm.client.config import ClientConfig
-from swarmllm.client.routing import Hop, MissingBlocksError, NoHolderError, Versions, fewest_hops, holders
+from swarmllm.client.routing import (
+    Hop,
+    MissingBlocksError,
+    NoHolderError,
+    Versions,
+    fastest_route,
+    holders,
+    spread_route,
+)
 from swarmllm.dht.records import get_servers
-from swarmllm.protocol import ServerRecord
+from swarmllm.protocol import RPC_INFO, ServerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +53,46 @@ class SequenceManager:
         self._updated = 0.0
         self._bans: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.rtts: dict[str, float] = {}  # peer -> measured round trip (seconds), smoothed
+        self._pinged: dict[str, float] = {}  # peer -> when it was last pinged
+        self._rng = random.Random()
 
     def servers(self, force: bool = False) -> list[ServerRecord]:
+        """Online servers of the model, after the client's allowed/blocked lists; refreshed periodically."""
         with self._lock:
             if force or time.monotonic() - self._updated > self.config.update_period:
-                self._servers = get_servers(self.dht, self.model_name)
+                found = get_servers(self.dht, self.model_name)
+                allowed, blocked = set(self.config.allowed_servers or ()), set(self.config.blocked_servers)
+                self._servers = [
+                    r for r in found if (not allowed or r.peer_id in allowed) and r.peer_id not in blocked
+                ]
                 self._updated = time.monotonic()
+                self._ping_stale(self._servers)
             return list(self._servers)
+
+    def _ping_stale(self, servers: list[ServerRecord]) -> None:
+        """Measure round trips to servers not pinged for `ping_period`, in the background (routes use the
+        latest numbers; an unmeasured server counts as DEFAULT_RTT until its ping returns)."""
+        now = time.monotonic()
+        stale = [r.peer_id for r in servers if now - self._pinged.get(r.peer_id, -1e9) > self.config.ping_period]
+        for peer in stale:
+            self._pinged[peer] = now
+        if stale:
+            asyncio.run_coroutine_threadsafe(self._ping_all(stale), loop.get_loop())
+
+    async def _ping_all(self, peers: list[str]) -> None:
+        await asyncio.gather(*(self._ping(p) for p in peers))
+
+    async def _ping(self, peer_id: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.call(peer_id, RPC_INFO, runtime_pb2.ExpertRequest()), self.config.ping_timeout)
+        except Exception:  # unreachable: as slow as the timeout, until the next ping says otherwise
+            self.rtts[peer_id] = self.config.ping_timeout
+            return
+        rtt = time.perf_counter() - t0
+        old = self.rtts.get(peer_id)
+        self.rtts[peer_id] = rtt if old is None else 0.7 * old + 0.3 * rtt
 
     def ban(self, peer_id: str, reason: str) -> None:
         logger.warning("avoiding server %s for %.0fs: %s", peer_id[-8:], self.config.ban_time, reason)
@@ -71,15 +114,23 @@ class SequenceManager:
         # No server runs it (yet): every block is wanted in a version nobody has, so routing waits for it.
         return dict.fromkeys(range(self.num_blocks), name)
 
-    def make_route(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset()) -> list[Hop]:
-        """`exclude`: servers to skip for this route only (e.g. ones that just said their cache is full)."""
+    def make_route(
+        self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset(),
+        purpose: str = "inference",
+    ) -> list[Hop]:
+        """A route over blocks [start, end): the fastest expected inference step (`purpose="inference"`), or
+        one that spreads forward/backward batches over servers by throughput (`"forward"`). `exclude`:
+        servers to skip for this route only (e.g. ones that just said their cache is full)."""
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + (0 if exclude else self.config.missing_blocks_timeout)
         force = False
         while True:
             try:
                 servers = self.servers(force=force)
-                return fewest_hops(servers, start, end, self.banned() | exclude, self.versions(servers))
+                excluded, versions = self.banned() | exclude, self.versions(servers)
+                if purpose == "forward":
+                    return spread_route(servers, start, end, self._rng, excluded, versions)
+                return fastest_route(servers, start, end, self.rtts, excluded, versions)
             except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
                     raise MissingBlocksError(
@@ -95,7 +146,8 @@ class SequenceManager:
         found = holders(servers, start, end, self.banned(), self.versions(servers))
         if not found:
             raise NoHolderError(f"no live server holds all of blocks {start}:{end}")
-        return found[0].peer_id
+        # Spread stateless calls over the holders in proportion to their throughput.
+        return self._rng.choices(found, weights=[r.forward_tps or 1.0 for r in found])[0].peer_id
 
     async def call(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         return await self.p2p.call_protobuf_handler(

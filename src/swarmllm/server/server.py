@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from pathlib import Path
 
 import torch
 from hivemind import DHT
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
 
 from swarmllm.adapters import blocks as block_ckpt
 from swarmllm.adapters import lora
@@ -19,13 +22,14 @@ from swarmllm.adapters.swarm_hub import SwarmHub
 from swarmllm.dht.records import announce, get_servers
 from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import check_span, load_config, load_span
-from swarmllm.protocol import ServerRecord, ServerState
+from swarmllm.protocol import RPC_INFO, ServerRecord, ServerState
 from swarmllm.server.block_selection import choose_span
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.config import ServerConfig, parse_blocks
 from swarmllm.server.handler import Handler, NamedAdapter, Override
 from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.lora_cache import LoraCache
+from swarmllm.server.throughput import measure as measure_throughput
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,10 @@ class Server:
         except BaseException:
             self.dht.shutdown()
             raise
+        self.throughput = measure_throughput(self.span)
+        logger.info("measured %.2f ms per block per inference step, %.0f tokens/s per block forward",
+                    self.throughput.step_time * 1e3, self.throughput.forward_tps)
+        self.next_rtts: dict[str, float] = {}
         self.budget = CacheBudget(config.max_cache_tokens)
         self.hub = SwarmHub(self.dht, AdapterStore(), max_bytes=config.max_adapter_bytes)
         self.adapters: dict[str, NamedAdapter] = {}
@@ -81,10 +89,32 @@ class Server:
             dtype=self.config.dtype,
             state=state,
             cache_tokens_left=self.budget.free,
+            step_time=self.throughput.step_time,
+            forward_tps=self.throughput.forward_tps,
+            next_rtts=dict(self.next_rtts),
             adapters=tuple(sorted(self.adapters)),
             override=self.handler.override.name if self.handler.override else None,
             override_blocks=tuple(sorted(self.handler.override.blocks)) if self.handler.override else (),
         )
+
+    async def _measure_next_rtts(self, p2p, limit: int = 8, timeout: float = 2.0) -> None:
+        """Round trips to servers holding the block right after this span: what a push to them would cost."""
+        if self.end >= self.model_config.num_hidden_layers:
+            return
+        records = await asyncio.get_running_loop().run_in_executor(None, get_servers, self.dht, self.model_name)
+        nxt = [r.peer_id for r in records if r.start <= self.end < r.end and r.peer_id != self.peer_id][:limit]
+
+        async def ping(peer: str) -> tuple[str, float]:
+            t0 = time.perf_counter()
+            try:
+                await asyncio.wait_for(p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer), RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+                ), timeout)
+                return peer, time.perf_counter() - t0
+            except Exception:
+                return peer, timeout
+
+        self.next_rtts = dict(await asyncio.gather(*(ping(p) for p in nxt)))
 
     async def _folder(self, name: str) -> Path:
         hub_dir = Path(self.config.hub_dir) if self.config.hub_dir else None
@@ -146,6 +176,7 @@ class Server:
                 try:
                     await asyncio.wait_for(stop.wait(), ttl / 3)
                 except TimeoutError:
+                    await self._measure_next_rtts(p2p)
                     await loop.run_in_executor(None, announce, self.dht, self.model_name, self.record(), ttl)
                     await self.hub.refresh(ttl)
         finally:
