@@ -100,7 +100,9 @@ def spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None, ech
 
 @dataclass
 class ServerSpec:
-    blocks: str
+    """`blocks` START:END, or None to let the server choose (then `extra` has --num-blocks N)."""
+
+    blocks: str | None
     extra: tuple[str, ...] = ()
 
 
@@ -131,7 +133,8 @@ class LocalSwarm:
         return self
 
     def add_server(self, name: str, spec: ServerSpec, wait: bool = True) -> Child:
-        args = ["serve", self.model, "--initial-peers", *self.initial_peers, "--blocks", spec.blocks,
+        blocks = ["--blocks", spec.blocks] if spec.blocks is not None else []
+        args = ["serve", self.model, "--initial-peers", *self.initial_peers, *blocks,
                 "--num-threads", str(self.threads), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *spec.extra]
         child = self._spawn(name, args)
         self.servers[name] = child

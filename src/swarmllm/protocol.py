@@ -48,6 +48,7 @@ class Record(BaseModel):
 class ServerState(enum.StrEnum):
     JOINING = "joining"
     ONLINE = "online"
+    DRAINING = "draining"  # finishing its sessions before it moves to other blocks; takes no new ones
     OFFLINE = "offline"  # announced on shutdown so that clients stop routing to the server at once
 
 
@@ -86,6 +87,7 @@ class ErrorCode(enum.StrEnum):
     CACHE_FULL = "cache_full"  # the session's cache does not fit the server's budget
     TOO_LONG = "too_long"  # more tokens than the session declared in max_length
     SESSION_TIMEOUT = "session_timeout"
+    NOT_SERVING = "not_serving"  # the server does not hold these blocks (any more): route elsewhere
     NOT_CACHED = "not_cached"  # the LoRA weights named by hash are not (or no longer) cached: send them
     ADAPTER = "adapter"  # a named adapter or override is unknown, fails verification, is too large or does not fit
     VERSION = "version"  # protocol version mismatch

@@ -25,10 +25,16 @@ class TooLong(ValueError):
     pass
 
 
+class NotServing(BadRequest):
+    """The blocks asked for are not (or no longer) this server's: the client's view is stale."""
+
+
 def sub_span(span: Span, start: int, end: int) -> Span:
     """The blocks `[start, end)` of a server's span, sharing its weights."""
     if not (span.start <= start < end <= span.end):
-        raise BadRequest(f"blocks {start}:{end} are not within this server's span {span.start}:{span.end}")
+        if start < end:
+            raise NotServing(f"blocks {start}:{end} are not within this server's span {span.start}:{span.end}")
+        raise BadRequest(f"invalid block range {start}:{end}")
     if (start, end) == (span.start, span.end):
         return span
     layers = list(span.layers[start - span.start : end - span.start])

@@ -25,6 +25,12 @@ class ServerConfig(BaseModel):
     num_threads: int | None = Field(default=None, ge=1, description="torch compute threads (default: all cores)")
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
     announce_maddrs: list[str] = Field(default_factory=list, description="public multiaddrs to announce, if not the listen ones")
+    rebalance_period: float = Field(
+        default=60.0, ge=0, description="with --num-blocks: seconds between checks whether moving would speed up the swarm (0: never)"
+    )
+    balance_threshold: float = Field(
+        default=0.15, ge=0, description="move only if the swarm's bottleneck throughput rises by more than this fraction"
+    )
     adapters: list[str] = Field(
         default_factory=list, description="named LoRA adapters to load at start (others are fetched when first asked for)"
     )

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 _ERRORS = {
     compute.BadRequest: ErrorCode.BAD_REQUEST,
+    compute.NotServing: ErrorCode.NOT_SERVING,
     wire.ProtocolError: ErrorCode.BAD_REQUEST,
     CacheFullError: ErrorCode.CACHE_FULL,
     compute.TooLong: ErrorCode.TOO_LONG,

@@ -23,7 +23,7 @@ from swarmllm.dht.records import announce, get_servers
 from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import check_span, load_config, load_span
 from swarmllm.protocol import RPC_INFO, ServerRecord, ServerState
-from swarmllm.server.block_selection import choose_span
+from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.config import ServerConfig, parse_blocks
 from swarmllm.server.handler import Handler, NamedAdapter, Override
@@ -70,6 +70,7 @@ class Server:
         logger.info("measured %.2f ms per block per inference step, %.0f tokens/s per block forward",
                     self.throughput.step_time * 1e3, self.throughput.forward_tps)
         self.next_rtts: dict[str, float] = {}
+        self.state = ServerState.ONLINE
         self.budget = CacheBudget(config.max_cache_tokens)
         self.hub = SwarmHub(self.dht, AdapterStore(), max_bytes=config.max_adapter_bytes)
         self.adapters: dict[str, NamedAdapter] = {}
@@ -81,13 +82,13 @@ class Server:
         )
         self.peer_id = str(self.dht.peer_id)
 
-    def record(self, state: ServerState = ServerState.ONLINE) -> ServerRecord:
+    def record(self, state: ServerState | None = None) -> ServerRecord:
         return ServerRecord(
             peer_id=self.peer_id,
             start=self.start,
             end=self.end,
             dtype=self.config.dtype,
-            state=state,
+            state=state or self.state,
             cache_tokens_left=self.budget.free,
             step_time=self.throughput.step_time,
             forward_tps=self.throughput.forward_tps,
@@ -96,6 +97,48 @@ class Server:
             override=self.handler.override.name if self.handler.override else None,
             override_blocks=tuple(sorted(self.handler.override.blocks)) if self.handler.override else (),
         )
+
+    async def _announce(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, announce, self.dht, self.model_name, self.record(), self.config.announce_ttl
+        )
+
+    async def _rebalance_loop(self, stop: asyncio.Event) -> None:
+        """Every `rebalance_period`, move if that raises the swarm's bottleneck by over `balance_threshold`."""
+        loop = asyncio.get_running_loop()
+        num_blocks = self.model_config.num_hidden_layers
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.rebalance_period)
+                return
+            except TimeoutError:
+                pass
+            records = await loop.run_in_executor(None, get_servers, self.dht, self.model_name)
+            target = should_move(records, self.record(), num_blocks, self.config.balance_threshold)
+            if target is not None:
+                await self._move(target, stop)
+
+    async def _move(self, target: tuple[int, int], stop: asyncio.Event) -> None:
+        """Drain, then serve `target` instead: sessions in progress finish here first (a rebalance never
+        drops one), and no new ones are routed here meanwhile (the record says DRAINING)."""
+        logger.info("moving from blocks %d:%d to %d:%d once %d session(s) finish", self.start, self.end, *target,
+                    self.handler.active_sessions)
+        self.state = ServerState.DRAINING
+        await self._announce()
+        while self.handler.active_sessions > 0:
+            if stop.is_set():
+                return
+            await asyncio.sleep(0.5)
+        loop = asyncio.get_running_loop()
+        span = await loop.run_in_executor(None, load_span, self.model_dir, *target, DTYPES[self.config.dtype])
+        self.throughput = await loop.run_in_executor(None, measure_throughput, span)
+        self.span = self.handler.span = span
+        self.start, self.end = target
+        self.adapters.clear()  # named adapters are reloaded for the new blocks on first use
+        self.handler.kept = KeptGraphs(self.config.max_kept_graphs, self.config.kept_graph_ttl)
+        self.state = ServerState.ONLINE
+        await self._announce()
+        print(f"server moved: blocks {self.start}:{self.end}", flush=True)
 
     async def _measure_next_rtts(self, p2p, limit: int = 8, timeout: float = 2.0) -> None:
         """Round trips to servers holding the block right after this span: what a push to them would cost."""
@@ -171,6 +214,9 @@ class Server:
         maddrs = " ".join(str(m) for m in self.dht.get_visible_maddrs())
         # One line that launchers and tests wait for; the maddrs let others join through this server too.
         print(f"server ready: {self.model_name} blocks {self.start}:{self.end} peer {self.peer_id} at {maddrs}", flush=True)
+        rebalance = None
+        if self.config.num_blocks is not None and self.config.rebalance_period > 0 and not self.config.block_override:
+            rebalance = asyncio.create_task(self._rebalance_loop(stop))
         try:
             while not stop.is_set():
                 try:
@@ -180,6 +226,8 @@ class Server:
                     await loop.run_in_executor(None, announce, self.dht, self.model_name, self.record(), ttl)
                     await self.hub.refresh(ttl)
         finally:
+            if rebalance is not None:
+                rebalance.cancel()
             logger.info("shutting down: withdrawing the record of blocks %d:%d", self.start, self.end)
             await loop.run_in_executor(
                 None, announce, self.dht, self.model_name, self.record(ServerState.OFFLINE), ttl
