@@ -28,6 +28,7 @@ RPC_FORWARD = f"swarmllm.v{PROTOCOL_VERSION}.forward"
 RPC_BACKWARD = f"swarmllm.v{PROTOCOL_VERSION}.backward"
 RPC_INFERENCE = f"swarmllm.v{PROTOCOL_VERSION}.inference"
 RPC_LORA_PUT = f"swarmllm.v{PROTOCOL_VERSION}.lora_put"
+RPC_PUSH = f"swarmllm.v{PROTOCOL_VERSION}.push"
 
 
 class Record(BaseModel):
@@ -193,6 +194,24 @@ class Step(Record):
 
     step_id: int
     has_mask: bool = False
+    # Server-to-server push: the peers after this one in the route, in order. The server sends its output
+    # straight to the first of them (which pushes on to the rest) as well as back to the client.
+    push_to: tuple[str, ...] = ()
+
+
+class Push(Record):
+    """A step pushed by the previous server of a session's route (RPC `push`). Tensors as in `Step`.
+
+    The receiver runs it if it has not run that step yet; the client's own copy of the step, which
+    follows, is then ignored (and vice versa), so a lost push only costs time.
+    """
+
+    session_id: SessionId
+    step: Step
+
+
+class Pushed(Record):
+    """Reply to a push: the step is queued at the receiver."""
 
 
 class StepDone(Record):

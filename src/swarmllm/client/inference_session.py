@@ -76,9 +76,10 @@ class _ServerStream:
         except StopAsyncIteration:
             raise ConnectionError(f"server {self.hop.peer_id[-8:]} closed the session") from None
 
-    async def step(self, step_id: int, hidden, position_ids, mask) -> torch.Tensor:
+    async def step(self, step_id: int, hidden, position_ids, mask, push_to: tuple[str, ...] = ()) -> torch.Tensor:
         tensors = (hidden, position_ids) + ((mask,) if mask is not None else ())
-        self.queue.put_nowait(wire.request(Step(step_id=step_id, has_mask=mask is not None), *tensors))
+        step = Step(step_id=step_id, has_mask=mask is not None, push_to=push_to)
+        self.queue.put_nowait(wire.request(step, *tensors))
         done, (out,) = wire.parse(await self._next(), StepDone, self.hop.peer_id)
         if done.step_id != step_id:
             raise wire.ProtocolError(f"reply to step {done.step_id}, expected {step_id}")
@@ -180,10 +181,14 @@ class InferenceSession:
 
     async def _step_from(self, first: int, hidden, position_ids, mask) -> torch.Tensor:
         """Run the step through streams `first, first+1, ...`; a failure names the stream and its input."""
+        push = self.manager.config.push
         for i in range(first, len(self._streams)):
             s = self._streams[i]
+            # With push, each server also sends its output straight to the next ones; the client still sends
+            # every server its input (whichever copy arrives first is used), so a failed push costs only time.
+            push_to = tuple(t.hop.peer_id for t in self._streams[i + 1 :]) if push else ()
             try:
-                hidden = await s.step(self._step_id, hidden, position_ids, mask)
+                hidden = await s.step(self._step_id, hidden, position_ids, mask, push_to)
             except Exception as e:
                 raise _HopFailed(s.hop, i, hidden) from e
         return hidden

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarmllm import wire
@@ -26,10 +26,13 @@ from swarmllm.protocol import (
     RPC_INFERENCE,
     RPC_INFO,
     RPC_LORA_PUT,
+    RPC_PUSH,
     ErrorCode,
     LoraPut,
     LoraStored,
     OpenSession,
+    Push,
+    Pushed,
     ServerRecord,
     SessionOpened,
     SpanReply,
@@ -97,6 +100,8 @@ class Handler:
         self.adapter, self.override = adapter, override
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.active_sessions = 0
+        self.inboxes: dict[str, asyncio.Queue] = {}  # session id -> its step inbox (for pushed steps)
+        self.p2p: P2P | None = None
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
@@ -105,6 +110,8 @@ class Handler:
                 name, _streamed(fn), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
         await p2p.add_protobuf_handler(RPC_LORA_PUT, self.rpc_lora_put, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest)
+        self.p2p = p2p
         await p2p.add_protobuf_handler(
             RPC_INFERENCE, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
@@ -194,7 +201,7 @@ class Handler:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """One session per stream: open (admission), then steps until the client closes or goes idle."""
-        reserved = 0
+        reserved, reader, meta, steps, pushed_first = 0, None, None, 0, 0
         try:
             first = await asyncio.wait_for(anext(requests), self.session_timeout)
             meta, tensors = wire.parse(first, OpenSession)
@@ -209,15 +216,28 @@ class Handler:
             logger.info("session %s opened by %s: blocks %d:%d, %d tokens", meta.session_id[:8],
                         str(context.remote_id)[-8:], meta.start, meta.end, reserved)
             yield wire.response(SessionOpened(session_id=meta.session_id, cache_tokens=reserved))
+            # Steps come from the client's stream and, with push, from the previous server: both feed one
+            # inbox, and a step already run (pushed first, or sent first by the client) is skipped.
+            inbox: asyncio.Queue = asyncio.Queue()
+            reader = asyncio.create_task(_pump(requests, inbox))
+            self.inboxes[meta.session_id] = inbox
+            last_done = -1
             while True:
-                try:
-                    msg = await asyncio.wait_for(anext(requests), self.session_timeout)
-                except StopAsyncIteration:
+                item = await asyncio.wait_for(inbox.get(), self.session_timeout)
+                if item is None:
                     return  # the client closed the session
                 try:
-                    step, tensors = wire.parse(msg, Step)
+                    if isinstance(item, Exception):
+                        raise item
+                    step, tensors, pushed = item if len(item) == 3 else (*item, False)
+                    if 0 <= step.step_id <= last_done:
+                        continue  # the other copy of this step got here first
+                    steps, pushed_first = steps + 1, pushed_first + pushed
                     hidden, position_ids, mask, _ = _unpack(tensors, 2, step.has_mask)
                     out = await self._compute(session.step, hidden, position_ids, mask)
+                    last_done = max(last_done, step.step_id)
+                    if step.push_to:
+                        asyncio.create_task(self._push(meta.session_id, step, out, position_ids, mask))
                     yield wire.response(StepDone(step_id=step.step_id, length=session.length), out)
                 except (compute.BadRequest, compute.TooLong, wire.ProtocolError) as e:
                     yield _error(e)  # the session's cache is unchanged; the client may go on
@@ -232,6 +252,48 @@ class Handler:
             if reserved:
                 self.budget.release(reserved)
                 self.active_sessions -= 1
+            if meta is not None and meta.session_id in self.inboxes:
+                self.inboxes.pop(meta.session_id)
+                logger.info("session %s closed after %d steps, %d of them pushed by the previous server first",
+                            meta.session_id[:8], steps, pushed_first)
+            if reader is not None:
+                reader.cancel()
+
+    async def _push(self, session_id: str, step: Step, out, position_ids, mask) -> None:
+        """Send this step's output to the next server of the route. Best effort: if it fails, the next
+        server gets the same input from the client a moment later."""
+        nxt = Step(step_id=step.step_id, has_mask=mask is not None, push_to=step.push_to[1:])
+        msg = wire.request(Push(session_id=session_id, step=nxt), out, position_ids, *([mask] if mask is not None else []))
+        try:
+            await asyncio.wait_for(self.p2p.call_protobuf_handler(
+                PeerID.from_base58(step.push_to[0]), RPC_PUSH, msg, runtime_pb2.ExpertResponse
+            ), self.session_timeout)
+        except Exception as e:
+            logger.debug("push of step %d to %s failed: %r", step.step_id, step.push_to[0][-8:], e)
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        try:
+            meta, tensors = wire.parse(request, Push)
+            inbox = self.inboxes.get(meta.session_id)
+            if inbox is None:
+                raise compute.NotServing(f"no session {meta.session_id[:8]} here")
+            inbox.put_nowait((meta.step, tensors, True))
+            return wire.response(Pushed())
+        except Exception as e:
+            return _error(e)
+
+
+async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
+    """Client messages into the session's inbox: (Step, tensors), an exception for a bad one, None at the end."""
+    try:
+        async for msg in requests:
+            try:
+                inbox.put_nowait(wire.parse(msg, Step))
+            except wire.ProtocolError as e:
+                inbox.put_nowait(e)
+    except Exception as e:  # the stream broke: the session ends as if the client had closed it
+        logger.debug("session stream ended: %r", e)
+    inbox.put_nowait(None)
 
 
 MAX_REQUEST_BYTES = 1 << 30
