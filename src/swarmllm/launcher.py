@@ -74,9 +74,11 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None, echo: bool = False) -> Child:
+def spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None, echo: bool = False,
+          prefix: Sequence[str] = ()) -> Child:
+    """Start `swarmllm <args>` (after `prefix`, e.g. `ip netns exec HOST`, which execs in place)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "swarmllm.cli.main", *args],
+        [*prefix, sys.executable, "-m", "swarmllm.cli.main", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
