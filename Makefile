@@ -27,6 +27,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/wan.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench examples

@@ -11,6 +11,7 @@ missing; tests skip with that reason. Only the namespaces, links and bridge crea
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -72,8 +73,12 @@ def unavailable(need_delay: bool = True) -> str | None:
 class WanNetwork:
     """Hosts on one emulated network. Use as a context manager; everything created is removed on exit."""
 
+    _count = itertools.count()
+
     def __init__(self, prefix: str = "sw", subnet: str = "10.77.0"):
-        self.prefix, self.subnet = f"{prefix}{os.getpid() % 10000}", subnet
+        # Unique per network: interface names must not collide with a previous network's, whose teardown
+        # the kernel may still be finishing. (Linux limits interface names to 15 characters.)
+        self.prefix, self.subnet = f"{prefix}{os.getpid() % 10000}{next(self._count)}", subnet
         self.bridge = f"{self.prefix}br"
         self.hosts: list[Host] = []
         self.children: list[Child] = []
@@ -114,5 +119,6 @@ class WanNetwork:
         for child in reversed(self.children):
             child.stop()
         for host in self.hosts:
-            subprocess.run(["ip", "netns", "del", host.name], capture_output=True)  # also removes its veth
+            subprocess.run(["ip", "link", "del", f"{host.name}a"], capture_output=True)  # and its peer inside
+            subprocess.run(["ip", "netns", "del", host.name], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)

@@ -1,0 +1,160 @@
+"""SmolLM2 inference steps/s through a 3-server swarm over emulated WAN links, with push on and off.
+
+Conditions follow Petals' published table: 1 Gbit/s with < 5 ms RTT, 100 Mbit/s with < 5 ms RTT, and
+100 Mbit/s with 100 ms RTT. Every peer (bootstrap, 3 servers, client) is its own host in a network
+namespace (swarmllm.wan); each host's egress is shaped, so any two hosts see the condition's RTT.
+
+Each figure is compared with the physical limit measured in the same run: the local model's compute per
+step (same threads, same machine) plus the fewest network crossings a step needs, one way each: with
+push, client -> server 1 -> server 2 -> server 3 -> client (4); without, to and from every server (6).
+Bandwidth adds nothing visible at these sizes (576 floats per token). Conditions that this machine cannot
+emulate (no root, or no sch_netem for delays) are reported as skipped with the reason.
+
+Usage: python bench/wan.py [--tokens 24] [--threads 1]   (needs root)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # as the CLI does, before torch loads
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.json"
+PROMPT = "Explain in three sentences why a bank might run its own language model swarm."
+# name -> (round trip added per exchange in ms, rate in Mbit/s). "< 5 ms" adds no delay: veth pairs on a
+# bridge already give well under 1 ms, and rate limiting alone needs only tbf (no sch_netem).
+CONDITIONS = {"1gbit_lt5ms": (0.0, 1000.0), "100mbit_lt5ms": (0.0, 100.0), "100mbit_100ms": (100.0, 100.0)}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=24, help="new tokens per generation (timed: the decode steps)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)  # internal: the client side
+    p.add_argument("--initial-peers", nargs="*", default=[], help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def decode_steps_per_s(generate, ids, tokens: int) -> float:
+    """Steps/s of the decode phase: time per new token after the first (the prefill is excluded)."""
+    t0 = time.perf_counter()
+    generate(ids, max_new_tokens=1, do_sample=False)
+    t1 = time.perf_counter()
+    generate(ids, max_new_tokens=tokens + 1, do_sample=False)
+    t2 = time.perf_counter()
+    return tokens / max(1e-9, (t2 - t1) - (t1 - t0))
+
+
+def client_main(args: argparse.Namespace) -> None:
+    """Runs inside the client's namespace: push on and off, alternating, and prints one JSON line."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from swarmllm import AutoDistributedModelForCausalLM
+    from swarmllm.models.source import resolve_model
+
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model("smollm2")
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt").input_ids
+    models = {push: AutoDistributedModelForCausalLM.from_pretrained(
+        str(model_dir), initial_peers=args.initial_peers, push=push, num_threads=args.threads, request_timeout=120
+    ) for push in (True, False)}
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for push in (True, False):
+        models[push].generate(ids, max_new_tokens=2)  # warm-up: connections, pings
+    for r in range(2):
+        for push in (True, False) if r % 2 == 0 else (False, True):
+            rates[push].append(decode_steps_per_s(models[push].generate, ids, args.tokens))
+    for m in models.values():
+        m.sequence_manager.shutdown()
+    print(json.dumps({"push": statistics.median(rates[True]), "nopush": statistics.median(rates[False])}), flush=True)
+
+
+def local_compute_s(threads: int, tokens: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swarmllm.models.source import resolve_model
+
+    torch.set_num_threads(threads)
+    model_dir = resolve_model("smollm2")
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt").input_ids
+    local = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    local.generate(ids, max_new_tokens=2)
+    return 1.0 / decode_steps_per_s(local.generate, ids, tokens)
+
+
+def run_condition(name: str, rtt_ms: float, rate: float, args, compute_s: float) -> dict:
+    from swarmllm.cli.local import even_spans
+    from swarmllm.models.source import resolve_model
+    from swarmllm.wan import Link, WanNetwork
+
+    model_dir = resolve_model("smollm2")
+    link = Link(rtt_ms=rtt_ms, rate_mbit=rate)
+    env = {"OMP_NUM_THREADS": str(args.threads)}
+    with WanNetwork() as net:
+        boot = net.add_host(link)
+        peers = net.spawn(boot, "dht", ["dht", "--host-maddrs", boot.maddr]).wait_for("initial peers:", 120)
+        peers = peers.split(":", 1)[1].split()
+        servers = []
+        for i, blocks in enumerate(even_spans(30, 3)):
+            host = net.add_host(link)
+            servers.append(net.spawn(host, f"server{i}", [
+                "serve", str(model_dir), "--initial-peers", *peers, "--blocks", blocks,
+                "--num-threads", str(args.threads), "--host-maddrs", host.maddr], env=env))
+        for child in servers:
+            child.wait_for("server ready:", 300)
+        client = net.add_host(link)
+        cmd = ["ip", "netns", "exec", client.name, sys.executable, __file__, "--client", "--tokens", str(args.tokens),
+               "--threads", str(args.threads), "--initial-peers", *peers]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0:
+            raise RuntimeError(f"client failed in {name}:\n{result.stderr[-3000:]}")
+        got = json.loads(result.stdout.strip().splitlines()[-1])
+    one_way = rtt_ms / 2 / 1000
+    limit = {"push": 1 / (compute_s + 4 * one_way), "nopush": 1 / (compute_s + 6 * one_way)}
+    return {
+        "rtt_ms": rtt_ms, "rate_mbit": rate,
+        "push_steps_s": round(got["push"], 3), "nopush_steps_s": round(got["nopush"], 3),
+        "push_vs_limit": round(got["push"] / limit["push"], 3), "nopush_vs_limit": round(got["nopush"] / limit["nopush"], 3),
+        "push_speedup": round(got["push"] / got["nopush"], 3),
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    if args.client:
+        client_main(args)
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the harness removes its namespaces
+    from swarmllm.wan import unavailable
+
+    compute_s = local_compute_s(args.threads, args.tokens)
+    print(f"local compute: {compute_s * 1e3:.1f} ms per step ({args.threads} thread(s))")
+    results: dict = {"local_compute_ms": round(compute_s * 1e3, 2), "threads": args.threads, "tokens": args.tokens}
+    for name, (rtt_ms, rate) in CONDITIONS.items():
+        reason = unavailable(need_delay=rtt_ms > 0)
+        if reason:
+            print(f"{name}: skipped: {reason}")
+            results[name] = {"skipped": reason}
+            continue
+        r = run_condition(name, rtt_ms, rate, args, compute_s)
+        results[name] = r
+        print(f"{name}: push {r['push_steps_s']:.2f} steps/s ({r['push_vs_limit']:.2f} of the limit), "
+              f"no push {r['nopush_steps_s']:.2f} ({r['nopush_vs_limit']:.2f}), push speedup {r['push_speedup']:.2f}x")
+    merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    RESULTS.write_text(json.dumps({**merged, "wan": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
