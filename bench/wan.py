@@ -66,7 +66,8 @@ def client_main(args: argparse.Namespace) -> None:
     model_dir = resolve_model("smollm2")
     ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt").input_ids
     models = {push: AutoDistributedModelForCausalLM.from_pretrained(
-        str(model_dir), initial_peers=args.initial_peers, push=push, num_threads=args.threads, request_timeout=120
+        str(model_dir), initial_peers=args.initial_peers, push=push, num_threads=args.threads, request_timeout=120,
+        push_min_rtt=0,
     ) for push in (True, False)}
     rates: dict[bool, list[float]] = {True: [], False: []}
     for push in (True, False):

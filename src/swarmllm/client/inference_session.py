@@ -181,7 +181,7 @@ class InferenceSession:
 
     async def _step_from(self, first: int, hidden, position_ids, mask) -> torch.Tensor:
         """Run the step through streams `first, first+1, ...`; a failure names the stream and its input."""
-        push = self.manager.config.push
+        push = self._push_pays()
         for i in range(first, len(self._streams)):
             s = self._streams[i]
             # With push, each server also sends its output straight to the next ones; the client still sends
@@ -192,6 +192,13 @@ class InferenceSession:
             except Exception as e:
                 raise _HopFailed(s.hop, i, hidden) from e
         return hidden
+
+    def _push_pays(self) -> bool:
+        config = self.manager.config
+        if not config.push or len(self._streams) < 2:
+            return False
+        rtts = [self.manager.rtts.get(s.hop.peer_id, 0.0) for s in self._streams]
+        return sum(rtts) / len(rtts) >= config.push_min_rtt
 
     def step(
         self,

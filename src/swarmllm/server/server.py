@@ -66,9 +66,6 @@ class Server:
         except BaseException:
             self.dht.shutdown()
             raise
-        self.throughput = measure_throughput(self.span)
-        logger.info("measured %.2f ms per block per inference step, %.0f tokens/s per block forward",
-                    self.throughput.step_time * 1e3, self.throughput.forward_tps)
         self.next_rtts: dict[str, float] = {}
         self.state = ServerState.ONLINE
         self.budget = CacheBudget(config.max_cache_tokens)
@@ -81,6 +78,11 @@ class Server:
             kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl),
         )
         self.peer_id = str(self.dht.peer_id)
+        # On the compute thread, like all torch work: OpenMP keeps one thread team per calling thread, and a
+        # second team (on the main thread) measurably slows every later step on a small machine.
+        self.throughput = self.handler.executor.submit(measure_throughput, self.span).result()
+        logger.info("measured %.2f ms per block per inference step, %.0f tokens/s per block forward",
+                    self.throughput.step_time * 1e3, self.throughput.forward_tps)
 
     def record(self, state: ServerState | None = None) -> ServerRecord:
         return ServerRecord(
@@ -131,7 +133,7 @@ class Server:
             await asyncio.sleep(0.5)
         loop = asyncio.get_running_loop()
         span = await loop.run_in_executor(None, load_span, self.model_dir, *target, DTYPES[self.config.dtype])
-        self.throughput = await loop.run_in_executor(None, measure_throughput, span)
+        self.throughput = await loop.run_in_executor(self.handler.executor, measure_throughput, span)
         self.span = self.handler.span = span
         self.start, self.end = target
         self.adapters.clear()  # named adapters are reloaded for the new blocks on first use
