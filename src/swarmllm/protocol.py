@@ -207,6 +207,7 @@ class Push(Record):
     """
 
     session_id: SessionId
+    start: int  # the receiving hop's first block: one server may run two hops of a route
     step: Step
 
 

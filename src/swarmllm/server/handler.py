@@ -100,7 +100,7 @@ class Handler:
         self.adapter, self.override = adapter, override
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.active_sessions = 0
-        self.inboxes: dict[str, asyncio.Queue] = {}  # session id -> its step inbox (for pushed steps)
+        self.inboxes: dict[tuple[str, int], asyncio.Queue] = {}  # (session id, first block) -> step inbox
         self.p2p: P2P | None = None
 
     async def register(self, p2p: P2P) -> None:
@@ -220,7 +220,7 @@ class Handler:
             # inbox, and a step already run (pushed first, or sent first by the client) is skipped.
             inbox: asyncio.Queue = asyncio.Queue()
             reader = asyncio.create_task(_pump(requests, inbox))
-            self.inboxes[meta.session_id] = inbox
+            self.inboxes[(meta.session_id, meta.start)] = inbox
             last_done = -1
             while True:
                 item = await asyncio.wait_for(inbox.get(), self.session_timeout)
@@ -237,7 +237,7 @@ class Handler:
                     out = await self._compute(session.step, hidden, position_ids, mask)
                     last_done = max(last_done, step.step_id)
                     if step.push_to:
-                        asyncio.create_task(self._push(meta.session_id, step, out, position_ids, mask))
+                        asyncio.create_task(self._push(meta.session_id, meta.end, step, out, position_ids, mask))
                     yield wire.response(StepDone(step_id=step.step_id, length=session.length), out)
                 except (compute.BadRequest, compute.TooLong, wire.ProtocolError) as e:
                     yield _error(e)  # the session's cache is unchanged; the client may go on
@@ -252,18 +252,19 @@ class Handler:
             if reserved:
                 self.budget.release(reserved)
                 self.active_sessions -= 1
-            if meta is not None and meta.session_id in self.inboxes:
-                self.inboxes.pop(meta.session_id)
+            if meta is not None and (meta.session_id, meta.start) in self.inboxes:
+                self.inboxes.pop((meta.session_id, meta.start))
                 logger.info("session %s closed after %d steps, %d of them pushed by the previous server first",
                             meta.session_id[:8], steps, pushed_first)
             if reader is not None:
                 reader.cancel()
 
-    async def _push(self, session_id: str, step: Step, out, position_ids, mask) -> None:
+    async def _push(self, session_id: str, next_start: int, step: Step, out, position_ids, mask) -> None:
         """Send this step's output to the next server of the route. Best effort: if it fails, the next
         server gets the same input from the client a moment later."""
         nxt = Step(step_id=step.step_id, has_mask=mask is not None, push_to=step.push_to[1:])
-        msg = wire.request(Push(session_id=session_id, step=nxt), out, position_ids, *([mask] if mask is not None else []))
+        push = Push(session_id=session_id, start=next_start, step=nxt)
+        msg = wire.request(push, out, position_ids, *([mask] if mask is not None else []))
         try:
             await asyncio.wait_for(self.p2p.call_protobuf_handler(
                 PeerID.from_base58(step.push_to[0]), RPC_PUSH, msg, runtime_pb2.ExpertResponse
@@ -274,7 +275,7 @@ class Handler:
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             meta, tensors = wire.parse(request, Push)
-            inbox = self.inboxes.get(meta.session_id)
+            inbox = self.inboxes.get((meta.session_id, meta.start))
             if inbox is None:
                 raise compute.NotServing(f"no session {meta.session_id[:8]} here")
             inbox.put_nowait((meta.step, tensors, True))
