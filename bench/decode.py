@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+from _process import prepare  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 TARGET = 0.9
@@ -129,13 +130,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main() -> int:
     args = parse_args()
-    # libgomp reads both when torch loads it (in `measure`); LocalSwarm passes os.environ to the servers.
-    if args.gomp_spincount >= 0:
-        os.environ["GOMP_SPINCOUNT"] = str(args.gomp_spincount)
-    if args.omp_wait_policy != "unset":
-        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    # A plain SIGTERM (e.g. from `timeout`) would skip LocalSwarm's cleanup and orphan the servers.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    prepare(args.gomp_spincount, args.omp_wait_policy)  # before `measure` loads torch
     m = measure(args)
     reference = m["local_tokens"][0]
     match = all(t == reference for t in m["local_tokens"] + m["swarm_tokens"] + m["pushed_tokens"])

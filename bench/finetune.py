@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+from _process import prepare  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
@@ -148,11 +149,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main() -> int:
     args = parse_args()
-    # libgomp reads it when torch loads (in `measure`); LocalSwarm passes os.environ to the servers.
-    if args.gomp_spincount >= 0:
-        os.environ["GOMP_SPINCOUNT"] = str(args.gomp_spincount)
-    # A plain SIGTERM (e.g. from `timeout`) would skip LocalSwarm's cleanup and orphan the servers.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    prepare(args.gomp_spincount)  # before `measure` loads torch
     m = measure(args)
     local_s, swarm_s = statistics.median(m["local_s"]), statistics.median(m["swarm_s"])
     ratio = swarm_s / local_s

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("GOMP_SPINCOUNT", "30000")  # as the CLI does, before torch loads
+from _process import prepare  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
@@ -134,9 +132,10 @@ def run_condition(name: str, rtt_ms: float, rate: float, args, compute_s: float)
 def main() -> int:
     args = parse_args()
     if args.client:
+        prepare()
         client_main(args)
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the harness removes its namespaces
+    prepare()  # as the CLI does, before torch loads; and SIGTERM still removes the namespaces
     from swarmllm.wan import unavailable
 
     compute_s = local_compute_s(args.threads, args.tokens)

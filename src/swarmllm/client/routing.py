@@ -62,6 +62,15 @@ def missing_blocks(records: Iterable[ServerRecord], start: int, end: int, versio
     return [i for i in range(start, end) if i not in covered]
 
 
+def _usable(records: Iterable[ServerRecord], start: int, end: int, exclude: frozenset[str], versions: Versions) -> list[ServerRecord]:
+    """The records not excluded; raises MissingBlocksError if they leave some block of [start, end) uncovered."""
+    usable = [r for r in records if r.peer_id not in exclude]
+    missing = missing_blocks(usable, start, end, versions)
+    if missing:
+        raise MissingBlocksError(missing)
+    return usable
+
+
 def fewest_hops(
     records: Sequence[ServerRecord], start: int, end: int, exclude: frozenset[str] = frozenset(),
     versions: Versions = _BASE,
@@ -72,10 +81,7 @@ def fewest_hops(
     Greedy is optimal for interval cover: at each block take the server that reaches furthest from it.
     Ties go to the server with more free cache, so sessions spread over redundant servers.
     """
-    usable = [r for r in records if r.peer_id not in exclude]
-    missing = missing_blocks(usable, start, end, versions)
-    if missing:
-        raise MissingBlocksError(missing)
+    usable = _usable(records, start, end, exclude, versions)
     route, pos = [], start
     while pos < end:
         best_reach, best = max(
@@ -105,10 +111,7 @@ def fastest_route(
     while r stays usable, so the cost is linear in the total coverage (2,000 servers x 30 blocks: ~60k
     updates) rather than quadratic.
     """
-    usable = [r for r in records if r.peer_id not in exclude]
-    missing = missing_blocks(usable, start, end, versions)
-    if missing:
-        raise MissingBlocksError(missing)
+    usable = _usable(records, start, end, exclude, versions)
     at: list[list[ServerRecord]] = [[] for _ in range(end - start)]  # servers usable for each block
     for r in usable:
         for b in range(max(r.start, start), min(r.end, end)):
@@ -150,10 +153,7 @@ def spread_route(
     At each position, a server is drawn among those usable there with probability proportional to its
     announced `forward_tps` times the blocks it can take from here (fewer hops also means less transfer).
     """
-    usable = [r for r in records if r.peer_id not in exclude]
-    missing = missing_blocks(usable, start, end, versions)
-    if missing:
-        raise MissingBlocksError(missing)
+    usable = _usable(records, start, end, exclude, versions)
     route, pos = [], start
     while pos < end:
         options = [(r, reach(r, pos, end, versions)) for r in usable if r.start <= pos < r.end]

@@ -229,7 +229,7 @@ class Handler:
                 try:
                     if isinstance(item, Exception):
                         raise item
-                    step, tensors, pushed = item if len(item) == 3 else (*item, False)
+                    step, tensors, pushed = item
                     if 0 <= step.step_id <= last_done:
                         continue  # the other copy of this step got here first
                     steps, pushed_first = steps + 1, pushed_first + pushed
@@ -285,11 +285,12 @@ class Handler:
 
 
 async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
-    """Client messages into the session's inbox: (Step, tensors), an exception for a bad one, None at the end."""
+    """Client messages into the session's inbox: (Step, tensors, pushed=False), an exception for a bad one,
+    None at the end."""
     try:
         async for msg in requests:
             try:
-                inbox.put_nowait(wire.parse(msg, Step))
+                inbox.put_nowait((*wire.parse(msg, Step), False))
             except wire.ProtocolError as e:
                 inbox.put_nowait(e)
     except Exception as e:  # the stream broke: the session ends as if the client had closed it
