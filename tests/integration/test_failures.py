@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import time
 
 import pytest
@@ -56,7 +57,10 @@ def test_unknown_model_is_refused(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def tiny_swarm(tiny_llama_dir):
     specs = [
-        ServerSpec("0:2", ("--max-cache-tokens", "200", "--session-timeout", "3", "--announce-ttl", "3")),
+        # 200 tokens of cache (2 blocks x 2 kv heads x 8 dims x 4 bytes x keys and values = 256 B per token),
+        # in pages of 16 tokens.
+        ServerSpec("0:2", ("--max-cache-bytes", str(200 * 256), "--cache-page-tokens", "16", "--cache-queue-timeout", "1",
+                           "--session-timeout", "3", "--announce-ttl", "3")),
         ServerSpec("2:4"),
         ServerSpec("2:4"),
     ]
@@ -91,18 +95,44 @@ def test_prompt_longer_than_max_length(tiny_client) -> None:
 
 def test_session_over_cache_budget_is_refused_with_what_is_available(tiny_client) -> None:
     ids = torch.randint(1, 90, (1, 4))
-    with pytest.raises(SessionFailedError, match="budget is 200"):
+    with pytest.raises(SessionFailedError, match=r"needs up to 75.0 KiB .* whole budget is 50.0 KiB"):
         with tiny_client.inference_session(max_length=300):
             tiny_client.generate(ids, max_new_tokens=2)
     assert not tiny_client.sequence_manager.banned(), "a full server is healthy: it must not be banned"
 
 
+def _fill_server0(tiny_client):
+    """A session whose 190 tokens take 12 of server0's 12.5 pages: no room for another session's first page."""
+    session = tiny_client.model.layers.inference_session(max_length=200)
+    session.step(torch.randn(1, 190, 32), torch.arange(190)[None])
+    return session
+
+
+def test_a_queued_session_proceeds_once_memory_frees(tiny_client) -> None:
+    filler = _fill_server0(tiny_client)
+    ids = torch.randint(1, 90, (1, 4))
+    result: dict = {}
+
+    def second():
+        try:
+            result["out"] = tiny_client.generate(ids, max_new_tokens=2)
+        except Exception as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    time.sleep(0.4)
+    assert thread.is_alive(), f"the second session must wait in server0's queue, got {result}"
+    filler.close()
+    thread.join(30)
+    assert "error" not in result, result
+    assert result["out"].shape == (1, 6)
+
+
 def test_idle_session_times_out_and_frees_its_cache(tiny_client, tiny_swarm) -> None:
-    session = tiny_client.model.layers.inference_session(max_length=150)
-    session.step(torch.randn(1, 3, 32), torch.arange(3)[None])  # reserves 150 of server0's 200 tokens
-    with pytest.raises(SessionFailedError, match="budget is 200|free now"):
-        with tiny_client.inference_session(max_length=100):
-            tiny_client.generate(torch.randint(1, 90, (1, 4)), max_new_tokens=2)
+    session = _fill_server0(tiny_client)
+    with pytest.raises(SessionFailedError, match="waited 1s in the queue"):
+        tiny_client.generate(torch.randint(1, 90, (1, 4)), max_new_tokens=2)
     time.sleep(4)  # server0 was started with --session-timeout 3; the client never closes `session`
     out = tiny_client.generate(torch.randint(1, 90, (1, 4)), max_new_tokens=2)
     assert out.shape == (1, 6)

@@ -1,4 +1,4 @@
-"""Server pieces without a network: cache admission, input validation, sub-spans, config and CLI options."""
+"""Server pieces without a network: input validation, sub-spans, config and CLI options."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from swarmllm.cli.options import add_config_args, config_from_args
 from swarmllm.models.span import span_from_model
 from swarmllm.server import compute
-from swarmllm.server.cache import CacheBudget, CacheFullError
+from swarmllm.server.cache import SessionKV
 from swarmllm.server.config import ServerConfig
+from swarmllm.server.inference import Session, StepInput, run_batch
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +23,6 @@ def span():
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     config._attn_implementation = "sdpa"
     return span_from_model(AutoModelForCausalLM.from_config(config).eval(), 0, 4)
-
-
-def test_budget_admits_within_limits_and_says_what_is_free() -> None:
-    budget = CacheBudget(100)
-    budget.reserve(60)
-    with pytest.raises(CacheFullError, match="only 40 of 100"):
-        budget.reserve(50)
-    with pytest.raises(CacheFullError, match="whole budget is 100"):
-        budget.reserve(101)
-    budget.release(60)
-    budget.reserve(100)
-    assert budget.free == 0
 
 
 @pytest.mark.parametrize(
@@ -53,12 +42,16 @@ def test_bad_inputs_are_rejected_before_compute(span, hidden, pos, mask, match) 
 
 
 def test_session_refuses_more_than_max_length_and_keeps_its_state(span) -> None:
-    session = compute.SessionCache(span, batch_size=1, max_length=4)
-    session.step(torch.randn(1, 3, 32), torch.arange(3)[None], None)
+    kv = SessionKV(span, batch=1, page_tokens=4)
+    kv.capacity = 4
+    session = Session(span, 1, 4, kv, compute.Extras())
+    run_batch([StepInput(session, torch.randn(1, 3, 32), torch.arange(3)[None], None)])
     with pytest.raises(compute.TooLong, match="max_length=4"):
-        session.step(torch.randn(1, 2, 32), torch.arange(3, 5)[None], None)
+        session.check(torch.randn(1, 2, 32), torch.arange(3, 5)[None], None)
+    with pytest.raises(compute.BadRequest, match="opened for batch 1"):
+        session.check(torch.randn(2, 1, 32), torch.tensor([[3], [3]]), None)
     assert session.length == 3
-    session.step(torch.randn(1, 1, 32), torch.tensor([[3]]), None)
+    run_batch([StepInput(session, torch.randn(1, 1, 32), torch.tensor([[3]]), None)])
     assert session.length == 4
 
 
@@ -85,7 +78,7 @@ def test_server_config_cli_is_built_from_the_config() -> None:
     ns = parser.parse_args(["m", "--blocks", "0:3", "--dtype", "bfloat16", "--initial-peers", "/ip4/1.2.3.4/tcp/1"])
     config = config_from_args(ServerConfig, ns)
     assert (config.blocks, config.dtype, config.initial_peers) == ("0:3", "bfloat16", ["/ip4/1.2.3.4/tcp/1"])
-    assert config.max_cache_tokens == ServerConfig.model_fields["max_cache_tokens"].default
+    assert config.max_cache_bytes == ServerConfig.model_fields["max_cache_bytes"].default
     with pytest.raises(SystemExit):
         parser.parse_args(["m", "--dtype", "float64"])
     with pytest.raises(SystemExit, match="exactly one of"):

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,14 +127,24 @@ class DistributedMixin:
     """Mixed into the model's own transformers class. Adds sessions and session-aware `generate`."""
 
     _keys_to_ignore_on_load_unexpected = [r"(^|\.)layers\.\d+\."]  # blocks are remote: never loaded here
-    _active_session: InferenceSession | None = None
     sequence_manager: SequenceManager
+
+    # Per thread, so that several threads can generate concurrently with one model (an API server does).
+    _sessions = threading.local()
+
+    @property
+    def _active_session(self) -> InferenceSession | None:
+        return getattr(self._sessions, str(id(self)), None)
+
+    @_active_session.setter
+    def _active_session(self, session: InferenceSession | None) -> None:
+        setattr(self._sessions, str(id(self)), session)
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int | None = None) -> Iterator[InferenceSession]:
         """Keep one server-side session across several `generate` calls (each continues where the last ended)."""
         if self._active_session is not None:
-            raise RuntimeError("an inference session is already active on this model")
+            raise RuntimeError("an inference session is already active on this model in this thread")
         prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
         session = self.base_model.layers.inference_session(max_length + prefix, batch_size)
         self._active_session = session

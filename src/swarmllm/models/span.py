@@ -147,10 +147,16 @@ class Span(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (batch, past + seq) 1 = real token, 0 = padding
         cache: DynamicCache | None = None,
         prompts: torch.Tensor | None = None,  # (blocks, batch or 1, prefix, hidden) deep prompt tuning
+        masks: dict[str, torch.Tensor | None] | None = None,  # prebuilt 4D masks per layer type (batched steps)
     ) -> torch.Tensor:
-        masks, rotary = {}, {}
+        prebuilt = masks is not None
+        masks, rotary = dict(masks or {}), {}
         for offset, lt in enumerate(self.types):
-            if lt in masks:
+            if lt in rotary:
+                continue
+            args = (lt,) if self._rotary_per_type else ()
+            rotary[lt] = self.rotary(hidden, position_ids, *args)
+            if prebuilt:
                 continue
             # The mask must be sized from the cache of this span's own first layer of this type: layer 0's
             # cache lives on another server and is empty here (a chunk after decode would silently break).
@@ -162,8 +168,6 @@ class Span(nn.Module):
                 position_ids=position_ids,
                 layer_idx=self.start + offset,
             )
-            args = (lt,) if self._rotary_per_type else ()
-            rotary[lt] = self.rotary(hidden, position_ids, *args)
         for i, (layer, lt) in enumerate(zip(self.layers, self.types)):
             if prompts is not None:
                 # Deep prompts are added to the prefix positions before every block (out of place, so

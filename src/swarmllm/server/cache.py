@@ -1,43 +1,150 @@
-"""Admission of sessions within a server-wide attention-cache budget.
+"""Attention-cache memory: a server-wide byte budget, sessions' caches grown in pages, and a queue.
 
-A session declares `batch_size x max_length` tokens up front and is admitted only if they fit; the
-reservation is released when the session closes or times out, whatever the reason. Caches themselves
-grow on demand (transformers' DynamicCache), so the budget bounds memory without pre-allocating it.
+Petals reserves each session's whole declared `max_length` at admission and refuses a session at once
+when memory is full. Here a session holds only the pages its tokens fill (`page_tokens` tokens of every
+block's keys and values per page). When the budget is spent, an opening session or a growing step waits
+in a first-come-first-served queue until pages are freed (sessions close, time out or fail), for at most
+`queue_timeout` seconds; then it gets a `CacheFullError` that says how much memory there is.
+
+Only a session that could never fit (its declared `batch x max_length` exceeds the whole budget) is
+refused without waiting. Growing on demand means that admitted sessions can, together, want more than the
+budget: the queue's timeout, not a reservation, is what resolves that (a step that times out fails with
+`cache_full`, and the client replays its session elsewhere).
+
+All accounting runs on the server's event loop; the tensors themselves are touched only by the compute
+thread (see `SessionKV`).
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import collections
+from dataclasses import dataclass, field
+
+import torch
+
+from swarmllm.models.span import Span
 
 
 class CacheFullError(RuntimeError):
     pass
 
 
-class CacheBudget:
-    def __init__(self, max_tokens: int):
-        self.max_tokens = max_tokens
-        self._used = 0
-        self._lock = threading.Lock()
+def size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+class CacheMemory:
+    """A byte budget with a FIFO queue of waiters. Guarantee: `used <= budget` at all times, and a waiter
+    is served before any later request (so a big request is not starved by a stream of small ones)."""
+
+    def __init__(self, budget: int, queue_timeout: float):
+        self.budget, self.queue_timeout = budget, queue_timeout
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
 
     @property
     def free(self) -> int:
-        return self.max_tokens - self._used
+        return self.budget - self.used
 
-    def reserve(self, tokens: int) -> None:
-        with self._lock:
-            if tokens > self.max_tokens:
-                raise CacheFullError(
-                    f"session needs {tokens} cache tokens (batch x max_length) but this server's whole budget is "
-                    f"{self.max_tokens}"
-                )
-            if tokens > self.max_tokens - self._used:
-                raise CacheFullError(
-                    f"session needs {tokens} cache tokens but only {self.max_tokens - self._used} of "
-                    f"{self.max_tokens} are free now"
-                )
-            self._used += tokens
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
 
-    def release(self, tokens: int) -> None:
-        with self._lock:
-            self._used = max(0, self._used - tokens)
+    def check_possible(self, nbytes: int, what: str) -> None:
+        """Refuse at once what could never fit, saying how much this server has."""
+        if nbytes > self.budget:
+            raise CacheFullError(
+                f"{what} needs up to {size(nbytes)} of attention cache but this server's whole budget is "
+                f"{size(self.budget)} ({size(self.free)} free now)"
+            )
+
+    async def acquire(self, nbytes: int, what: str) -> None:
+        """Take `nbytes`, waiting in the queue for up to `queue_timeout` seconds if they are not free."""
+        self.check_possible(nbytes, what)
+        if not self._waiters and nbytes <= self.free:
+            self.used += nbytes
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        entry = (nbytes, waiter)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout)
+        except TimeoutError:
+            if waiter.done():  # granted at the last moment: keep it
+                return
+            self._waiters.remove(entry)
+            self._wake()  # the head may have been this waiter, blocking smaller ones behind it
+            raise CacheFullError(
+                f"{what} waited {self.queue_timeout:g}s in the queue for {size(nbytes)} of attention cache; "
+                f"{size(self.free)} of {size(self.budget)} are free"
+            ) from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release(nbytes)  # granted, but the requester is gone (its client disconnected)
+            elif entry in self._waiters:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def release(self, nbytes: int) -> None:
+        self.used = max(0, self.used - nbytes)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.free:
+            nbytes, waiter = self._waiters.popleft()
+            self.used += nbytes
+            waiter.set_result(None)
+
+
+def bytes_per_token(span: Span, batch: int = 1) -> int:
+    """Cache bytes one token costs on `span`: keys and values of every block (full length for sliding layers
+    too: the mask, not the storage, limits what they see)."""
+    config = span.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    itemsize = next(span.parameters()).element_size()
+    return 2 * kv_heads * head_dim * itemsize * len(span.layers) * batch
+
+
+@dataclass
+class SessionKV:
+    """One session's keys and values for blocks `[start, end)`: per block, (batch, kv_heads, capacity,
+    head_dim) tensors, grown by the compute thread up to `capacity` tokens (what the memory budget granted
+    on the event loop). Tokens `[0, length)` are valid; a failed step only has to reset `length`."""
+
+    span: Span
+    batch: int
+    page_tokens: int
+    length: int = 0
+    capacity: int = 0  # tokens granted by CacheMemory
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # absolute block index -> tensor
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def page_bytes(self) -> int:
+        return bytes_per_token(self.span, self.batch) * self.page_tokens
+
+    def pages_for(self, tokens: int) -> int:
+        """Pages to add so that `tokens` fit."""
+        return max(0, -(-tokens // self.page_tokens) - self.capacity // self.page_tokens)
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, at: int) -> None:
+        """Store `key`/`value` (batch, kv_heads, q, head_dim) at positions `[at, at + q)` of `layer`."""
+        end = at + key.shape[2]
+        assert end <= self.capacity, "pages must be granted before the compute thread writes"
+        old = self.keys.get(layer)
+        if old is None or old.shape[2] < end:
+            # Grow to the granted capacity at once: one copy per page granted, not one per token.
+            shape = (*key.shape[:2], self.capacity, key.shape[3])
+            k, v = key.new_empty(shape), value.new_empty(shape)
+            if old is not None:
+                k[:, :, : old.shape[2]] = old
+                v[:, :, : old.shape[2]] = self.values[layer]
+            self.keys[layer], self.values[layer] = k, v
+        self.keys[layer][:, :, at:end] = key
+        self.values[layer][:, :, at:end] = value

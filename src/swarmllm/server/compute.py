@@ -1,4 +1,4 @@
-"""Pure compute of a server: validate inputs, then run forward, backward or one inference step of a span.
+"""Pure compute of a server: validate inputs, then run forward or backward of a span (inference steps: `inference.py`).
 
 Nothing here knows about the network. Every function checks shapes, dtypes and finiteness before any
 model code runs, and raises `BadRequest` with a message meant for the caller.
@@ -11,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from swarmllm.adapters import lora
 from swarmllm.models.span import Span
@@ -164,37 +163,3 @@ def backward(
         raise BadRequest(f"grad_output must be shaped like hidden {tuple(hidden.shape)}")
     _, graph = forward_with_graph(span, hidden, position_ids, mask, extras)
     return backward_from_graph(graph, grad_out)
-
-
-@dataclass
-class SessionCache:
-    """The attention cache of one inference session on one server."""
-
-    span: Span
-    batch_size: int
-    max_length: int
-    extras: Extras = field(default_factory=Extras)
-    cache: DynamicCache = field(init=False)
-    length: int = 0
-
-    def __post_init__(self) -> None:
-        self.cache = self.span.new_cache()
-
-    @torch.inference_mode()
-    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        check_inputs(self.span, hidden, position_ids, mask, past=self.length)
-        if hidden.shape[0] != self.batch_size:
-            raise BadRequest(f"session was opened for batch {self.batch_size}, step has batch {hidden.shape[0]}")
-        if self.length + hidden.shape[1] > self.max_length:
-            raise TooLong(
-                f"session declared max_length={self.max_length}; it holds {self.length} tokens and cannot take "
-                f"{hidden.shape[1]} more"
-            )
-        # Deep prompts belong to the first positions of the sequence: only the first step adds them.
-        prompts = self.extras.prompts if self.length == 0 else None
-        check_prompts(self.span, hidden, prompts)
-        dtype = next(self.span.parameters()).dtype
-        with self.extras.applied(self.span):
-            out = self.span(hidden.to(dtype), position_ids, mask, self.cache, prompts=prompts)
-        self.length += hidden.shape[1]
-        return out.to(hidden.dtype)

@@ -17,8 +17,18 @@ class ServerConfig(BaseModel):
     blocks: str | None = Field(default=None, description="span to serve, START:END (end exclusive)")
     num_blocks: int | None = Field(default=None, ge=1, description="serve this many blocks, chosen where the swarm is weakest")
     dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the blocks' weights and compute")
-    max_cache_tokens: int = Field(
-        default=32768, ge=1, description="server-wide attention-cache budget, in tokens (batch x max_length, summed over sessions)"
+    max_cache_bytes: int = Field(
+        default=2 * 2**30, ge=1, description="server-wide attention-cache memory, in bytes; sessions take it page by page as they grow"
+    )
+    cache_page_tokens: int = Field(default=64, ge=1, description="tokens per cache page: the unit a session's cache grows by")
+    cache_queue_timeout: float = Field(
+        default=10.0, ge=0, description="seconds a new session or a growing one may wait in the queue for cache memory"
+    )
+    max_batch_rows: int = Field(
+        default=64, ge=1, description="most sequences (summed over sessions) in one batched inference pass"
+    )
+    prefill_chunk: int = Field(
+        default=256, ge=1, description="longer prompts run in chunks of this many tokens, so others' decode steps run between"
     )
     session_timeout: float = Field(default=300.0, gt=0, description="seconds a session may stay idle before its cache is freed")
     announce_ttl: float = Field(default=30.0, gt=1, description="seconds a DHT record lives; it is refreshed every third of that")

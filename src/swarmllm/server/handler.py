@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +41,11 @@ from swarmllm.protocol import (
     Tuning,
 )
 from swarmllm.server import compute
-from swarmllm.server.cache import CacheBudget, CacheFullError
+from swarmllm.server.cache import CacheFullError, CacheMemory, SessionKV, bytes_per_token
+from swarmllm.server.inference import Session
 from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.lora_cache import LoraCache, NotCached
+from swarmllm.server.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +91,17 @@ class Handler:
     """
 
     def __init__(
-        self, span: Span, budget: CacheBudget, session_timeout: float, record: Callable[[], ServerRecord],
+        self, span: Span, memory: CacheMemory, session_timeout: float, record: Callable[[], ServerRecord],
         lora_cache: LoraCache | None = None, adapter: Callable[[str], Awaitable[NamedAdapter]] | None = None,
-        override: Override | None = None, kept: KeptGraphs | None = None,
+        override: Override | None = None, kept: KeptGraphs | None = None, scheduler: Scheduler | None = None,
+        page_tokens: int = 64,
     ):
-        self.span, self.budget, self.session_timeout, self.record = span, budget, session_timeout, record
+        self.span, self.memory, self.session_timeout, self.record = span, memory, session_timeout, record
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache(256 * 2**20)
         self.kept = kept if kept is not None else KeptGraphs(max_graphs=8, ttl=60.0)
         self.adapter, self.override = adapter, override
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.scheduler = scheduler if scheduler is not None else Scheduler()
+        self.page_tokens = page_tokens
         self.active_sessions = 0
         self.inboxes: dict[tuple[str, int], asyncio.Queue] = {}  # (session id, first block) -> step inbox
         self.p2p: P2P | None = None
@@ -117,7 +120,7 @@ class Handler:
         )
 
     async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await self.scheduler.run(fn, *args)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return wire.response(self.record())
@@ -200,8 +203,12 @@ class Handler:
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """One session per stream: open (admission), then steps until the client closes or goes idle."""
-        reserved, reader, meta, steps, pushed_first = 0, None, None, 0, 0
+        """One session per stream: open (admission), then steps until the client closes or goes idle.
+
+        Admission: a session that could never fit is refused at once; otherwise it waits in the memory queue
+        for its first page. Its cache then grows page by page as steps arrive (each may wait in the queue too),
+        and all of it is freed when the stream ends, whatever the reason."""
+        held, reader, meta, steps, pushed_first, counted = 0, None, None, 0, 0, False
         try:
             first = await asyncio.wait_for(anext(requests), self.session_timeout)
             meta, tensors = wire.parse(first, OpenSession)
@@ -209,13 +216,16 @@ class Handler:
             if len(tensors) != int(meta.tuning.prompts):
                 raise compute.BadRequest(f"OpenSession carries {int(meta.tuning.prompts)} tensors, got {len(tensors)}")
             extras = await self._extras(meta.tuning, span, str(context.remote_id), tensors[0] if tensors else None)
-            self.budget.reserve(meta.batch_size * meta.max_length)
-            reserved = meta.batch_size * meta.max_length
-            self.active_sessions += 1
-            session = compute.SessionCache(span, meta.batch_size, meta.max_length, extras)
-            logger.info("session %s opened by %s: blocks %d:%d, %d tokens", meta.session_id[:8],
-                        str(context.remote_id)[-8:], meta.start, meta.end, reserved)
-            yield wire.response(SessionOpened(session_id=meta.session_id, cache_tokens=reserved))
+            what = f"a session of {meta.batch_size} x {meta.max_length} tokens on blocks {meta.start}:{meta.end}"
+            self.memory.check_possible(bytes_per_token(span, meta.batch_size) * meta.max_length, what)
+            kv = SessionKV(span, meta.batch_size, self.page_tokens)
+            await self.memory.acquire(kv.page_bytes, what)
+            held, kv.capacity = kv.page_bytes, self.page_tokens
+            self.active_sessions, counted = self.active_sessions + 1, True
+            session = Session(span, meta.batch_size, meta.max_length, kv, extras)
+            logger.info("session %s opened by %s: blocks %d:%d, up to %d x %d tokens", meta.session_id[:8],
+                        str(context.remote_id)[-8:], meta.start, meta.end, meta.batch_size, meta.max_length)
+            yield wire.response(SessionOpened(session_id=meta.session_id, cache_tokens=kv.capacity * meta.batch_size))
             # Steps come from the client's stream and, with push, from the previous server: both feed one
             # inbox, and a step already run (pushed first, or sent first by the client) is skipped.
             inbox: asyncio.Queue = asyncio.Queue()
@@ -234,12 +244,17 @@ class Handler:
                         continue  # the other copy of this step got here first
                     steps, pushed_first = steps + 1, pushed_first + pushed
                     hidden, position_ids, mask, _ = _unpack(tensors, 2, step.has_mask)
-                    out = await self._compute(session.step, hidden, position_ids, mask)
+                    session.check(hidden, position_ids, mask)
+                    pages = kv.pages_for(session.length + hidden.shape[1])
+                    if pages:
+                        await self.memory.acquire(pages * kv.page_bytes, f"step {step.step_id} of session {meta.session_id[:8]}")
+                        held, kv.capacity = held + pages * kv.page_bytes, kv.capacity + pages * self.page_tokens
+                    out = await self.scheduler.step(session, hidden, position_ids, mask)
                     last_done = max(last_done, step.step_id)
                     if step.push_to:
                         asyncio.create_task(self._push(meta.session_id, meta.end, step, out, position_ids, mask))
                     yield wire.response(StepDone(step_id=step.step_id, length=session.length), out)
-                except (compute.BadRequest, compute.TooLong, wire.ProtocolError) as e:
+                except (compute.BadRequest, compute.TooLong, wire.ProtocolError, CacheFullError) as e:
                     yield _error(e)  # the session's cache is unchanged; the client may go on
         except StopAsyncIteration:
             return
@@ -249,13 +264,15 @@ class Handler:
         except Exception as e:
             yield _error(e)
         finally:
-            if reserved:
-                self.budget.release(reserved)
+            if held:
+                self.memory.release(held)
+            if counted:
                 self.active_sessions -= 1
             if meta is not None and (meta.session_id, meta.start) in self.inboxes:
                 self.inboxes.pop((meta.session_id, meta.start))
-                logger.info("session %s closed after %d steps, %d of them pushed by the previous server first",
-                            meta.session_id[:8], steps, pushed_first)
+                logger.info("session %s closed after %d steps, %d of them pushed by the previous server first "
+                            "(server total: %d steps in %d passes)", meta.session_id[:8], steps, pushed_first,
+                            self.scheduler.steps_run, self.scheduler.passes_run)
             if reader is not None:
                 reader.cancel()
 

@@ -24,11 +24,12 @@ from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import check_span, load_config, load_span
 from swarmllm.protocol import RPC_INFO, ServerRecord, ServerState
 from swarmllm.server.block_selection import choose_span, should_move
-from swarmllm.server.cache import CacheBudget
+from swarmllm.server.cache import CacheMemory, bytes_per_token
 from swarmllm.server.config import ServerConfig, parse_blocks
 from swarmllm.server.handler import Handler, NamedAdapter, Override
 from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.lora_cache import LoraCache
+from swarmllm.server.scheduler import Scheduler
 from swarmllm.server.throughput import measure as measure_throughput
 
 logger = logging.getLogger(__name__)
@@ -68,19 +69,20 @@ class Server:
             raise
         self.next_rtts: dict[str, float] = {}
         self.state = ServerState.ONLINE
-        self.budget = CacheBudget(config.max_cache_tokens)
+        self.memory = CacheMemory(config.max_cache_bytes, config.cache_queue_timeout)
         self.hub = SwarmHub(self.dht, AdapterStore(), max_bytes=config.max_adapter_bytes)
         self.adapters: dict[str, NamedAdapter] = {}
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self.handler = Handler(
-            self.span, self.budget, config.session_timeout, self.record,
+            self.span, self.memory, config.session_timeout, self.record,
             lora_cache=LoraCache(config.lora_cache_bytes), adapter=self.adapter,
             kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl),
+            scheduler=Scheduler(config.max_batch_rows, config.prefill_chunk), page_tokens=config.cache_page_tokens,
         )
         self.peer_id = str(self.dht.peer_id)
         # On the compute thread, like all torch work: OpenMP keeps one thread team per calling thread, and a
         # second team (on the main thread) measurably slows every later step on a small machine.
-        self.throughput = self.handler.executor.submit(measure_throughput, self.span).result()
+        self.throughput = self.handler.scheduler.call(measure_throughput, self.span).result()
         logger.info("measured %.2f ms per block per inference step, %.0f tokens/s per block forward",
                     self.throughput.step_time * 1e3, self.throughput.forward_tps)
 
@@ -91,7 +93,7 @@ class Server:
             end=self.end,
             dtype=self.config.dtype,
             state=state or self.state,
-            cache_tokens_left=self.budget.free,
+            cache_tokens_left=self.memory.free // bytes_per_token(self.span),
             step_time=self.throughput.step_time,
             forward_tps=self.throughput.forward_tps,
             next_rtts=dict(self.next_rtts),
@@ -133,7 +135,7 @@ class Server:
             await asyncio.sleep(0.5)
         loop = asyncio.get_running_loop()
         span = await loop.run_in_executor(None, load_span, self.model_dir, *target, DTYPES[self.config.dtype])
-        self.throughput = await loop.run_in_executor(self.handler.executor, measure_throughput, span)
+        self.throughput = await self.handler.scheduler.run(measure_throughput, span)
         self.span = self.handler.span = span
         self.start, self.end = target
         self.adapters.clear()  # named adapters are reloaded for the new blocks on first use
@@ -235,4 +237,4 @@ class Server:
                 None, announce, self.dht, self.model_name, self.record(ServerState.OFFLINE), ttl
             )
             await p2p.shutdown()
-            self.handler.executor.shutdown(wait=False, cancel_futures=True)
+            self.handler.scheduler.shutdown()

@@ -1,0 +1,185 @@
+"""Serving many clients: aggregate tokens/s of 8 concurrent clients against 1, and time to first token.
+
+One 3-server loopback swarm of SmolLM2 (float32, 10 blocks each). In the same run:
+- 1 client decoding greedily, then 8 clients at once (threads sharing one client model, as an API server
+  does); the figure is aggregate tokens/s of the 8 over that of the 1. Servers batch the 8 sessions' steps
+  (see swarmllm/server/scheduler.py); the servers' own counters give the mean batch size.
+- With `--unbatched` (default on), the same against a second swarm whose servers run one step per pass
+  (`--max-batch-rows 1`): what batching itself buys, against the same machine.
+- Time to first token for a 512-token prompt: swarm (prefill through 3 servers, in chunks) over local
+  transformers. Lower is better.
+
+Usage: python bench/serving.py [--clients 8] [--new-tokens 32] [--threads 2] [--no-unbatched]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from _process import prepare  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+TARGET_AGGREGATE = 4.0
+PROMPTS = [
+    "Explain in a few sentences why the sky is blue.",
+    "Write a haiku about autumn leaves.",
+    "What is a savings account?",
+    "List three uses of copper.",
+    "Describe a cat to someone who has never seen one.",
+    "How do airplanes stay in the air?",
+    "Give me a recipe for pancakes.",
+    "Why do we have seasons?",
+]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens each client decodes")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, here and per server")
+    p.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for time to first token")
+    p.add_argument("--unbatched", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure a swarm whose servers do not batch (one step per pass)")
+    return p.parse_args()
+
+
+def chat_ids(tokenizer, text: str):
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+
+
+def generate_n(model, ids, n: int) -> list[int]:
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def concurrent(model, prompts: list, n: int) -> tuple[float, list[list[int]]]:
+    """Wall seconds for all prompts decoded at once, one thread each, and their tokens."""
+    results: list = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts) + 1)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        results[i] = generate_n(model, prompts[i], n)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, results
+
+
+def server_totals(swarm) -> tuple[int, int]:
+    """Steps and passes summed over the servers, from their latest session-close log lines."""
+    steps = passes = 0
+    for child in swarm.servers.values():
+        found = [m for m in (re.search(r"server total: (\d+) steps in (\d+) passes", x) for x in child.log) if m]
+        if found:
+            steps, passes = steps + int(found[-1][1]), passes + int(found[-1][2])
+    return steps, passes
+
+
+def measure_swarm(args, model_dir, tokenizer, extra: tuple[str, ...]) -> dict:
+    import torch
+
+    from swarmllm import AutoDistributedModelForCausalLM
+    from swarmllm.cli.local import even_spans
+    from swarmllm.launcher import LocalSwarm, ServerSpec
+    from swarmllm.models.span import load_config
+
+    prompts = [chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)]) for i in range(args.clients)]
+    specs = [ServerSpec(s, extra) for s in even_spans(load_config(model_dir).num_hidden_layers, 3)]
+    out: dict = {}
+    with LocalSwarm(str(model_dir), specs, threads=args.threads) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            str(model_dir), initial_peers=swarm.initial_peers, num_threads=args.threads, dtype=torch.float32)
+        try:
+            generate_n(model, prompts[0], 4)  # warm-up: connections, allocator; not timed
+            singles = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                single_tokens = generate_n(model, prompts[0], args.new_tokens)
+                singles.append(time.perf_counter() - t0)
+            out["single_tok_s"] = args.new_tokens / statistics.median(singles)
+            print(f"  1 client: {out['single_tok_s']:.2f} tok/s", file=sys.stderr)
+            steps0, passes0 = server_totals(swarm)
+            seconds, tokens = concurrent(model, prompts, args.new_tokens)
+            time.sleep(1.0)  # let the servers log their session-close lines
+            steps, passes = (a - b for a, b in zip(server_totals(swarm), (steps0, passes0)))
+            out["aggregate_tok_s"] = args.clients * args.new_tokens / seconds
+            out["ratio"] = out["aggregate_tok_s"] / out["single_tok_s"]
+            out["mean_batch"] = steps / passes if passes else None
+            out["tokens_match_single"] = tokens[0] == single_tokens
+            out["concurrent_tokens"] = tokens
+            print(f"  {args.clients} clients: {out['aggregate_tok_s']:.2f} tok/s aggregate "
+                  f"({out['ratio']:.2f}x), mean batch {out['mean_batch']}", file=sys.stderr)
+            if not extra:
+                out["ttft"] = ttft(args, model_dir, model, tokenizer)
+        finally:
+            model.sequence_manager.shutdown()
+    return out
+
+
+def ttft(args, model_dir, swarm_model, tokenizer) -> dict:
+    """Seconds to the first new token for a `ttft_prompt`-token prompt, swarm and local alternating."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text = " ".join(PROMPTS) * 40
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.ttft_prompt]  # (1, 512)
+    times: dict[str, list[float]] = {"local": [], "swarm": []}
+    firsts = {}
+    for r in range(3):
+        for name, model in (("local", local), ("swarm", swarm_model)) if r % 2 == 0 else (("swarm", swarm_model), ("local", local)):
+            t0 = time.perf_counter()
+            firsts[name] = generate_n(model, ids, 1)
+            times[name].append(time.perf_counter() - t0)
+    local_s, swarm_s = statistics.median(times["local"]), statistics.median(times["swarm"])
+    print(f"  TTFT {args.ttft_prompt} tokens: local {local_s:.3f}s, swarm {swarm_s:.3f}s", file=sys.stderr)
+    return {"prompt_tokens": ids.shape[1], "local_s": local_s, "swarm_s": swarm_s, "ratio": swarm_s / local_s,
+            "first_token_match": firsts["local"] == firsts["swarm"]}
+
+
+def main() -> int:
+    args = parse_args()
+    prepare()
+    import torch
+    from transformers import AutoTokenizer
+
+    from swarmllm.models.source import resolve_model
+
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batched = measure_swarm(args, model_dir, tokenizer, ())
+    results = {"clients": args.clients, "new_tokens": args.new_tokens, "threads": args.threads,
+               "target_aggregate": TARGET_AGGREGATE, "batched": {k: v for k, v in batched.items() if k != "concurrent_tokens"}}
+    if args.unbatched:
+        unbatched = measure_swarm(args, model_dir, tokenizer, ("--max-batch-rows", "1"))
+        results["unbatched"] = {k: v for k, v in unbatched.items() if k != "concurrent_tokens"}
+        results["batched_over_unbatched"] = batched["aggregate_tok_s"] / unbatched["aggregate_tok_s"]
+        results["outputs_equal_unbatched"] = batched["concurrent_tokens"] == unbatched["concurrent_tokens"]
+    merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    RESULTS.write_text(json.dumps({**merged, "serving": results}, indent=2) + "\n")
+    print(f"aggregate {args.clients} clients / 1 client: {batched['ratio']:.2f}x (target >= {TARGET_AGGREGATE})")
+    if args.unbatched:
+        print(f"batched / unbatched servers, {args.clients} clients: {results['batched_over_unbatched']:.2f}x")
+    print(f"time to first token, {batched['ttft']['prompt_tokens']} tokens: swarm / local {batched['ttft']['ratio']:.2f}")
+    return 0 if batched["tokens_match_single"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

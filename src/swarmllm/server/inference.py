@@ -1,0 +1,155 @@
+"""Inference steps of many sessions in one forward pass.
+
+Each session keeps its own keys/values (`cache.SessionKV`) and its own position. A batch stacks the
+sessions' new tokens row-wise; during the pass, every attention layer gets, per row, that session's past
+keys followed by the new ones, padded to the longest session, with a mask that hides the padding. So a
+session's output does not depend on who it was batched with, beyond float rounding of a wider matmul.
+
+Why bother: on a CPU (and a GPU) a decode step is bound by reading the weights, so one pass for 8 sessions
+costs little more than a pass for one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from swarmllm.models.family import SLIDING
+from swarmllm.models.span import Span
+from swarmllm.server.cache import SessionKV
+from swarmllm.server.compute import BadRequest, Extras, TooLong, check_inputs, check_prompts
+
+
+@dataclass
+class Session:
+    """The state of one inference session on one server: its blocks, cache and tuning."""
+
+    span: Span
+    batch_size: int
+    max_length: int
+    kv: SessionKV
+    extras: Extras
+
+    @property
+    def length(self) -> int:
+        return self.kv.length
+
+    def check(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Validate a step before it is queued; the session is unchanged if this raises."""
+        check_inputs(self.span, hidden, position_ids, mask, past=self.length)
+        if hidden.shape[0] != self.batch_size:
+            raise BadRequest(f"session was opened for batch {self.batch_size}, step has batch {hidden.shape[0]}")
+        if self.length + hidden.shape[1] > self.max_length:
+            raise TooLong(
+                f"session declared max_length={self.max_length}; it holds {self.length} tokens and cannot take "
+                f"{hidden.shape[1]} more"
+            )
+        check_prompts(self.span, hidden, self._prompts())
+
+    def _prompts(self) -> torch.Tensor | None:
+        # Deep prompts belong to the first positions of the sequence: only the first step adds them.
+        return self.extras.prompts if self.length == 0 else None
+
+    def batch_key(self, q: int) -> tuple | None:
+        """Steps with equal keys may share a forward pass; None means this step runs alone."""
+        if self._prompts() is not None:
+            return None
+        lora = id(self.extras.lora) if self.extras.lora else None  # a named adapter is one shared object
+        return (self.span.start, self.span.end, q, lora, self.extras.scaling)
+
+
+@dataclass
+class StepInput:
+    session: Session
+    hidden: torch.Tensor  # (batch, q, hidden)
+    position_ids: torch.Tensor  # (batch, q)
+    mask: torch.Tensor | None  # (batch, past + q); None = no padding
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+
+class _BatchCache:
+    """What the attention layers see as the cache during one batched pass: `update` stores the new keys and
+    values in each session and returns, per row, [past, new, padding] up to `kv_len`."""
+
+    def __init__(self, steps: list[StepInput], pasts: list[int], kv_len: int):
+        self.steps, self.pasts, self.kv_len = steps, pasts, kv_len
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key, value: (rows, kv_heads, q, head_dim)
+        q = key.shape[2]
+        if len(self.steps) == 1:  # alone: views of the session's own storage, no copy
+            kv, past = self.steps[0].session.kv, self.pasts[0]
+            kv.write(layer_idx, key, value, past)
+            return kv.keys[layer_idx][:, :, : past + q], kv.values[layer_idx][:, :, : past + q]
+        out_k = key.new_zeros((key.shape[0], key.shape[1], self.kv_len, key.shape[3]))
+        out_v = torch.zeros_like(out_k)
+        row = 0
+        for step, past in zip(self.steps, self.pasts):
+            kv, rows = step.session.kv, slice(row, row + step.rows)
+            kv.write(layer_idx, key[rows], value[rows], past)
+            out_k[rows, :, : past + q] = kv.keys[layer_idx][:, :, : past + q]
+            out_v[rows, :, : past + q] = kv.values[layer_idx][:, :, : past + q]
+            row += step.rows
+        return out_k, out_v
+
+
+def _masks(span: Span, steps: list[StepInput], pasts: list[int], q: int, kv_len: int) -> dict[str, torch.Tensor | None]:
+    """Per layer type, a boolean (rows, 1, q, kv_len) mask (True = attend), or None where plain causal
+    attention over all keys is exact (one session, no padding): that keeps a lone session on the same
+    kernel path as a local transformers model."""
+    masks: dict[str, torch.Tensor | None] = {}
+    j = torch.arange(q)[:, None]  # (q, 1) query offset within the step
+    k = torch.arange(kv_len)[None, :]  # (1, kv_len) key position
+    for lt in set(span.types):
+        window = getattr(span.config, "sliding_window", None) if lt == SLIDING else None
+        simple = len(steps) == 1 and steps[0].mask is None and (q == 1 or pasts[0] == 0)
+        if simple and (window is None or kv_len <= window):
+            masks[lt] = None
+            continue
+        rows = []
+        for step, past in zip(steps, pasts):
+            allowed = k <= past + j  # (q, kv_len): causal, and never a later session's padding
+            if window is not None:
+                allowed = allowed & (past + j - k < window)
+            allowed = allowed.expand(step.rows, q, kv_len).clone()
+            if step.mask is not None:
+                padding = torch.zeros(step.rows, kv_len, dtype=torch.bool)
+                padding[:, : past + q] = step.mask.bool()
+                allowed &= padding[:, None, :]
+                # A padding query whose keys are all padding would attend to nothing (NaN in sdpa); let it see
+                # itself. Real positions never attend to padding, so their outputs are unaffected.
+                lost = ~allowed.any(-1)  # (rows, q)
+                diag = allowed[:, torch.arange(q), past + torch.arange(q)]
+                allowed[:, torch.arange(q), past + torch.arange(q)] = diag | lost
+            rows.append(allowed)
+        masks[lt] = torch.cat(rows)[:, None]
+    return masks
+
+
+@torch.inference_mode()
+def run_batch(steps: list[StepInput]) -> list[torch.Tensor]:
+    """One forward pass for steps of equal `batch_key`; returns each step's output, in its input dtype.
+
+    Each session's length advances only if the whole pass succeeds (a failed pass leaves garbage beyond
+    `length`, which the next step overwrites)."""
+    session0 = steps[0].session
+    span, q = session0.span, steps[0].hidden.shape[1]
+    dtype = next(span.parameters()).dtype
+    pasts = [s.session.length for s in steps]
+    kv_len = max(pasts) + q
+    hidden = torch.cat([s.hidden.to(dtype) for s in steps])  # (rows, q, hidden)
+    position_ids = torch.cat([s.position_ids for s in steps])  # (rows, q)
+    prompts = session0._prompts() if len(steps) == 1 else None
+    masks = _masks(span, steps, pasts, q, kv_len)
+    with session0.extras.applied(span):
+        out = span(hidden, position_ids, cache=_BatchCache(steps, pasts, kv_len), prompts=prompts, masks=masks)
+    results, row = [], 0
+    for s in steps:
+        results.append(out[row : row + s.rows].to(s.hidden.dtype))
+        row += s.rows
+        s.session.kv.length += q
+    return results

@@ -1,0 +1,186 @@
+"""Batched inference steps and the cache memory manager, without a network.
+
+Several sessions of different lengths (some with left padding) run their steps in shared forward passes;
+each must get what the full transformers model gives it alone, for every supported family (sliding
+windows included). Then the scheduler's grouping, chunked prefill and cancellation, and the memory
+queue's admission rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import pytest
+import torch
+
+from swarmllm.models.span import span_from_model
+from swarmllm.server.cache import CacheFullError, CacheMemory, SessionKV, bytes_per_token
+from swarmllm.server.compute import Extras
+from swarmllm.server.inference import Session, StepInput, run_batch
+from swarmllm.server.scheduler import Scheduler, _Call, _Step, take_batch
+from tests.unit.test_span_exact import CONFIGS, _model
+
+
+def _session(span, batch: int = 1, capacity: int = 64) -> Session:
+    kv = SessionKV(span, batch, page_tokens=8)
+    kv.capacity = capacity
+    return Session(span, batch, capacity, kv, Extras())
+
+
+class _Sequence:
+    """One client's sequence: token embeddings, its padding mask and what the full model says."""
+
+    def __init__(self, model, length: int, pad: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g)
+        self.mask = torch.tensor([[0] * pad + [1] * (length - pad)])
+        self.embeds = model.get_input_embeddings()(self.ids).detach()
+        self.position_ids = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = model.base_model(inputs_embeds=self.embeds, position_ids=self.position_ids, attention_mask=self.mask)
+        self.want = out.last_hidden_state
+        self.norm = model.base_model.norm
+
+    def step(self, session: Session, a: int, b: int) -> StepInput:
+        mask = self.mask[:, :b] if not self.mask.all() else None
+        return StepInput(session, self.embeds[:, a:b], self.position_ids[:, a:b], mask)
+
+    def check(self, got: torch.Tensor, a: int, b: int, name: str) -> None:
+        real = self.mask[0, a:b].bool()
+        torch.testing.assert_close(self.norm(got)[:, real], self.want[:, a:b][:, real], rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_batched_sessions_of_different_lengths_equal_the_full_model(name: str) -> None:
+    model = _model(name)
+    span = span_from_model(model, 0, model.config.num_hidden_layers)
+    # Three sessions: different prompt lengths, one left-padded; then decode steps all batched together.
+    seqs = [_Sequence(model, 14, 0, 1), _Sequence(model, 12, 2, 2), _Sequence(model, 9, 0, 3)]
+    prompt = [7, 5, 2]
+    sessions = [_session(span) for _ in seqs]
+    with torch.no_grad():
+        for seq, session, n in zip(seqs, sessions, prompt):
+            (out,) = run_batch([seq.step(session, 0, n)])
+            seq.check(out, 0, n, f"{name} prefill {n}")
+        pos = list(prompt)
+        while any(p < seq.ids.shape[1] for p, seq in zip(pos, seqs)):
+            live = [i for i, seq in enumerate(seqs) if pos[i] < seq.ids.shape[1]]
+            outs = run_batch([seqs[i].step(sessions[i], pos[i], pos[i] + 1) for i in live])
+            for i, out in zip(live, outs):
+                seqs[i].check(out, pos[i], pos[i] + 1, f"{name} session {i} decode at {pos[i]}")
+                pos[i] += 1
+
+
+def test_batched_multi_token_steps_equal_solo_ones() -> None:
+    """Steps of 3 tokens from two sessions at different lengths share a pass; so do batch-2 sessions."""
+    model = _model("llama")
+    span = span_from_model(model, 0, 4)
+    seqs = [_Sequence(model, 11, 0, 4), _Sequence(model, 8, 3, 5)]
+    sessions = [_session(span) for _ in seqs]
+    with torch.no_grad():
+        run_batch([seqs[0].step(sessions[0], 0, 5)])
+        run_batch([seqs[1].step(sessions[1], 0, 2)])
+        outs = run_batch([seqs[0].step(sessions[0], 5, 8), seqs[1].step(sessions[1], 2, 5)])
+    seqs[0].check(outs[0], 5, 8, "session 0")
+    seqs[1].check(outs[1], 2, 5, "session 1")
+
+
+def test_chunked_prefill_equals_one_pass_and_lets_decode_steps_in_between() -> None:
+    model = _model("llama")
+    span = span_from_model(model, 0, 4)
+    long, short = _Sequence(model, 30, 0, 6), _Sequence(model, 6, 0, 7)
+    scheduler = Scheduler(max_batch_rows=8, prefill_chunk=4)
+
+    async def main():
+        a, b = _session(span), _session(span)
+        await scheduler.step(b, *_args(short.step(b, 0, 5)))
+        passes = scheduler.passes_run
+        prefill = asyncio.create_task(scheduler.step(a, *_args(long.step(a, 0, 30))))
+        await asyncio.sleep(0)
+        decode = await scheduler.step(b, *_args(short.step(b, 5, 6)))
+        out = await prefill
+        return out, decode, scheduler.passes_run - passes
+
+    try:
+        out, decode, passes = asyncio.run(main())
+    finally:
+        scheduler.shutdown()
+    long.check(out, 0, 30, "chunked prefill")
+    short.check(decode, 5, 6, "decode between chunks")
+    assert passes == 30 // 4 + 1 + 1, "8 prefill chunks and one decode pass"
+
+
+def _args(step: StepInput):
+    return step.hidden, step.position_ids, step.mask
+
+
+def test_take_batch_groups_compatible_steps_and_keeps_the_rest_in_order() -> None:
+    def step(key, rows=1):
+        return _Step(StepInput(None, torch.zeros(rows, 1, 1), None, None), key)
+
+    a1, call, b1, a2, solo, a3 = step("a"), _Call(print, ()), step("b"), step("a", 2), step(None), step("a", 4)
+    queue = collections.deque([a1, call, b1, a2, solo, a3])
+    assert take_batch(queue, max_rows=4) == [a1, a2]  # a3 would exceed 4 rows
+    assert list(queue) == [call, b1, solo, a3]
+    assert take_batch(queue, max_rows=4) == [call]
+    assert take_batch(queue, max_rows=4) == [b1]
+    assert take_batch(queue, max_rows=4) == [solo]
+
+
+def test_a_cancelled_step_is_dropped_and_the_others_in_its_batch_finish() -> None:
+    model = _model("llama")
+    span = span_from_model(model, 0, 4)
+    seqs = [_Sequence(model, 4, 0, s) for s in (8, 9, 10)]
+    scheduler = Scheduler()
+    gate = scheduler.call(lambda: __import__("time").sleep(0.3))  # holds the thread so the steps queue up
+
+    async def main():
+        sessions = [_session(span) for _ in seqs]
+        tasks = [asyncio.create_task(scheduler.step(s, *_args(q.step(s, 0, 4)))) for s, q in zip(sessions, seqs)]
+        await asyncio.sleep(0.05)
+        tasks[1].cancel()  # its client disconnected while the step waited for the batch
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        return done, sessions
+
+    try:
+        (first, cancelled, third), sessions = asyncio.run(main())
+    finally:
+        gate.result()
+        scheduler.shutdown()
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert sessions[1].length == 0, "a dropped step never computes"
+    seqs[0].check(first, 0, 4, "first")
+    seqs[2].check(third, 0, 4, "third")
+
+
+def test_memory_queue_serves_in_order_times_out_and_refuses_the_impossible() -> None:
+    async def main():
+        memory = CacheMemory(100, queue_timeout=0.5)
+        with pytest.raises(CacheFullError, match="whole budget is"):
+            memory.check_possible(101, "a session")
+        await memory.acquire(80, "first")
+        big = asyncio.create_task(memory.acquire(50, "big"))
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(memory.acquire(10, "small"))  # fits, but waits behind `big`: FIFO
+        await asyncio.sleep(0.01)
+        assert not small.done() and memory.queued == 2
+        memory.release(80)  # both fit now, in order
+        await asyncio.gather(big, small)
+        assert memory.used == 60
+        with pytest.raises(CacheFullError, match="waited 0.5s in the queue"):
+            await memory.acquire(50, "late")  # 40 free: times out
+        assert memory.used == 60 and memory.queued == 0
+
+    asyncio.run(main())
+
+
+def test_session_memory_is_counted_in_pages_of_keys_and_values() -> None:
+    model = _model("llama")  # 4 blocks, 2 kv heads of 8 dims, float32
+    span = span_from_model(model, 0, 4)
+    assert bytes_per_token(span) == 2 * 2 * 8 * 4 * 4
+    kv = SessionKV(span, batch=2, page_tokens=8)
+    assert kv.page_bytes == 2 * bytes_per_token(span) * 8
+    assert kv.pages_for(1) == 1 and kv.pages_for(17) == 3
+    kv.capacity = 16
+    assert kv.pages_for(16) == 0 and kv.pages_for(17) == 1
