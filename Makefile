@@ -24,10 +24,15 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# Every benchmark, each writing its part of bench/results.json; then the chart bench/results.png.
 bench: setup
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/quant.py
+	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/wan.py
+	$(BIN)/python bench/chart.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench examples

@@ -1,0 +1,96 @@
+"""Draw bench/results.json as bench/results.png: every benchmark's ratios, each against its target.
+
+Only ratios are drawn (each measured within one run, against a baseline of the same run); absolute speeds
+on a shared machine are noise. A figure missing from results.json (a benchmark not run, or a condition
+this machine cannot emulate) is left out, not drawn as zero.
+
+Usage: python bench/chart.py [--results bench/results.json] [--out bench/results.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _get(d: dict, *path):
+    for key in path:
+        if not isinstance(d, dict) or key not in d or d[key] is None:
+            return None
+        d = d[key]
+    return d
+
+
+def figures(results: dict) -> list[tuple[str, str, float, float | None, bool]]:
+    """(panel, label, value, target, higher_is_better) for every ratio present."""
+    out = []
+
+    def add(panel, label, value, target=None, higher=True):
+        if isinstance(value, (int, float)):
+            out.append((panel, label, float(value), target, higher))
+
+    add("speed vs baseline", "decode: swarm / local", _get(results, "decode", "ratio"), 0.9)
+    add("speed vs baseline", "finetune: swarm / local time", _get(results, "finetune", "ratio"), 1.3, False)
+    add("speed vs baseline", "TTFT 512: swarm / local time", _get(results, "serving", "batched", "ttft", "ratio"), None, False)
+    add("serving many clients", "8 clients / 1 client", _get(results, "serving", "batched", "ratio"), 4.0)
+    add("serving many clients", "batched / unbatched servers", _get(results, "serving", "batched_over_unbatched"), None)
+    for key, cond in (_get(results, "wan") or {}).items():
+        for side in ("push", "nopush"):
+            add("WAN: steps/s / limit", f"{key} {side}", _get(cond, f"{side}_vs_limit") if isinstance(cond, dict) else None)
+    for mode, row in (_get(results, "quant", "modes") or {}).items():
+        add("quantization vs float32", f"{mode}: tok/s", _get(row, "tok_s_ratio"))
+        add("quantization vs float32", f"{mode}: perplexity", _get(row, "ppl_ratio"), 1.05, False)
+    for mode, row in (_get(results, "compression", "modes") or {}).items():
+        add("wire compression", f"{mode}: greedy agreement", _get(row, "greedy_agreement"))
+    return out
+
+
+def draw(results: dict, out: Path) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = figures(results)
+    panels = list(dict.fromkeys(p for p, *_ in figs))
+    if not panels:
+        print("no figures in results.json", file=sys.stderr)
+        return 1
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.2 + 0.45 * len(figs) + 0.6 * len(panels)), squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        rows = [f for f in figs if f[0] == panel]
+        labels = [r[1] for r in rows]
+        values = [r[2] for r in rows]
+        colors = []
+        for _, _, v, target, higher in rows:
+            ok = target is None or (v >= target if higher else v <= target)
+            colors.append("#4c9a2a" if ok else "#c0392b")
+        ax.barh(labels, values, color=colors)
+        for y, (_, _, v, target, higher) in enumerate(rows):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+            if target is not None:
+                ax.plot([target, target], [y - 0.4, y + 0.4], color="black", lw=1.5)
+        ax.set_title(panel, fontsize=10, loc="left")
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=8)
+    fig.suptitle("swarmllm benchmarks (ratios within one run; black tick = target; red = target missed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=HERE / "results.json")
+    p.add_argument("--out", type=Path, default=HERE / "results.png")
+    args = p.parse_args()
+    return draw(json.loads(args.results.read_text()), args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
