@@ -70,7 +70,7 @@ def draw(results: dict, out: Path) -> int:
             ok = target is None or (v >= target if higher else v <= target)
             colors.append("#4c9a2a" if ok else "#c0392b")
         ax.barh(labels, values, color=colors)
-        for y, (_, _, v, target, higher) in enumerate(rows):
+        for y, (_, _, v, target, _higher) in enumerate(rows):
             ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
             if target is not None:
                 ax.plot([target, target], [y - 0.4, y + 0.4], color="black", lw=1.5)

@@ -21,6 +21,9 @@ PROTOCOL_VERSION = 1
 PeerIdStr = NewType("PeerIdStr", str)
 SessionId = NewType("SessionId", str)
 DType = Literal["float32", "bfloat16"]
+# How a message's floating tensors are encoded on the wire (see `swarmllm.compression` for error bounds).
+# The sender picks it; whoever replies to a request replies in the request's compression.
+Compression = Literal["none", "float16", "bfloat16", "blockwise8"]
 
 # RPC handler names, one per verb; the version is part of the name so incompatible peers never mix.
 RPC_INFO = f"swarmllm.v{PROTOCOL_VERSION}.info"
@@ -163,6 +166,9 @@ class SpanRequest(Record):
     # forward: keep the autograd graph under this id for a backward soon; backward: use the graph kept
     # under this id if the server still has it (else it recomputes, with the same result).
     keep: str | None = None
+    # The request's floating tensors are encoded so, and the reply's must be too. A server that predates the
+    # field ignores it and replies uncompressed, which a client decodes all the same (it reads "float16" too).
+    compression: Compression = "none"
 
 
 class SpanReply(Record):
@@ -179,6 +185,8 @@ class OpenSession(Record):
     batch_size: Annotated[int, Field(ge=1)]
     max_length: Annotated[int, Field(ge=1)]
     tuning: Tuning = Tuning()  # deep prompts, if any, travel as this message's one tensor
+    # Encoding of the floating tensors of every Step of this session and of every StepDone in reply.
+    compression: Compression = "none"
 
 
 class SessionOpened(Record):

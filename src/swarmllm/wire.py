@@ -3,6 +3,9 @@
 A message is a hivemind `ExpertRequest`/`ExpertResponse`: `metadata` holds one JSON record from
 `swarmllm.protocol`, `tensors` hold the tensors that record describes. An `ErrorReply` in place of the
 expected record becomes a `RemoteError` on the caller's side.
+
+Tensors are encoded by `swarmllm.compression`: the sender picks a mode per message (the request's record
+says which, so the reply can use the same), and `parse` decodes any mode back to the original dtype.
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ from __future__ import annotations
 from typing import TypeVar
 
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 from pydantic import ValidationError
 
-from swarmllm.protocol import PROTOCOL_VERSION, ErrorCode, ErrorReply, Record
+from swarmllm import compression
+from swarmllm.protocol import PROTOCOL_VERSION, Compression, ErrorCode, ErrorReply, Record
 
 R = TypeVar("R", bound=Record)
 
@@ -32,16 +35,18 @@ class ProtocolError(ValueError):
     """A message that does not parse as the record it should hold."""
 
 
-def request(record: Record, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:
-    return runtime_pb2.ExpertRequest(
-        metadata=record.to_bytes(), tensors=[serialize_torch_tensor(t.detach()) for t in tensors]
-    )
+def request(record: Record, *tensors: torch.Tensor, compression: Compression = "none") -> runtime_pb2.ExpertRequest:
+    """A request; its floating tensors are encoded in `compression`, others travel as they are."""
+    return runtime_pb2.ExpertRequest(metadata=record.to_bytes(), tensors=_encode(tensors, compression))
 
 
-def response(record: Record, *tensors: torch.Tensor) -> runtime_pb2.ExpertResponse:
-    return runtime_pb2.ExpertResponse(
-        metadata=record.to_bytes(), tensors=[serialize_torch_tensor(t.detach()) for t in tensors]
-    )
+def response(record: Record, *tensors: torch.Tensor, compression: Compression = "none") -> runtime_pb2.ExpertResponse:
+    """A reply; a reply to a request that names a compression should use the same one."""
+    return runtime_pb2.ExpertResponse(metadata=record.to_bytes(), tensors=_encode(tensors, compression))
+
+
+def _encode(tensors: tuple[torch.Tensor, ...], mode: Compression) -> list[runtime_pb2.Tensor]:
+    return [compression.encode(t, mode) for t in tensors]
 
 
 def error_response(code: ErrorCode, message: str) -> runtime_pb2.ExpertResponse:
@@ -49,7 +54,10 @@ def error_response(code: ErrorCode, message: str) -> runtime_pb2.ExpertResponse:
 
 
 def parse(msg, cls: type[R], peer: str = "?") -> tuple[R, list[torch.Tensor]]:
-    """Decode one message into (record, tensors); raise RemoteError if the peer sent an ErrorReply."""
+    """Decode one message into (record, tensors in their original dtypes, whatever their compression).
+
+    Raises RemoteError if the peer sent an ErrorReply, ProtocolError if the record or a tensor is malformed.
+    """
     # Errors are checked first: no other record has both `code` and `message`.
     try:
         err = ErrorReply.from_bytes(msg.metadata)
@@ -63,7 +71,11 @@ def parse(msg, cls: type[R], peer: str = "?") -> tuple[R, list[torch.Tensor]]:
         raise ProtocolError(f"expected {cls.__name__}: {e.errors()[:2]}") from None
     if record.version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {record.version} is not {PROTOCOL_VERSION}")
-    return record, [deserialize_torch_tensor(t) for t in msg.tensors]
+    try:
+        tensors = [compression.decode(t) for t in msg.tensors]
+    except compression.MalformedTensor as e:
+        raise ProtocolError(f"{cls.__name__}: {e}") from None
+    return record, tensors
 
 
 # --- messages larger than one P2P frame ---

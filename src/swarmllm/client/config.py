@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from swarmllm.protocol import Compression
+
 
 class ClientConfig(BaseModel):
     """Settings of a client. Field descriptions become the CLI help."""
@@ -41,6 +43,13 @@ class ClientConfig(BaseModel):
         default=None, description="use the published fine-tuned version NAME of the blocks it covers (servers started with --block-override NAME)"
     )
     adapter: str | None = Field(default=None, description="a named LoRA adapter that every server applies (fetched from the swarm or hub)")
+    compression: Compression = Field(
+        default="none",
+        description="encoding of hidden states and gradients sent to and from servers: none (exact), float16 "
+        "(half the bytes, relative error 2^-11: greedy output unchanged in our measurements), bfloat16 (half, 2^-8) "
+        "or blockwise8 (under 0.3 of the bytes, error up to 1/254 of the largest magnitude in each small block; "
+        "greedy output drifts after a few dozen tokens); servers reply in the same mode. See swarmllm.compression",
+    )
     max_chunk_tokens: int = Field(
         default=8192, ge=1, description="forward/backward batches are split into chunks of at most this many tokens"
     )

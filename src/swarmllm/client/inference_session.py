@@ -64,7 +64,7 @@ class _ServerStream:
             yield msg
 
     async def open(self, meta: OpenSession, tensors: list[torch.Tensor] = ()) -> None:
-        self.queue.put_nowait(wire.request(meta, *tensors))
+        self.queue.put_nowait(wire.request(meta, *tensors, compression=meta.compression))
         self.replies = await asyncio.wait_for(
             self.manager.open_stream(self.hop.peer_id, RPC_INFERENCE, self._requests()), self.manager.config.request_timeout
         )
@@ -79,7 +79,7 @@ class _ServerStream:
     async def step(self, step_id: int, hidden, position_ids, mask, push_to: tuple[str, ...] = ()) -> torch.Tensor:
         tensors = (hidden, position_ids) + ((mask,) if mask is not None else ())
         step = Step(step_id=step_id, has_mask=mask is not None, push_to=push_to)
-        self.queue.put_nowait(wire.request(step, *tensors))
+        self.queue.put_nowait(wire.request(step, *tensors, compression=self.manager.config.compression))
         done, (out,) = wire.parse(await self._next(), StepDone, self.hop.peer_id)
         if done.step_id != step_id:
             raise wire.ProtocolError(f"reply to step {done.step_id}, expected {step_id}")
@@ -173,7 +173,7 @@ class InferenceSession:
                 tuning, tensors = await self.extras(s.hop) if self.extras is not None else (Tuning(), [])
                 meta = OpenSession(
                     session_id=self.session_id, start=s.hop.start, end=s.hop.end, batch_size=self.batch_size,
-                    max_length=self.max_length, tuning=tuning,
+                    max_length=self.max_length, tuning=tuning, compression=self.manager.config.compression,
                 )
                 await s.open(meta, tensors)
             except Exception as e:

@@ -94,9 +94,10 @@ class RemoteSequential(nn.Module):
         `keep` pairs a forward with its backward, so the server can reuse the forward's activations.
         """
         tuning, ref = self._tuning(start, end, prompts, lora_tensors)
-        meta = SpanRequest(start=start, end=end, has_mask=mask is not None, tuning=tuning, keep=keep)
+        meta = SpanRequest(start=start, end=end, has_mask=mask is not None, tuning=tuning, keep=keep,
+                           compression=self.manager.config.compression)
         extra = [t for t in (mask, prompts) if t is not None]
-        msg = wire.request(meta, *tensors, *extra)
+        msg = wire.request(meta, *tensors, *extra, compression=meta.compression)
         error: Exception | None = None
         for _ in range(self.manager.config.max_retries + 1):
             peer = self.manager.holder(start, end)

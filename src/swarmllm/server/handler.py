@@ -137,7 +137,7 @@ class Handler:
             else:
                 out, graph = await self._compute(compute.forward_with_graph, span, hidden, position_ids, mask, extras)
                 self.kept.put(peer, meta.keep, graph)
-            return wire.response(SpanReply(), out)
+            return wire.response(SpanReply(), out, compression=meta.compression)
         except Exception as e:
             return _error(e)
 
@@ -154,7 +154,7 @@ class Handler:
                 logger.debug("backward of %d:%d recomputes its forward (kept: %s)", meta.start, meta.end, graph is not None)
                 extras = await self._extras(meta.tuning, span, peer, prompts)
                 grads = await self._compute(compute.backward, span, hidden, position_ids, grad_out, mask, extras)
-            return wire.response(SpanReply(), *grads)
+            return wire.response(SpanReply(), *grads, compression=meta.compression)
         except Exception as e:
             return _error(e)
 
@@ -252,8 +252,9 @@ class Handler:
                     out = await self.scheduler.step(session, hidden, position_ids, mask)
                     last_done = max(last_done, step.step_id)
                     if step.push_to:
-                        asyncio.create_task(self._push(meta.session_id, meta.end, step, out, position_ids, mask))
-                    yield wire.response(StepDone(step_id=step.step_id, length=session.length), out)
+                        asyncio.create_task(self._push(meta, step, out, position_ids, mask))
+                    yield wire.response(StepDone(step_id=step.step_id, length=session.length), out,
+                                        compression=meta.compression)
                 except (compute.BadRequest, compute.TooLong, wire.ProtocolError, CacheFullError) as e:
                     yield _error(e)  # the session's cache is unchanged; the client may go on
         except StopAsyncIteration:
@@ -276,12 +277,12 @@ class Handler:
             if reader is not None:
                 reader.cancel()
 
-    async def _push(self, session_id: str, next_start: int, step: Step, out, position_ids, mask) -> None:
-        """Send this step's output to the next server of the route. Best effort: if it fails, the next
-        server gets the same input from the client a moment later."""
+    async def _push(self, meta: OpenSession, step: Step, out, position_ids, mask) -> None:
+        """Send this step's output to the next server of the route, in the session's compression. Best
+        effort: if it fails, the next server gets the same input from the client a moment later."""
         nxt = Step(step_id=step.step_id, has_mask=mask is not None, push_to=step.push_to[1:])
-        push = Push(session_id=session_id, start=next_start, step=nxt)
-        msg = wire.request(push, out, position_ids, *([mask] if mask is not None else []))
+        push = Push(session_id=meta.session_id, start=meta.end, step=nxt)
+        msg = wire.request(push, out, position_ids, *([mask] if mask is not None else []), compression=meta.compression)
         try:
             await asyncio.wait_for(self.p2p.call_protobuf_handler(
                 PeerID.from_base58(step.push_to[0]), RPC_PUSH, msg, runtime_pb2.ExpertResponse
