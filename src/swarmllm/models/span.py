@@ -184,8 +184,16 @@ class Span(nn.Module):
             )
         return hidden
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: that of the first floating-point weight (quantized linears keep integer codes
+        in buffers, their norms and biases stay in this dtype)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of the blocks' weights as held: parameters and buffers (quantized codes and scales)."""
+        tensors = [*self.layers.parameters(), *self.layers.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def load_span(model_dir: Path, start: int, end: int, dtype: torch.dtype = torch.float32) -> Span:

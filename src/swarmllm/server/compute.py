@@ -109,7 +109,7 @@ def forward(
 ) -> torch.Tensor:
     check_inputs(span, hidden, position_ids, mask)
     check_prompts(span, hidden, extras.prompts)
-    dtype = next(span.parameters()).dtype
+    dtype = span.dtype
     with extras.applied(span):
         return span(hidden.to(dtype), position_ids, mask, prompts=extras.prompts).to(hidden.dtype)
 
@@ -129,7 +129,7 @@ def forward_with_graph(
     """Forward that keeps its graph for `backward_from_graph`."""
     check_inputs(span, hidden, position_ids, mask)
     check_prompts(span, hidden, extras.prompts)
-    dtype = next(span.parameters()).dtype
+    dtype = span.dtype
     extras = extras.with_leaves()
     with torch.enable_grad():
         x = hidden.detach().to(dtype).requires_grad_(True)

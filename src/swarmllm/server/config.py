@@ -17,6 +17,9 @@ class ServerConfig(BaseModel):
     blocks: str | None = Field(default=None, description="span to serve, START:END (end exclusive)")
     num_blocks: int | None = Field(default=None, ge=1, description="serve this many blocks, chosen where the swarm is weakest")
     dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the blocks' weights and compute")
+    quant: Literal["none", "int8", "nf4"] = Field(
+        default="none", description="store the blocks' linear weights quantized: int8 (per channel) or nf4 (4-bit, blockwise)"
+    )
     max_cache_bytes: int = Field(
         default=2 * 2**30, ge=1, description="server-wide attention-cache memory, in bytes; sessions take it page by page as they grow"
     )
@@ -65,6 +68,8 @@ class ServerConfig(BaseModel):
             raise ValueError("give exactly one of --blocks START:END or --num-blocks N")
         if self.blocks is not None:
             parse_blocks(self.blocks)
+        if self.quant != "none" and self.block_override is not None:
+            raise ValueError("--quant and --block-override cannot be combined yet: an override replaces float weights")
         return self
 
 

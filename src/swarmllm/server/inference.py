@@ -138,7 +138,7 @@ def run_batch(steps: list[StepInput]) -> list[torch.Tensor]:
     `length`, which the next step overwrites)."""
     session0 = steps[0].session
     span, q = session0.span, steps[0].hidden.shape[1]
-    dtype = next(span.parameters()).dtype
+    dtype = span.dtype
     pasts = [s.session.length for s in steps]
     kv_len = max(pasts) + q
     hidden = torch.cat([s.hidden.to(dtype) for s in steps])  # (rows, q, hidden)

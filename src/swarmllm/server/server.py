@@ -20,8 +20,9 @@ from swarmllm.adapters.resolve import resolve_adapter
 from swarmllm.adapters.store import AdapterStore
 from swarmllm.adapters.swarm_hub import SwarmHub
 from swarmllm.dht.records import announce, get_servers
+from swarmllm.models.quant import quantize_blocks
 from swarmllm.models.source import model_display_name, resolve_model
-from swarmllm.models.span import check_span, load_config, load_span
+from swarmllm.models.span import Span, check_span, load_config, load_span
 from swarmllm.protocol import RPC_INFO, ServerRecord, ServerState
 from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheMemory, bytes_per_token
@@ -63,7 +64,7 @@ class Server:
                 records = get_servers(self.dht, self.model_name)
                 self.start, self.end = choose_span(records, num_blocks, config.num_blocks)
             logger.info("loading blocks %d:%d of %s (%s)", self.start, self.end, self.model_name, config.dtype)
-            self.span = load_span(self.model_dir, self.start, self.end, DTYPES[config.dtype])
+            self.span = self._load(self.start, self.end)
         except BaseException:
             self.dht.shutdown()
             raise
@@ -85,6 +86,13 @@ class Server:
         self.throughput = self.handler.scheduler.call(measure_throughput, self.span).result()
         logger.info("measured %.2f ms per block per inference step, %.0f tokens/s per block forward",
                     self.throughput.step_time * 1e3, self.throughput.forward_tps)
+
+    def _load(self, start: int, end: int) -> Span:
+        span = load_span(self.model_dir, start, end, DTYPES[self.config.dtype])
+        quantize_blocks(span.layers, self.config.quant)
+        logger.info("blocks %d:%d hold %.1f MiB of weights (%s, quant %s)", start, end, span.weight_bytes() / 2**20,
+                    self.config.dtype, self.config.quant)
+        return span
 
     def record(self, state: ServerState | None = None) -> ServerRecord:
         return ServerRecord(
@@ -134,7 +142,7 @@ class Server:
                 return
             await asyncio.sleep(0.5)
         loop = asyncio.get_running_loop()
-        span = await loop.run_in_executor(None, load_span, self.model_dir, *target, DTYPES[self.config.dtype])
+        span = await loop.run_in_executor(None, self._load, *target)
         self.throughput = await self.handler.scheduler.run(measure_throughput, span)
         self.span = self.handler.span = span
         self.start, self.end = target

@@ -23,7 +23,7 @@ class Throughput:
 @torch.inference_mode()
 def measure(span: Span, repeats: int = 3, context: int = 32, batch_tokens: int = 128) -> Throughput:
     """Median of `repeats` timings after one warm-up; costs well under a second for small spans."""
-    dtype = next(span.parameters()).dtype
+    dtype = span.dtype
     hidden_size, blocks = span.config.hidden_size, len(span.layers)
     prefix = torch.randn(1, context, hidden_size, dtype=dtype)
 

@@ -1,0 +1,70 @@
+"""Quality gates of the real SmolLM2 under int8, NF4 and bfloat16, on the shipped evaluation text (~2,650
+tokens in windows of 512, the same scoring as bench/quant.py; ~15 s on 2 idle cores).
+
+The gate is perplexity within 5% of float32. int8 and bfloat16 pass it; NF4 does not on this 135M model
+(its weights come from a Q4_1 GGUF, i.e. already 4-bit, and rounding them onto the NF4 grid costs ~24%;
+NF4 blocks down to 8 did not close the gap, see docs/quantization.md). So NF4's gate is an expected
+failure (strict: it flags the day it passes), and a looser bound guards NF4 against regressions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from swarmllm.models.evaluation import eval_text, quantized_copy, score_text
+
+pytestmark = pytest.mark.real_model
+
+logger = logging.getLogger(__name__)
+
+WINDOW = 512
+GATE = 1.05
+# Measured on this text (perplexity ratio to float32, top-1 agreement with float32): int8 1.004 / 0.965,
+# bfloat16 1.001 / 0.973, nf4 1.242 / 0.723. The bounds below leave margin for other torch builds and CPUs.
+MIN_TOP1 = {"int8": 0.93, "bfloat16": 0.93, "nf4": 0.65}
+NF4_MAX_RATIO = 1.35
+
+
+@pytest.fixture(scope="module")
+def scores(smollm2_local, smollm2_tokenizer) -> dict[str, tuple[float, float]]:
+    """variant -> (perplexity ratio to float32, top-1 agreement with float32), computed once."""
+    text = eval_text()
+    base = score_text(smollm2_local, smollm2_tokenizer, text, WINDOW)
+    out = {}
+    for variant in ("int8", "nf4", "bfloat16"):
+        if variant == "bfloat16":
+            model = quantized_copy(smollm2_local, "none").to(torch.bfloat16)
+        else:
+            model = quantized_copy(smollm2_local, variant)
+        score = score_text(model, smollm2_tokenizer, text, WINDOW)
+        ratio, top1 = score.perplexity / base.perplexity, score.agreement(base)
+        logger.info("%s: perplexity ratio %.4f, top-1 agreement %.4f (float32 perplexity %.3f)",
+                    variant, ratio, top1, base.perplexity)
+        out[variant] = (ratio, top1)
+        del model
+    return out
+
+
+@pytest.mark.parametrize("variant", [
+    "int8", "bfloat16",
+    pytest.param("nf4", marks=pytest.mark.xfail(strict=True, reason="NF4 costs SmolLM2-135M ~24% perplexity")),
+])
+def test_perplexity_within_5_percent_of_float32(variant, scores, record_property):
+    ratio, top1 = scores[variant]
+    record_property("perplexity_ratio", ratio)
+    record_property("top1_agreement", top1)
+    assert ratio < GATE, f"{variant}: perplexity ratio {ratio:.4f} (top-1 agreement {top1:.4f})"
+
+
+@pytest.mark.parametrize("variant", ["int8", "bfloat16", "nf4"])
+def test_top1_agreement_with_float32(variant, scores):
+    ratio, top1 = scores[variant]
+    assert top1 >= MIN_TOP1[variant], f"{variant}: top-1 agreement {top1:.4f} (perplexity ratio {ratio:.4f})"
+
+
+def test_nf4_perplexity_does_not_regress(scores):
+    ratio, _ = scores["nf4"]
+    assert ratio < NF4_MAX_RATIO, f"nf4: perplexity ratio {ratio:.4f}"
