@@ -30,6 +30,9 @@ class ServerConfig(BaseModel):
     max_batch_rows: int = Field(
         default=64, ge=1, description="most sequences (summed over sessions) in one batched inference pass"
     )
+    batch_wait: float = Field(
+        default=0.005, ge=0, description="seconds a pass may wait for steps of other recently active sessions on the same blocks (0: never)"
+    )
     prefill_chunk: int = Field(
         default=256, ge=1, description="longer prompts run in chunks of this many tokens, so others' decode steps run between"
     )

@@ -78,7 +78,7 @@ class Server:
             self.span, self.memory, config.session_timeout, self.record,
             lora_cache=LoraCache(config.lora_cache_bytes), adapter=self.adapter,
             kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl),
-            scheduler=Scheduler(config.max_batch_rows, config.prefill_chunk), page_tokens=config.cache_page_tokens,
+            scheduler=Scheduler(config.max_batch_rows, config.prefill_chunk, config.batch_wait), page_tokens=config.cache_page_tokens,
         )
         self.peer_id = str(self.dht.peer_id)
         # On the compute thread, like all torch work: OpenMP keeps one thread team per calling thread, and a
