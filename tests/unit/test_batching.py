@@ -184,3 +184,38 @@ def test_session_memory_is_counted_in_pages_of_keys_and_values() -> None:
     assert kv.pages_for(1) == 1 and kv.pages_for(17) == 3
     kv.capacity = 16
     assert kv.pages_for(16) == 0 and kv.pages_for(17) == 1
+
+
+def test_a_pass_waits_briefly_for_recently_active_sessions_but_never_for_a_lone_one() -> None:
+    model = _model("llama")
+    span = span_from_model(model, 0, 4)
+    a_seq, b_seq = _Sequence(model, 6, 0, 11), _Sequence(model, 6, 0, 12)
+    scheduler = Scheduler(batch_wait=0.2)
+
+    async def main():
+        a, b = _session(span), _session(span)
+        await scheduler.step(a, *_args(a_seq.step(a, 0, 4)))
+        t0 = asyncio.get_running_loop().time()
+        await scheduler.step(a, *_args(a_seq.step(a, 4, 5)))
+        alone = asyncio.get_running_loop().time() - t0
+        await scheduler.step(b, *_args(b_seq.step(b, 0, 4)))  # b is now a recently active session
+        passes = scheduler.passes_run
+        first = asyncio.create_task(scheduler.step(a, *_args(a_seq.step(a, 5, 6))))
+        await asyncio.sleep(0.05)  # a's step waits for b's, which comes within batch_wait
+        second = await scheduler.step(b, *_args(b_seq.step(b, 4, 5)))
+        outs = (await first, second)
+        joined = scheduler.passes_run - passes
+        scheduler.forget(b)
+        t0 = asyncio.get_running_loop().time()
+        await scheduler.step(a, *_args(a_seq.step(a, 0, 1)))  # (recomputes position 0: only timing matters)
+        after_forget = asyncio.get_running_loop().time() - t0
+        return alone, outs, joined, after_forget
+
+    try:
+        alone, (out_a, out_b), joined, after_forget = asyncio.run(main())
+    finally:
+        scheduler.shutdown()
+    assert alone < 0.15 and after_forget < 0.15, "a lone session must not wait for a batch"
+    assert joined == 1, "both steps ran in one pass"
+    a_seq.check(out_a, 5, 6, "a")
+    b_seq.check(out_b, 4, 5, "b")

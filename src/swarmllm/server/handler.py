@@ -208,7 +208,7 @@ class Handler:
         Admission: a session that could never fit is refused at once; otherwise it waits in the memory queue
         for its first page. Its cache then grows page by page as steps arrive (each may wait in the queue too),
         and all of it is freed when the stream ends, whatever the reason."""
-        held, reader, meta, steps, pushed_first, counted = 0, None, None, 0, 0, False
+        held, reader, meta, steps, pushed_first, counted, session = 0, None, None, 0, 0, False, None
         try:
             first = await asyncio.wait_for(anext(requests), self.session_timeout)
             meta, tensors = wire.parse(first, OpenSession)
@@ -265,6 +265,8 @@ class Handler:
         except Exception as e:
             yield _error(e)
         finally:
+            if session is not None:
+                self.scheduler.forget(session)
             if held:
                 self.memory.release(held)
             if counted:

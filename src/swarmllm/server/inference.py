@@ -12,6 +12,7 @@ costs little more than a pass for one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +20,16 @@ from swarmllm.models.family import SLIDING
 from swarmllm.models.span import Span
 from swarmllm.server.cache import SessionKV
 from swarmllm.server.compute import BadRequest, Extras, TooLong, check_inputs, check_prompts
+
+
+class BatchKey(NamedTuple):
+    """Steps with equal keys may share a forward pass."""
+
+    start: int
+    end: int
+    q: int  # new tokens per row
+    lora: int | None  # id of a named adapter's weights (one shared object), None for the base model
+    scaling: float
 
 
 @dataclass
@@ -51,12 +62,12 @@ class Session:
         # Deep prompts belong to the first positions of the sequence: only the first step adds them.
         return self.extras.prompts if self.length == 0 else None
 
-    def batch_key(self, q: int) -> tuple | None:
-        """Steps with equal keys may share a forward pass; None means this step runs alone."""
+    def batch_key(self, q: int) -> BatchKey | None:
+        """The key of a step of `q` tokens; None means it runs alone."""
         if self._prompts() is not None:
             return None
-        lora = id(self.extras.lora) if self.extras.lora else None  # a named adapter is one shared object
-        return (self.span.start, self.span.end, q, lora, self.extras.scaling)
+        lora = id(self.extras.lora) if self.extras.lora else None
+        return BatchKey(self.span.start, self.span.end, q, lora, self.extras.scaling)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarmllm.server.inference import Session, StepInput, run_batch
+from swarmllm.server.inference import BatchKey, Session, StepInput, run_batch
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class _Call:
 @dataclass
 class _Step:
     step: StepInput
-    key: tuple | None
+    key: BatchKey | None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -66,6 +66,10 @@ def take_batch(queue: collections.deque, max_rows: int) -> list:
     return group
 
 
+def _same_but_length(a: BatchKey, b: BatchKey) -> bool:
+    return a._replace(q=0) == b._replace(q=0)
+
+
 class Scheduler:
     """Owns the compute thread. `run(fn, ...)` for any torch work, `step(session, ...)` for inference."""
 
@@ -74,7 +78,7 @@ class Scheduler:
         self.max_batch_rows, self.prefill_chunk = max_batch_rows, prefill_chunk
         self.batch_wait, self.recent = batch_wait, recent
         # id(session) -> (batch key, rows, time of its last step): who is likely to send a step soon.
-        self._last_step: dict[int, tuple[tuple, int, float]] = {}
+        self._last_step: dict[int, tuple[BatchKey, int, float]] = {}
         self._queue: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._stopped = False
@@ -115,6 +119,11 @@ class Scheduler:
                 session.kv.length = past
                 raise
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def forget(self, session: Session) -> None:
+        """The session ended: no pass should wait for its steps any more."""
+        with self._cv:
+            self._last_step.pop(id(session), None)
 
     def shutdown(self) -> None:
         with self._cv:
@@ -157,7 +166,9 @@ class Scheduler:
                 del self._last_step[sid]  # forget sessions gone quiet (closed, or a user reading)
             mine = {id(t.step.session) for t in group}
             rows = sum(t.step.rows for t in group)
-            expected = sum(r for sid, (k, r, _) in self._last_step.items() if k == key and sid not in mine)
+            # Same blocks and adapter, any step length: a session's last step may have been its prompt.
+            expected = sum(r for sid, (k, r, _) in self._last_step.items()
+                           if _same_but_length(k, key) and sid not in mine)
             if expected == 0 or rows >= self.max_batch_rows or now >= deadline:
                 return
             self._cv.wait(deadline - now)
