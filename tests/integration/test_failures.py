@@ -129,6 +129,43 @@ def test_a_queued_session_proceeds_once_memory_frees(tiny_client) -> None:
     assert result["out"].shape == (1, 6)
 
 
+def test_a_session_outgrowing_free_memory_fails_clearly_and_the_server_is_not_banned(tiny_swarm, tiny_llama_dir) -> None:
+    """Admitted sessions grow on demand. One that needs pages nobody frees in time gets cache_full; the client
+    replays it on another route (here the same, only 0:2 server: full servers are not banned) and gives up
+    after max_failovers with the server's message. Once memory is free, the same session size fits."""
+    client = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_llama_dir), initial_peers=tiny_swarm.initial_peers, max_failovers=1, missing_blocks_timeout=5)
+    layers = client.model.layers
+    filler = layers.inference_session(max_length=200)
+    filler.step(torch.randn(1, 100, 32), torch.arange(100)[None])  # 7 of server0's 12.5 pages
+    stop = threading.Event()
+
+    def keep_alive():  # server0 frees sessions idle for 3 s; this one must hold its pages throughout
+        n = 100
+        while not stop.wait(0.5) and n < 110:
+            filler.step(torch.randn(1, 1, 32), torch.tensor([[n]]))
+            n += 1
+
+    thread = threading.Thread(target=keep_alive)
+    thread.start()
+    session = layers.inference_session(max_length=200)
+    try:
+        session.step(torch.randn(1, 50, 32), torch.arange(50)[None])  # 4 more pages
+        with pytest.raises(SessionFailedError, match="no server had cache memory.*waited 1s in the queue"):
+            session.step(torch.randn(1, 60, 32), torch.arange(50, 110)[None])  # needs 3 more, 1.5 are free
+        assert not client.sequence_manager.banned(), "a full server is healthy: it must not be banned"
+    finally:
+        stop.set()
+        thread.join()
+        filler.close()
+        session.close()
+    try:
+        with layers.inference_session(max_length=200) as fresh:  # the memory came back
+            fresh.step(torch.randn(1, 110, 32), torch.arange(110)[None])
+    finally:
+        client.sequence_manager.shutdown()
+
+
 def test_idle_session_times_out_and_frees_its_cache(tiny_client, tiny_swarm) -> None:
     session = _fill_server0(tiny_client)
     with pytest.raises(SessionFailedError, match="waited 1s in the queue"):

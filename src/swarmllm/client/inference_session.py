@@ -217,7 +217,7 @@ class InferenceSession:
             )
         if not self._streams:
             self._open(hidden.shape[0])
-        first, x = 0, hidden
+        first, x, full = 0, hidden, 0
         while True:
             try:
                 out = loop.run(self._step_from(first, x, position_ids, attention_mask))
@@ -229,6 +229,12 @@ class InferenceSession:
                     # session's caches disagree now and it cannot go on.
                     self.close()
                     raise error from None
+                if isinstance(error, wire.RemoteError) and error.code == ErrorCode.CACHE_FULL:
+                    # Full servers are not banned, so the same one may come back: bound the retries.
+                    full += 1
+                    if full > self.manager.config.max_failovers:
+                        self.close()
+                        raise SessionFailedError(f"no server had cache memory for this step: {error}") from None
                 try:
                     self._replace(failed.index, error)
                 except BaseException:
@@ -242,8 +248,9 @@ class InferenceSession:
     def _replace(self, index: int, error: BaseException) -> None:
         """Swap stream `index` for a new route over its blocks, with its history replayed there."""
         old = self._streams[index]
-        # A server that timed out our idle session is healthy (and may take the session again).
-        if not (isinstance(error, wire.RemoteError) and error.code == ErrorCode.SESSION_TIMEOUT):
+        # A server that timed out our idle session, or had no cache memory left for it, is healthy (and may
+        # take the session again later): only faulty servers are banned.
+        if not (isinstance(error, wire.RemoteError) and error.code in (ErrorCode.SESSION_TIMEOUT, ErrorCode.CACHE_FULL)):
             self.manager.ban(old.hop.peer_id, repr(error))
         logger.warning("session %s: replacing server %s (blocks %d:%d) after %r", self.session_id[:8],
                        old.hop.peer_id[-8:], old.hop.start, old.hop.end, error)
