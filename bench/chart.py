@@ -41,9 +41,12 @@ def figures(results: dict) -> list[tuple[str, str, float, float | None, bool]]:
     for key, cond in (_get(results, "wan") or {}).items():
         for side in ("push", "nopush"):
             add("WAN: steps/s / limit", f"{key} {side}", _get(cond, f"{side}_vs_limit") if isinstance(cond, dict) else None)
-    for mode, row in (_get(results, "quant", "modes") or {}).items():
-        add("quantization vs float32", f"{mode}: tok/s", _get(row, "tok_s_ratio"))
-        add("quantization vs float32", f"{mode}: perplexity", _get(row, "ppl_ratio"), 1.05, False)
+    for mode, row in (_get(results, "quant", "variants") or {}).items():
+        if mode == "float32":
+            continue
+        add("dtype and quantization vs float32", f"{mode}: decode tok/s", _get(row, "tok_s_ratio"))
+        add("dtype and quantization vs float32", f"{mode}: memory per block", _get(row, "block_bytes_ratio"), None, False)
+        add("dtype and quantization vs float32", f"{mode}: perplexity", _get(row, "perplexity_ratio"), 1.05, False)
     for mode, row in (_get(results, "compression", "modes") or {}).items():
         add("wire compression", f"{mode}: greedy agreement", _get(row, "greedy_agreement"))
     return out
@@ -78,7 +81,7 @@ def draw(results: dict, out: Path) -> int:
         ax.invert_yaxis()
         ax.tick_params(labelsize=8)
     fig.suptitle("swarmllm benchmarks (ratios within one run; black tick = target; red = target missed)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
     return 0
