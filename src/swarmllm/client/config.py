@@ -50,6 +50,14 @@ class ClientConfig(BaseModel):
         "or blockwise8 (under 0.3 of the bytes, error up to 1/254 of the largest magnitude in each small block; "
         "greedy output drifts after a few dozen tokens); servers reply in the same mode. See swarmllm.compression",
     )
+    local_blocks: int = Field(
+        default=0, ge=0,
+        description="run the first K blocks on this machine, so no server sees the token embeddings (what this "
+        "does and does not protect: docs/privacy.md)",
+    )
+    local_last_blocks: bool = Field(
+        default=False, description="with local_blocks=K, also run the last K blocks here, so no server sees the final hidden states"
+    )
     max_chunk_tokens: int = Field(
         default=8192, ge=1, description="forward/backward batches are split into chunks of at most this many tokens"
     )

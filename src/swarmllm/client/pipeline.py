@@ -1,8 +1,10 @@
-"""The chain of blocks a client runs: remote spans, with any blocks the client trains itself in between.
+"""The chain of blocks a client runs: remote spans, with any blocks the client runs itself in between.
 
-With `trainable_blocks=[i, ...]` those blocks are loaded on the client as ordinary trainable modules and the
-rest stay remote and frozen; the pipeline runs the segments in order, for stateless forward (training)
-and for inference sessions (local blocks keep their own attention cache on the client).
+With `trainable_blocks=[i, ...]` those blocks are loaded on the client as ordinary trainable modules; with
+`local_blocks=K` the first (and optionally last) K blocks run on the client, frozen, so that no server sees
+token embeddings or final hidden states. The rest stay remote. The pipeline runs the segments in order,
+for stateless forward (training) and for inference sessions (local blocks keep their own attention cache
+on the client).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from swarmllm.models.span import Span
 
 
 class LocalBlocks(nn.Module):
-    """Blocks `[start, end)` run on the client, trainable."""
+    """Blocks `[start, end)` run on the client (trainable or not: see each layer's requires_grad)."""
 
     def __init__(self, span: Span, tuning: ClientTuning | None):
         super().__init__()

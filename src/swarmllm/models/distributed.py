@@ -128,6 +128,7 @@ class DistributedMixin:
 
     _keys_to_ignore_on_load_unexpected = [r"(^|\.)layers\.\d+\."]  # blocks are remote: never loaded here
     sequence_manager: SequenceManager
+    _trainable_blocks: list[int] = []
 
     # Per thread, so that several threads can generate concurrently with one model (an API server does).
     _sessions = threading.local()
@@ -181,7 +182,8 @@ class DistributedMixin:
 
     def save_blocks(self, path: str | Path) -> Path:
         """Write the blocks trained on the client (`trainable_blocks`) as a block checkpoint."""
-        local = {b.start + i: layer for b in self._local_blocks() for i, layer in enumerate(b.span.layers)}
+        local = {b.start + i: layer for b in self._local_blocks() for i, layer in enumerate(b.span.layers)
+                 if b.start + i in self._trainable_blocks}
         if not local:
             raise ValueError("this model trains no whole blocks (load it with trainable_blocks=[...])")
         block_ckpt.save_blocks(Path(path), self._swarm_model_name, local, self._base_hashes)
@@ -268,21 +270,26 @@ class AutoDistributedModelForCausalLM:
         model.config = hf_config
         text = text_config(hf_config)
         num_blocks = text.num_hidden_layers
-        local = sorted(set(trainable_blocks))
-        if any(not 0 <= b < num_blocks for b in local):
-            raise ValueError(f"trainable_blocks must be within 0:{num_blocks}, got {local}")
+        trainable = sorted(set(trainable_blocks))
+        if any(not 0 <= b < num_blocks for b in trainable):
+            raise ValueError(f"trainable_blocks must be within 0:{num_blocks}, got {trainable}")
+        private = _private_blocks(client, num_blocks)
+        if private and (tuning_mode == "lora" or init_adapter is not None):
+            raise ValueError("local_blocks cannot be combined with LoRA training yet: the local blocks would get no LoRA")
+        local = sorted(set(trainable) | private)
         tuning = _make_tuning(tuning_mode, text, num_blocks, pre_seq_len, lora, init_adapter, local, client)
         manager = SequenceManager(client, model_display_name(name), num_blocks)
         backbone = model.base_model
         model.sequence_manager = manager
         model._swarm_model_name = model_display_name(name)
-        if tuning_mode is not None or local:
+        if tuning_mode is not None or trainable:
             model.requires_grad_(False)  # the base model stays frozen; only tuning parameters train
         model.tuning = tuning
         layers: RemoteSequential | Pipeline = RemoteSequential(manager, tuning=tuning)
+        model._trainable_blocks = trainable
         if local:
-            layers = _pipeline(manager, tuning, model_dir, dtype, num_blocks, local)
-            model._base_hashes = block_ckpt.base_hashes(model_dir, local)
+            layers = _pipeline(manager, tuning, model_dir, dtype, num_blocks, local, set(trainable))
+            model._base_hashes = block_ckpt.base_hashes(model_dir, trainable)
         setattr(model, model.base_model_prefix, DistributedBackbone(text, backbone.embed_tokens, backbone.norm, layers, tuning))
         return model.eval()
 
@@ -310,13 +317,25 @@ def _make_tuning(mode, text: PretrainedConfig, num_blocks: int, pre_seq_len: int
     return ClientTuning(mode, num_blocks, text.hidden_size, pre_seq_len, lora_config, init, adapter=client.adapter)
 
 
+def _private_blocks(client: ClientConfig, num_blocks: int) -> set[int]:
+    """Blocks run on the client for privacy (`local_blocks`): the first K, and the last K if asked."""
+    k = client.local_blocks
+    private = set(range(k)) | (set(range(num_blocks - k, num_blocks)) if client.local_last_blocks else set())
+    if k and len(private) >= num_blocks:
+        raise ValueError(f"local_blocks={k} would run all {num_blocks} blocks on the client: nothing left for the swarm")
+    return private
+
+
 def _pipeline(manager: SequenceManager, tuning: ClientTuning, model_dir: Path, dtype: torch.dtype, num_blocks: int,
-              local: list[int]) -> Pipeline:
+              local: list[int], trainable: set[int]) -> Pipeline:
+    """Remote spans and client-side blocks in order; only `trainable` client blocks get gradients (the others
+    run here for privacy, frozen)."""
     segments: list[nn.Module] = []
     for start, end, is_local in split_segments(num_blocks, set(local)):
         if is_local:
             span = load_span(model_dir, start, end, dtype)
-            span.requires_grad_(True)
+            for i, layer in enumerate(span.layers):
+                layer.requires_grad_(start + i in trainable)
             segments.append(LocalBlocks(span, tuning))
         else:
             segments.append(RemoteSequential(manager, start, end, tuning))
