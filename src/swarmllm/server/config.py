@@ -27,6 +27,9 @@ class ServerConfig(BaseModel):
     cache_queue_timeout: float = Field(
         default=10.0, ge=0, description="seconds a new session or a growing one may wait in the queue for cache memory"
     )
+    audit_log: str | None = Field(
+        default=None, description="append one JSON line per call or session to this file: which peer used which blocks when (no payloads)"
+    )
     max_batch_rows: int = Field(
         default=64, ge=1, description="most sequences (summed over sessions) in one batched inference pass"
     )

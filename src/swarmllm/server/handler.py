@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ from swarmllm.protocol import (
     Tuning,
 )
 from swarmllm.server import compute
+from swarmllm.server.audit import AuditLog
 from swarmllm.server.cache import CacheFullError, CacheMemory, SessionKV, bytes_per_token
 from swarmllm.server.inference import Session
 from swarmllm.server.kept_graphs import KeptGraphs
@@ -94,7 +96,7 @@ class Handler:
         self, span: Span, memory: CacheMemory, session_timeout: float, record: Callable[[], ServerRecord],
         lora_cache: LoraCache | None = None, adapter: Callable[[str], Awaitable[NamedAdapter]] | None = None,
         override: Override | None = None, kept: KeptGraphs | None = None, scheduler: Scheduler | None = None,
-        page_tokens: int = 64,
+        page_tokens: int = 64, audit: AuditLog | None = None,
     ):
         self.span, self.memory, self.session_timeout, self.record = span, memory, session_timeout, record
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache(256 * 2**20)
@@ -102,6 +104,7 @@ class Handler:
         self.adapter, self.override = adapter, override
         self.scheduler = scheduler if scheduler is not None else Scheduler()
         self.page_tokens = page_tokens
+        self.audit = audit if audit is not None else AuditLog(None)
         self.active_sessions = 0
         self.inboxes: dict[tuple[str, int], asyncio.Queue] = {}  # (session id, first block) -> step inbox
         self.p2p: P2P | None = None
@@ -126,25 +129,31 @@ class Handler:
         return wire.response(self.record())
 
     async def forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        began, meta, tokens = time.monotonic(), None, 0
         try:
             meta, tensors = wire.parse(request, SpanRequest)
             hidden, position_ids, mask, prompts = _unpack(tensors, 2, meta.has_mask, meta.tuning.prompts)
             span = compute.sub_span(self.span, meta.start, meta.end)
             peer = str(context.remote_id)
             extras = await self._extras(meta.tuning, span, peer, prompts)
+            tokens = hidden.shape[0] * hidden.shape[1]
             if meta.keep is None:
                 out = await self._compute(compute.forward, span, hidden, position_ids, mask, extras)
             else:
                 out, graph = await self._compute(compute.forward_with_graph, span, hidden, position_ids, mask, extras)
                 self.kept.put(peer, meta.keep, graph)
+            self._audit(context, "forward", meta, tokens, "ok", began)
             return wire.response(SpanReply(), out, compression=meta.compression)
         except Exception as e:
+            self._audit(context, "forward", meta, tokens, _code(e), began)
             return _error(e)
 
     async def backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        began, meta, tokens = time.monotonic(), None, 0
         try:
             meta, tensors = wire.parse(request, SpanRequest)
             hidden, position_ids, grad_out, mask, prompts = _unpack(tensors, 3, meta.has_mask, meta.tuning.prompts)
+            tokens = hidden.shape[0] * hidden.shape[1]
             span = compute.sub_span(self.span, meta.start, meta.end)
             peer = str(context.remote_id)
             graph = self.kept.pop(peer, meta.keep) if meta.keep is not None else None
@@ -154,8 +163,10 @@ class Handler:
                 logger.debug("backward of %d:%d recomputes its forward (kept: %s)", meta.start, meta.end, graph is not None)
                 extras = await self._extras(meta.tuning, span, peer, prompts)
                 grads = await self._compute(compute.backward, span, hidden, position_ids, grad_out, mask, extras)
+            self._audit(context, "backward", meta, tokens, "ok", began)
             return wire.response(SpanReply(), *grads, compression=meta.compression)
         except Exception as e:
+            self._audit(context, "backward", meta, tokens, _code(e), began)
             return _error(e)
 
     async def rpc_lora_put(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -209,6 +220,7 @@ class Handler:
         for its first page. Its cache then grows page by page as steps arrive (each may wait in the queue too),
         and all of it is freed when the stream ends, whatever the reason."""
         held, reader, meta, steps, pushed_first, counted, session = 0, None, None, 0, 0, False, None
+        began, tokens, outcome = time.monotonic(), 0, "ok"
         try:
             first = await asyncio.wait_for(anext(requests), self.session_timeout)
             meta, tensors = wire.parse(first, OpenSession)
@@ -250,6 +262,7 @@ class Handler:
                         await self.memory.acquire(pages * kv.page_bytes, f"step {step.step_id} of session {meta.session_id[:8]}")
                         held, kv.capacity = held + pages * kv.page_bytes, kv.capacity + pages * self.page_tokens
                     out = await self.scheduler.step(session, hidden, position_ids, mask)
+                    tokens += hidden.shape[0] * hidden.shape[1]
                     last_done = max(last_done, step.step_id)
                     if step.push_to:
                         asyncio.create_task(self._push(meta, step, out, position_ids, mask))
@@ -260,11 +273,15 @@ class Handler:
         except StopAsyncIteration:
             return
         except TimeoutError:
+            outcome = ErrorCode.SESSION_TIMEOUT.value
             logger.info("session from %s timed out; freeing its cache", str(context.remote_id)[-8:])
             yield wire.error_response(ErrorCode.SESSION_TIMEOUT, f"no message for {self.session_timeout}s")
         except Exception as e:
+            outcome = _code(e).value
             yield _error(e)
         finally:
+            if meta is not None:
+                self.audit.record(str(context.remote_id), "inference", meta.start, meta.end, tokens, outcome, began, steps)
             if session is not None:
                 self.scheduler.forget(session)
             if held:
@@ -278,6 +295,10 @@ class Handler:
                             self.scheduler.steps_run, self.scheduler.passes_run)
             if reader is not None:
                 reader.cancel()
+
+    def _audit(self, context: P2PContext, rpc: str, meta: SpanRequest | None, tokens: int, outcome, began: float) -> None:
+        start, end = (meta.start, meta.end) if meta is not None else (-1, -1)  # -1: the request did not parse
+        self.audit.record(str(context.remote_id), rpc, start, end, tokens, str(outcome), began)
 
     async def _push(self, meta: OpenSession, step: Step, out, position_ids, mask) -> None:
         """Send this step's output to the next server of the route, in the session's compression. Best

@@ -24,6 +24,7 @@ from swarmllm.models.quant import quantize_blocks
 from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import Span, check_span, load_config, load_span
 from swarmllm.protocol import RPC_INFO, ServerRecord, ServerState
+from swarmllm.server.audit import AuditLog
 from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheMemory, bytes_per_token
 from swarmllm.server.config import ServerConfig, parse_blocks
@@ -79,6 +80,7 @@ class Server:
             lora_cache=LoraCache(config.lora_cache_bytes), adapter=self.adapter,
             kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl),
             scheduler=Scheduler(config.max_batch_rows, config.prefill_chunk, config.batch_wait), page_tokens=config.cache_page_tokens,
+            audit=AuditLog(config.audit_log),
         )
         self.peer_id = str(self.dht.peer_id)
         # On the compute thread, like all torch work: OpenMP keeps one thread team per calling thread, and a
