@@ -54,16 +54,23 @@ def take_batch(queue: collections.deque, max_rows: int) -> list:
     head = queue.popleft()
     if not isinstance(head, _Step) or head.key is None:
         return [head]
-    group, rows, rest = [head], head.step.rows, collections.deque()
+    group = [head]
+    add_compatible(queue, group, max_rows)
+    return group
+
+
+def add_compatible(queue: collections.deque, group: list[_Step], max_rows: int) -> None:
+    """Move every queued step with `group`'s key into `group` (oldest first) while the rows fit in
+    `max_rows`. Other tasks keep their order."""
+    key, rows, rest = group[0].key, sum(t.step.rows for t in group), collections.deque()
     while queue:
         task = queue.popleft()
-        if isinstance(task, _Step) and task.key == head.key and rows + task.step.rows <= max_rows:
+        if isinstance(task, _Step) and task.key == key and rows + task.step.rows <= max_rows:
             group.append(task)
             rows += task.step.rows
         else:
             rest.append(task)
     queue.extend(rest)
-    return group
 
 
 def _same_but_length(a: BatchKey, b: BatchKey) -> bool:
@@ -174,15 +181,7 @@ class Scheduler:
             self._cv.wait(deadline - now)
             if self._stopped:
                 return
-            rest = collections.deque()
-            while self._queue:
-                task = self._queue.popleft()
-                if isinstance(task, _Step) and task.key == key and rows + task.step.rows <= self.max_batch_rows:
-                    group.append(task)
-                    rows += task.step.rows
-                else:
-                    rest.append(task)
-            self._queue.extend(rest)
+            add_compatible(self._queue, group, self.max_batch_rows)
 
     def _execute(self, live: list) -> None:
         if isinstance(live[0], _Call):
