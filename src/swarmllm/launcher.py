@@ -112,8 +112,11 @@ class LocalSwarm:
     """A bootstrap peer plus servers on loopback. Use as a context manager; everything stops on exit."""
 
     def __init__(self, model: str, servers: Sequence[ServerSpec], threads: int = 1, ready_timeout: float = 240.0,
-                 echo: bool = False):
+                 echo: bool = False, swarm_key: str | None = None):
+        """`swarm_key`: a key file path for a private swarm (the bootstrap peer creates it if missing, and
+        every server joins with it); None for a public swarm."""
         self.model, self.specs, self.threads = model, list(servers), threads
+        self.swarm_key = swarm_key
         self.ready_timeout, self.echo = ready_timeout, echo
         self.children: list[Child] = []
         self.initial_peers: list[str] = []
@@ -122,7 +125,8 @@ class LocalSwarm:
 
     def start(self) -> LocalSwarm:
         try:
-            boot = self._spawn("dht", ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
+            private = ["--private", "--swarm-key", self.swarm_key] if self.swarm_key else []
+            boot = self._spawn("dht", ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *private])
             line = boot.wait_for("initial peers:", self.ready_timeout)
             self.initial_peers = line.split(":", 1)[1].split()
             for i, spec in enumerate(self.specs):
@@ -137,7 +141,8 @@ class LocalSwarm:
     def add_server(self, name: str, spec: ServerSpec, wait: bool = True) -> Child:
         blocks = ["--blocks", spec.blocks] if spec.blocks is not None else []
         args = ["serve", self.model, "--initial-peers", *self.initial_peers, *blocks,
-                "--num-threads", str(self.threads), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *spec.extra]
+                "--num-threads", str(self.threads), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                *(["--swarm-key", self.swarm_key] if self.swarm_key else []), *spec.extra]
         child = self._spawn(name, args)
         self.servers[name] = child
         if wait:

@@ -95,6 +95,10 @@ class ErrorCode(enum.StrEnum):
     NOT_CACHED = "not_cached"  # the LoRA weights named by hash are not (or no longer) cached: send them
     ADAPTER = "adapter"  # a named adapter or override is unknown, fails verification, is too large or does not fit
     VERSION = "version"  # protocol version mismatch
+    NOT_MEMBER = "not_member"  # a private swarm's server got no valid proof of membership: nothing was run
+    # A per-peer limit was hit (sessions, tokens or bytes in flight, request rate or size; see
+    # server/limits.py): nothing was run, and the server is healthy. Retry later, or on another server.
+    RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 
 
@@ -116,10 +120,11 @@ class LoraRef(Record):
 
     sha256: str
     rank: Annotated[int, Field(ge=1)]
-    alpha: float
+    alpha: Annotated[float, Field(allow_inf_nan=False)]
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     targets: tuple[str, ...]
-    seed: int = 0
+    # Bounded so that the per-block generator seed (see `lora.applied`) fits torch's 64 bits.
+    seed: Annotated[int, Field(ge=-(2**43), lt=2**43)] = 0
 
 
 class Tuning(Record):

@@ -11,7 +11,6 @@ import re
 import signal
 
 import pytest
-from hivemind import DHT
 
 from swarmllm.adapters.package import (
     AdapterError,
@@ -22,6 +21,7 @@ from swarmllm.adapters.package import (
 from swarmllm.adapters.store import AdapterStore
 from swarmllm.adapters.swarm_hub import SwarmHub, SyncSwarmHub
 from swarmllm.client import loop as io_loop
+from swarmllm.dht.node import join
 from swarmllm.launcher import spawn
 from tests.unit.test_adapter_store import files_of, make_lora
 
@@ -68,7 +68,7 @@ def publisher(initial_peers, source, tmp_path_factory):
 
 
 def _peer(initial_peers, store_dir, **kwargs) -> SyncSwarmHub:
-    dht = DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = join(initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"]).dht
     return SyncSwarmHub(dht, AdapterStore(store_dir), own_dht=True, request_timeout=10, **kwargs)
 
 

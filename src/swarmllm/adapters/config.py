@@ -16,6 +16,12 @@ class SwarmHubConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of any peers in the swarm")
+    swarm_key: str | None = Field(
+        default=None, description="key file of a private swarm (made by `swarmllm dht --private`): join it, and talk only to its members"
+    )
+    identity: str | None = Field(
+        default=None, description="identity file (created if missing) that fixes this peer's id and signs its records and receipts (default: a new id per run)"
+    )
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
     announce_maddrs: list[str] = Field(default_factory=list, description="public multiaddrs to announce, if not the listen ones")
     max_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0, description="largest adapter to fetch, in bytes")

@@ -40,6 +40,7 @@ from swarmllm.adapters.package import (
 )
 from swarmllm.adapters.store import AdapterStore
 from swarmllm.client import loop as io_loop
+from swarmllm.dht.node import join
 from swarmllm.protocol import (
     RPC_ADAPTER_GET,
     AdapterChunk,
@@ -49,6 +50,7 @@ from swarmllm.protocol import (
     ErrorCode,
     PeerIdStr,
 )
+from swarmllm.trust.membership import PUBLIC, Membership, gate_stream
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +85,8 @@ class SwarmHub:
     """
 
     def __init__(self, dht: DHT, store: AdapterStore, max_bytes: int = DEFAULT_MAX_BYTES, *,
-                 ttl: float = 120.0, request_timeout: float = 30.0):
-        self.dht, self.store, self.max_bytes = dht, store, max_bytes
+                 ttl: float = 120.0, request_timeout: float = 30.0, membership: Membership = PUBLIC):
+        self.dht, self.store, self.max_bytes, self.membership = dht, store, max_bytes, membership
         self.ttl, self.request_timeout = ttl, request_timeout
         self.peer_id = str(dht.peer_id)
         self._p2p: P2P | None = None
@@ -100,7 +102,8 @@ class SwarmHub:
         if p2p is None:
             p2p, self._own_p2p = await self.dht.replicate_p2p(), True
         await p2p.add_protobuf_handler(
-            RPC_ADAPTER_GET, self.rpc_get, runtime_pb2.ExpertRequest, stream_output=True
+            RPC_ADAPTER_GET, gate_stream(self.membership, self.rpc_get, stream_input=False), runtime_pb2.ExpertRequest,
+            stream_output=True
         )
         self._p2p, self._serving = p2p, True
 
@@ -268,7 +271,7 @@ class SwarmHub:
     async def _download(self, peer: str, record: AdapterRecord) -> bytes:
         """The bytes one provider streams; _BadProvider as soon as they contradict the record."""
         p2p = await self._get_p2p()
-        request = wire.request(AdapterGet(sha256=record.sha256))
+        request = self.membership.stamp(wire.request(AdapterGet(sha256=record.sha256)))
         stream = await asyncio.wait_for(
             p2p.iterate_protobuf_handler(PeerID.from_base58(peer), RPC_ADAPTER_GET, request,
                                          runtime_pb2.ExpertResponse),
@@ -310,8 +313,10 @@ class SyncSwarmHub:
     """
 
     def __init__(self, dht: DHT, store: AdapterStore | None = None, max_bytes: int = DEFAULT_MAX_BYTES, *,
-                 serve: bool = True, ttl: float = 120.0, request_timeout: float = 30.0, own_dht: bool = False):
-        self.hub = SwarmHub(dht, store or AdapterStore(), max_bytes, ttl=ttl, request_timeout=request_timeout)
+                 serve: bool = True, ttl: float = 120.0, request_timeout: float = 30.0, own_dht: bool = False,
+                 membership: Membership = PUBLIC):
+        self.hub = SwarmHub(dht, store or AdapterStore(), max_bytes, ttl=ttl, request_timeout=request_timeout,
+                            membership=membership)
         self._own_dht = own_dht
         self._refresher: asyncio.Task | None = None
         if serve:
@@ -320,11 +325,12 @@ class SyncSwarmHub:
     @classmethod
     def connect(cls, config: SwarmHubConfig, store: AdapterStore | None = None, serve: bool = True) -> SyncSwarmHub:
         """Join the swarm with a DHT node of our own (in client mode when not serving; shut down with us)."""
-        dht = DHT(initial_peers=config.initial_peers, host_maddrs=config.host_maddrs,
-                  announce_maddrs=config.announce_maddrs or None, client_mode=not serve, start=True)
+        peer = join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
+                    host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs, client_mode=not serve)
+        dht = peer.dht
         try:
             return cls(dht, store, config.max_bytes, serve=serve, ttl=config.announce_ttl,
-                       request_timeout=config.request_timeout, own_dht=True)
+                       request_timeout=config.request_timeout, own_dht=True, membership=peer.membership)
         except BaseException:
             dht.shutdown()
             raise

@@ -42,12 +42,11 @@ def add_adapter_commands(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> None:
-    from hivemind import DHT
-
     from swarmllm.adapters.hub import publish_to_hub
     from swarmllm.adapters.package import adapter_kind, pack
     from swarmllm.adapters.store import AdapterStore
     from swarmllm.adapters.swarm_hub import check_name
+    from swarmllm.dht.node import join
 
     adapter_kind(args.path)  # a bad folder or name fails here, before joining any swarm
     if args.hub_dir is not None or args.repo is not None:
@@ -59,15 +58,15 @@ def cmd_publish(args: argparse.Namespace) -> None:
     check_name(args.name)
     config = config_from_args(SwarmHubConfig, args)
     model = _model_name(args.path, args.model)
-    dht = DHT(initial_peers=config.initial_peers, host_maddrs=config.host_maddrs,
-              announce_maddrs=config.announce_maddrs or None, start=True)
+    peer = join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
+                host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)
     try:
-        asyncio.run(_seed(dht, AdapterStore(), config, args.path, args.name, model))
+        asyncio.run(_seed(peer, AdapterStore(), config, args.path, args.name, model))
     finally:
-        dht.shutdown()
+        peer.dht.shutdown()
 
 
-async def _seed(dht, store, config: SwarmHubConfig, folder: Path, name: str, model: str) -> None:
+async def _seed(peer, store, config: SwarmHubConfig, folder: Path, name: str, model: str) -> None:
     """Publish, print the `published:` line, then serve and refresh until SIGINT/SIGTERM."""
     from swarmllm.adapters.swarm_hub import SwarmHub
 
@@ -75,11 +74,12 @@ async def _seed(dht, store, config: SwarmHubConfig, folder: Path, name: str, mod
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    hub = SwarmHub(dht, store, config.max_bytes, ttl=config.announce_ttl, request_timeout=config.request_timeout)
+    hub = SwarmHub(peer.dht, store, config.max_bytes, ttl=config.announce_ttl, request_timeout=config.request_timeout,
+                   membership=peer.membership)
     await hub.register()
     try:
         record = await hub.publish(folder, name, model)
-        maddrs = " ".join(str(m) for m in dht.get_visible_maddrs())
+        maddrs = " ".join(str(m) for m in peer.dht.get_visible_maddrs())
         # One line that scripts and tests wait for; the maddrs let others join the swarm through this peer.
         print(f"published: {name} sha256={record.sha256} size={record.size} kind={record.kind} "
               f"model={record.model} peer {hub.peer_id} at {maddrs}", flush=True)

@@ -41,9 +41,23 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_dht(args: argparse.Namespace) -> None:
-    from hivemind import DHT
+    from pathlib import Path
 
-    dht = DHT(start=True, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs or None)
+    from swarmllm.dht.node import join
+    from swarmllm.trust.swarm_key import SwarmKey
+
+    if args.private:
+        key_path = Path(args.swarm_key or "swarm.key")
+        if key_path.exists():
+            key = SwarmKey.load(key_path)  # restarting the bootstrap peer of an existing private swarm
+        else:
+            key = SwarmKey.create(key_path)
+            print(f"created a new private swarm: its key is {key_path.resolve()} (give it to every member)", flush=True)
+        args.swarm_key = str(key_path)
+        print(f"private swarm {key.fingerprint}: members join with --swarm-key {key_path.resolve()}", flush=True)
+    peer = join(identity=args.identity, swarm_key=args.swarm_key, host_maddrs=args.host_maddrs,
+                announce_maddrs=args.announce_maddrs)
+    dht = peer.dht
     print("initial peers: " + " ".join(str(m) for m in dht.get_visible_maddrs()), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -107,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dht", help="start a bootstrap peer and print its multiaddrs")
     p.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/0"], help="multiaddrs to listen on")
     p.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs to announce")
+    p.add_argument("--private", action="store_true",
+                   help="start a private swarm: create its key file (--swarm-key, default ./swarm.key) unless it exists")
+    p.add_argument("--swarm-key", default=None, help="key file of the private swarm to bootstrap")
+    p.add_argument("--identity", default=None, help="identity file (created if missing) that fixes this peer's id")
     p.set_defaults(func=cmd_dht)
 
     p = sub.add_parser("serve", help="serve a span of blocks of a model")

@@ -13,6 +13,12 @@ class ClientConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of any peers in the swarm")
+    swarm_key: str | None = Field(
+        default=None, description="key file of a private swarm (made by `swarmllm dht --private`): join it, and talk only to its members"
+    )
+    identity: str | None = Field(
+        default=None, description="identity file (created if missing) that fixes this peer's id and signs its records and receipts (default: a new id per run)"
+    )
     request_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for one server reply")
     missing_blocks_timeout: float = Field(
         default=30.0, ge=0, description="seconds to wait for servers of missing blocks before failing"

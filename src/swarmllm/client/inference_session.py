@@ -46,7 +46,7 @@ class _HopFailed(Exception):
 
 
 # Errors after which the server is healthy and the session's request itself is at fault: no failover.
-_CALLER_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.ADAPTER, ErrorCode.VERSION)
+_CALLER_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.ADAPTER, ErrorCode.VERSION, ErrorCode.NOT_MEMBER)
 
 
 class _ServerStream:

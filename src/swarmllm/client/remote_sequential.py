@@ -20,7 +20,7 @@ from swarmllm.protocol import RPC_BACKWARD, RPC_FORWARD, ErrorCode, SpanReply, S
 logger = logging.getLogger(__name__)
 
 # Errors that say the request itself is wrong: retrying elsewhere would fail the same way.
-_CALLER_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.VERSION, ErrorCode.ADAPTER)
+_CALLER_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.VERSION, ErrorCode.ADAPTER, ErrorCode.NOT_MEMBER)
 
 
 class RemoteSequential(nn.Module):

@@ -8,7 +8,6 @@ import random
 import threading
 import time
 
-from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import as_aiter
@@ -25,6 +24,7 @@ from swarmllm.client.routing import (
     holders,
     spread_route,
 )
+from swarmllm.dht.node import SwarmPeer, join
 from swarmllm.dht.records import get_servers
 from swarmllm.protocol import RPC_INFO, ServerRecord
 
@@ -39,15 +39,12 @@ class SequenceManager:
     `missing_blocks_timeout` seconds.
     """
 
-    def __init__(self, config: ClientConfig, model_name: str, num_blocks: int, dht: DHT | None = None):
+    def __init__(self, config: ClientConfig, model_name: str, num_blocks: int, peer: SwarmPeer | None = None):
         self.config, self.model_name, self.num_blocks = config, model_name, num_blocks
-        self._own_dht = dht is None
-        self.dht = dht or DHT(
-            initial_peers=config.initial_peers,
-            client_mode=config.client_mode,
-            host_maddrs=config.host_maddrs,
-            start=True,
-        )
+        self._own_dht = peer is None
+        self.peer = peer or join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
+                                 host_maddrs=config.host_maddrs, client_mode=config.client_mode)
+        self.dht, self.membership = self.peer.dht, self.peer.membership
         self.p2p: P2P = loop.run(self.dht.replicate_p2p(), timeout=config.request_timeout)
         self._servers: list[ServerRecord] = []
         self._updated = 0.0
@@ -151,19 +148,20 @@ class SequenceManager:
 
     async def call(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         return await self.p2p.call_protobuf_handler(
-            PeerID.from_base58(peer_id), name, request, runtime_pb2.ExpertResponse
+            PeerID.from_base58(peer_id), name, self.membership.stamp(request), runtime_pb2.ExpertResponse
         )
 
     async def call_split(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         """Call a handler that takes and returns messages split into parts (forward, backward)."""
         replies = await self.p2p.iterate_protobuf_handler(
-            PeerID.from_base58(peer_id), name, as_aiter(*wire.split(request)), runtime_pb2.ExpertResponse
+            PeerID.from_base58(peer_id), name, as_aiter(*wire.split(self.membership.stamp(request))),
+            runtime_pb2.ExpertResponse
         )
         return wire.join([part async for part in replies])
 
     async def open_stream(self, peer_id: str, name: str, requests) -> object:
         return await self.p2p.iterate_protobuf_handler(
-            PeerID.from_base58(peer_id), name, requests, runtime_pb2.ExpertResponse
+            PeerID.from_base58(peer_id), name, self.membership.stamp_stream(requests), runtime_pb2.ExpertResponse
         )
 
     def override_for(self, start: int, end: int) -> str | None:

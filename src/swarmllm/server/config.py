@@ -14,6 +14,12 @@ class ServerConfig(BaseModel):
 
     model: str = Field(description="model: a local folder, a .gguf file, a hub repo id, or a shortcut (smollm2)")
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of any peers already in the swarm")
+    swarm_key: str | None = Field(
+        default=None, description="key file of a private swarm (made by `swarmllm dht --private`): join it, and talk only to its members"
+    )
+    identity: str | None = Field(
+        default=None, description="identity file (created if missing) that fixes this peer's id and signs its records and receipts (default: a new id per run)"
+    )
     blocks: str | None = Field(default=None, description="span to serve, START:END (end exclusive)")
     num_blocks: int | None = Field(default=None, ge=1, description="serve this many blocks, chosen where the swarm is weakest")
     dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the blocks' weights and compute")
@@ -66,6 +72,21 @@ class ServerConfig(BaseModel):
     kept_graph_ttl: float = Field(default=60.0, gt=0, description="seconds a kept forward pass waits for its backward")
     lora_cache_bytes: int = Field(
         default=256 * 2**20, ge=1, description="memory for clients' LoRA weights cached between requests, in bytes"
+    )
+    # Per-peer limits (see server/limits.py): a peer over one gets `rate_limited` and others are still served.
+    max_sessions_per_peer: int = Field(default=16, ge=1, description="inference sessions one peer may have open here at once")
+    max_tokens_in_flight_per_peer: int = Field(
+        default=65536, ge=1, description="tokens (batch x new tokens) one peer may have queued or computing here at once"
+    )
+    max_request_bytes_per_peer: int = Field(
+        default=256 * 2**20, ge=1, description="bytes of requests one peer may have in transit or computing here at once (so also the largest request)"
+    )
+    requests_per_second_per_peer: float = Field(
+        default=200.0, gt=0, description="requests (calls, session opens, LoRA uploads, pushes) per second one peer may make, on average"
+    )
+    request_burst_per_peer: int = Field(default=400, ge=1, description="requests one peer may make at once after a quiet period")
+    max_attention_per_request: int = Field(
+        default=2**28, ge=1, description="largest batch x query tokens x key tokens of one request: attention memory grows so"
     )
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -48,6 +49,7 @@ from swarmllm.server.inference import Session
 from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.lora_cache import LoraCache, NotCached
 from swarmllm.server.scheduler import Scheduler
+from swarmllm.trust.membership import PUBLIC, Membership, gate_stream, gate_unary
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class Handler:
         self, span: Span, memory: CacheMemory, session_timeout: float, record: Callable[[], ServerRecord],
         lora_cache: LoraCache | None = None, adapter: Callable[[str], Awaitable[NamedAdapter]] | None = None,
         override: Override | None = None, kept: KeptGraphs | None = None, scheduler: Scheduler | None = None,
-        page_tokens: int = 64, audit: AuditLog | None = None,
+        page_tokens: int = 64, audit: AuditLog | None = None, membership: Membership = PUBLIC,
     ):
         self.span, self.memory, self.session_timeout, self.record = span, memory, session_timeout, record
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache(256 * 2**20)
@@ -105,21 +107,24 @@ class Handler:
         self.scheduler = scheduler if scheduler is not None else Scheduler()
         self.page_tokens = page_tokens
         self.audit = audit if audit is not None else AuditLog(None)
+        self.membership = membership
         self.active_sessions = 0
         self.inboxes: dict[tuple[str, int], asyncio.Queue] = {}  # (session id, first block) -> step inbox
         self.p2p: P2P | None = None
 
     async def register(self, p2p: P2P) -> None:
-        await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
+        # In a private swarm every handler is gated: a non-member's request is refused before it is parsed.
+        unary, stream = partial(gate_unary, self.membership), partial(gate_stream, self.membership)
+        await p2p.add_protobuf_handler(RPC_INFO, unary(self.rpc_info), runtime_pb2.ExpertRequest)
         for name, fn in ((RPC_FORWARD, self.forward), (RPC_BACKWARD, self.backward)):
             await p2p.add_protobuf_handler(
-                name, _streamed(fn), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+                name, stream(_streamed(fn)), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
-        await p2p.add_protobuf_handler(RPC_LORA_PUT, self.rpc_lora_put, runtime_pb2.ExpertRequest)
-        await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(RPC_LORA_PUT, unary(self.rpc_lora_put), runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(RPC_PUSH, unary(self.rpc_push), runtime_pb2.ExpertRequest)
         self.p2p = p2p
         await p2p.add_protobuf_handler(
-            RPC_INFERENCE, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+            RPC_INFERENCE, stream(self.rpc_inference), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
 
     async def _compute(self, fn, *args):
@@ -306,6 +311,7 @@ class Handler:
         nxt = Step(step_id=step.step_id, has_mask=mask is not None, push_to=step.push_to[1:])
         push = Push(session_id=meta.session_id, start=meta.end, step=nxt)
         msg = wire.request(push, out, position_ids, *([mask] if mask is not None else []), compression=meta.compression)
+        self.membership.stamp(msg)
         try:
             await asyncio.wait_for(self.p2p.call_protobuf_handler(
                 PeerID.from_base58(step.push_to[0]), RPC_PUSH, msg, runtime_pb2.ExpertResponse

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-from hivemind import DHT
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
@@ -19,6 +18,7 @@ from swarmllm.adapters.package import AdapterError
 from swarmllm.adapters.resolve import resolve_adapter
 from swarmllm.adapters.store import AdapterStore
 from swarmllm.adapters.swarm_hub import SwarmHub
+from swarmllm.dht.node import join
 from swarmllm.dht.records import announce, get_servers
 from swarmllm.models.quant import quantize_blocks
 from swarmllm.models.source import model_display_name, resolve_model
@@ -52,12 +52,9 @@ class Server:
         num_blocks = self.model_config.num_hidden_layers
         if config.blocks is not None:  # checked before joining the swarm, so a bad span leaves nothing behind
             check_span(*parse_blocks(config.blocks), num_blocks)
-        self.dht = DHT(
-            initial_peers=config.initial_peers,
-            host_maddrs=config.host_maddrs,
-            announce_maddrs=config.announce_maddrs or None,
-            start=True,
-        )
+        self.peer = join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
+                         host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)
+        self.dht = self.peer.dht
         try:
             if config.blocks is not None:
                 self.start, self.end = parse_blocks(config.blocks)
@@ -72,7 +69,7 @@ class Server:
         self.next_rtts: dict[str, float] = {}
         self.state = ServerState.ONLINE
         self.memory = CacheMemory(config.max_cache_bytes, config.cache_queue_timeout)
-        self.hub = SwarmHub(self.dht, AdapterStore(), max_bytes=config.max_adapter_bytes)
+        self.hub = SwarmHub(self.dht, AdapterStore(), max_bytes=config.max_adapter_bytes, membership=self.peer.membership)
         self.adapters: dict[str, NamedAdapter] = {}
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self.handler = Handler(
@@ -80,9 +77,9 @@ class Server:
             lora_cache=LoraCache(config.lora_cache_bytes), adapter=self.adapter,
             kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl),
             scheduler=Scheduler(config.max_batch_rows, config.prefill_chunk, config.batch_wait), page_tokens=config.cache_page_tokens,
-            audit=AuditLog(config.audit_log),
+            audit=AuditLog(config.audit_log), membership=self.peer.membership,
         )
-        self.peer_id = str(self.dht.peer_id)
+        self.peer_id = self.peer.peer_id
         # On the compute thread, like all torch work: OpenMP keeps one thread team per calling thread, and a
         # second team (on the main thread) measurably slows every later step on a small machine.
         self.throughput = self.handler.scheduler.call(measure_throughput, self.span).result()
@@ -165,7 +162,8 @@ class Server:
             t0 = time.perf_counter()
             try:
                 await asyncio.wait_for(p2p.call_protobuf_handler(
-                    PeerID.from_base58(peer), RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+                    PeerID.from_base58(peer), RPC_INFO, self.peer.membership.stamp(runtime_pb2.ExpertRequest()),
+                    runtime_pb2.ExpertResponse
                 ), timeout)
                 return peer, time.perf_counter() - t0
             except Exception:
