@@ -63,6 +63,7 @@ class ServerRecord(Record):
     start: Annotated[int, Field(ge=0)]
     end: Annotated[int, Field(gt=0)]
     dtype: DType
+    quant: Literal["none", "int8", "nf4"] = "none"  # how its linear weights are stored (see models/quant.py)
     state: ServerState = ServerState.ONLINE
     cache_tokens_left: Annotated[int, Field(ge=0)]
     software_version: str = __version__
@@ -282,3 +283,89 @@ class AdapterChunk(Record):
     sha256: Sha256Hex
     offset: Annotated[int, Field(ge=0)]
     total: Annotated[int, Field(gt=0)]
+
+
+# --- verification reports ---
+# A client that caught a server returning wrong results (see `client.verification`) publishes a report
+# under `swarmllm.v1.<model>.reports` with subkey `<reporter>/<offender>`: the DHT accepts it only if the
+# reporter signed it (see `trust.records`), so nobody reports in another peer's name.
+
+
+class Report(Record):
+    """`reporter` saw `offender` return outputs for blocks `[start, end)` that a second and a third server,
+    given the same inputs, agreed were wrong by `error` (relative L2 distance) > `tolerance`."""
+
+    reporter: PeerIdStr
+    offender: PeerIdStr
+    start: Annotated[int, Field(ge=0)]
+    end: Annotated[int, Field(gt=0)]
+    error: Annotated[float, Field(ge=0)]
+    tolerance: Annotated[float, Field(ge=0)]
+    at: float  # unix time of the mismatch
+
+
+# --- contribution points (see `swarmllm.points`) ---
+# Receipts are published under `swarmllm.v1.points`, subkey `<server>/<client>/<epoch>` (so only the server
+# stores them), and exchanged by three unary RPCs: a client binds its transport peer id to its points
+# account once per server, asks for a receipt, and sends it back countersigned.
+
+RPC_POINTS_BIND = f"swarmllm.v{PROTOCOL_VERSION}.points_bind"
+RPC_RECEIPT = f"swarmllm.v{PROTOCOL_VERSION}.receipt"
+RPC_SETTLE = f"swarmllm.v{PROTOCOL_VERSION}.settle"
+
+
+class Receipt(Record):
+    """Server `server` did `total_work` block-tokens for `client` since `epoch`, as both of them signed.
+
+    Keys and signatures are base64 text (keys: DER SubjectPublicKeyInfo), so the record stays plain JSON.
+    The client's fields stay empty until it countersigns.
+    """
+
+    server: PeerIdStr
+    client: PeerIdStr
+    total_work: Annotated[int, Field(ge=0)]
+    # When the server's ledger began (unix seconds); a new epoch restarts the server's totals.
+    epoch: Annotated[int, Field(ge=0)]
+    issued_at: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    server_key: str
+    server_sig: str = ""
+    client_key: str = ""
+    client_sig: str = ""
+
+    @property
+    def pair(self) -> tuple[str, str, int]:
+        """What the receipt is the latest of: one running total per (server, client, epoch)."""
+        return self.server, self.client, self.epoch
+
+    @property
+    def countersigned(self) -> bool:
+        return bool(self.client_sig)
+
+
+class AccountBinding(Record):
+    """`account` (an identity, e.g. the one its owner's server runs as) signs that the sending peer spends
+    and is prioritized on its behalf. Without one, a peer is its own account."""
+
+    account: PeerIdStr
+    account_key: str  # base64 DER public key of `account`
+    signature: str  # base64, over `binding_bytes(sender peer id)`
+
+
+class Bound(Record):
+    pass
+
+
+class ReceiptRequest(Record):
+    """Ask a server for a receipt of everything it served this account in its current epoch."""
+
+
+class Settle(Record):
+    receipt: Receipt  # countersigned by the client
+
+
+class Settled(Record):
+    total_work: int
+
+
+def binding_bytes(peer_id: str) -> bytes:
+    return b"swarmllm account binding v1\0" + peer_id.encode()

@@ -110,6 +110,8 @@ def join(parts: list):
     tensors, i = [], 0
     while i < len(pieces):
         n = pieces[i].chunks or 1
+        if n < 1:  # a forged negative count would walk backwards forever
+            raise ProtocolError(f"a tensor cannot come in {n} chunks")
         if i + n > len(pieces):
             raise ProtocolError("message stream ended in the middle of a tensor")
         tensors.append(combine_from_streaming(pieces[i : i + n]))

@@ -1,4 +1,4 @@
-"""`swarmllm`: one entry point with subcommands: dht, serve, generate, chat, local, adapters."""
+"""`swarmllm`: one entry point with subcommands: dht, serve, generate, chat, local, points, adapters."""
 
 from __future__ import annotations
 
@@ -107,6 +107,32 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(_client_model(args), args.model, args.max_new_tokens, args.max_length)
 
 
+def cmd_points(args: argparse.Namespace) -> None:
+    import json
+
+    from swarmllm.dht.node import join
+    from swarmllm.dht.points import get_receipts
+    from swarmllm.points import Ledger
+
+    peer = join(args.initial_peers, swarm_key=args.swarm_key, host_maddrs=["/ip4/0.0.0.0/tcp/0"], client_mode=True)
+    try:
+        ledger = Ledger.from_receipts(get_receipts(peer.dht))
+    finally:
+        peer.dht.shutdown()
+    served, used = {}, {}
+    for r in ledger.receipts():
+        served[r.server] = served.get(r.server, 0) + r.total_work
+        used[r.client] = used.get(r.client, 0) + r.total_work
+    rows = sorted(ledger.balances().items(), key=lambda kv: -kv[1])
+    if args.json:
+        print(json.dumps([{"account": a, "balance": b, "served": served.get(a, 0), "used": used.get(a, 0)} for a, b in rows]))
+        return
+    print(f"{'account':<48} {'balance':>14} {'served':>14} {'used':>14}")
+    for account, balance in rows:
+        print(f"{account:<48} {balance:>14,.0f} {served.get(account, 0):>14,} {used.get(account, 0):>14,}")
+    print(f"({len(ledger.receipts())} valid receipts; points are block-tokens: blocks x tokens of work)")
+
+
 def cmd_local(args: argparse.Namespace) -> None:
     from swarmllm.cli.local import run_local
 
@@ -152,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="What is a swarm of computers good for? Answer in two sentences.")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_local)
+
+    p = sub.add_parser("points", help="show every account's contribution points, from the receipts in the swarm")
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any peers in the swarm")
+    p.add_argument("--swarm-key", default=None, help="key file of a private swarm")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_points)
 
     p = sub.add_parser("adapters", help="publish, list and fetch trained adapters (in the swarm or a hub)")
     add_adapter_commands(p)

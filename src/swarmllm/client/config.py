@@ -64,6 +64,31 @@ class ClientConfig(BaseModel):
     local_last_blocks: bool = Field(
         default=False, description="with local_blocks=K, also run the last K blocks here, so no server sees the final hidden states"
     )
+    verify: float = Field(
+        default=0.0, ge=0, le=1,
+        description="run this fraction of inference steps (and every server's first step) on a second server with "
+        "the same blocks too, and compare; a third server settles a mismatch and the offender is avoided and "
+        "reported (see client/verification.py for what this does and does not catch). Turns push off",
+    )
+    verify_tolerance: float = Field(
+        default=0.01, gt=0, description="largest relative L2 distance between two servers' outputs that counts as agreement"
+    )
+    trust_reports: int = Field(
+        default=1, ge=0,
+        description="avoid servers that at least this many distinct peers reported for wrong results, while others "
+        "hold their blocks (0: ignore reports)",
+    )
+    offender_ban_time: float = Field(
+        default=3600.0, ge=0, description="seconds a server caught returning wrong results is avoided by this client"
+    )
+    account: str | None = Field(
+        default=None,
+        description="identity file of the points account this client spends from and is prioritized by, e.g. the "
+        "--identity of your own server (default: the client's own id, a newcomer)",
+    )
+    settle_period: float = Field(
+        default=10.0, gt=0, description="seconds between countersigning the receipts of servers that did work for this client"
+    )
     max_chunk_tokens: int = Field(
         default=8192, ge=1, description="forward/backward batches are split into chunks of at most this many tokens"
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from swarmllm import wire
 from swarmllm.client import loop
 from swarmllm.client.routing import Hop, MissingBlocksError
 from swarmllm.client.sequence_manager import SequenceManager
+from swarmllm.client.verification import VerificationError, odd_one_out, relative_error
 from swarmllm.protocol import RPC_INFERENCE, ErrorCode, OpenSession, SessionOpened, Step, StepDone, Tuning
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class _HopFailed(Exception):
         self.hop, self.index, self.hidden_in = hop, index, hidden_in
 
 
+# Errors of a healthy server that is busy or full right now: never banned, retried a bounded number of times.
+_BUSY = (ErrorCode.CACHE_FULL, ErrorCode.RATE_LIMITED)
 # Errors after which the server is healthy and the session's request itself is at fault: no failover.
 _CALLER_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.ADAPTER, ErrorCode.VERSION, ErrorCode.NOT_MEMBER)
 
@@ -58,6 +62,11 @@ class _ServerStream:
         self.replies = None
         # Every (hidden, position_ids, mask) this server has taken into its cache, to rebuild it elsewhere.
         self.history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        # Verification (see client/verification.py): the second server checking this one, whether this one's
+        # first step was checked, and (on a checker) how many of the checked server's history entries it has.
+        self.checker: _ServerStream | None = None
+        self.checked_once = False
+        self.fed = 0
 
     async def _requests(self):
         while (msg := await self.queue.get()) is not None:
@@ -79,6 +88,7 @@ class _ServerStream:
     async def step(self, step_id: int, hidden, position_ids, mask, push_to: tuple[str, ...] = ()) -> torch.Tensor:
         tensors = (hidden, position_ids) + ((mask,) if mask is not None else ())
         step = Step(step_id=step_id, has_mask=mask is not None, push_to=push_to)
+        self.manager.points.count(self.hop.peer_id, self.hop.end - self.hop.start, hidden.shape[0] * hidden.shape[1])
         self.queue.put_nowait(wire.request(step, *tensors, compression=self.manager.config.compression))
         done, (out,) = wire.parse(await self._next(), StepDone, self.hop.peer_id)
         if done.step_id != step_id:
@@ -114,6 +124,7 @@ class InferenceSession:
         self.prefix = 0  # prompt-tuning tokens the caches hold before the first real token
         self._streams: list[_ServerStream] = []
         self._step_id = 0
+        self._rng = random.Random()
         self.closed = False
         # Token history kept by `generate` to continue the session in a later call.
         self.output_ids: torch.Tensor | None = None
@@ -156,7 +167,7 @@ class InferenceSession:
                 error = failed.__cause__
                 if isinstance(error, wire.RemoteError) and error.code in _CALLER_ERRORS:
                     raise error from None  # our request is wrong: no other server would accept it either
-                if isinstance(error, wire.RemoteError) and error.code == ErrorCode.CACHE_FULL:
+                if isinstance(error, wire.RemoteError) and error.code in _BUSY:
                     full[failed.hop.peer_id] = error
                     continue
                 self.manager.ban(failed.hop.peer_id, repr(error))
@@ -170,14 +181,17 @@ class InferenceSession:
     async def _open_all(self, streams: list[_ServerStream]) -> None:
         for s in streams:  # in order, so that a failure names the first bad server
             try:
-                tuning, tensors = await self.extras(s.hop) if self.extras is not None else (Tuning(), [])
-                meta = OpenSession(
-                    session_id=self.session_id, start=s.hop.start, end=s.hop.end, batch_size=self.batch_size,
-                    max_length=self.max_length, tuning=tuning, compression=self.manager.config.compression,
-                )
-                await s.open(meta, tensors)
+                await self._open_one(s)
             except Exception as e:
                 raise _HopFailed(s.hop) from e
+
+    async def _open_one(self, s: _ServerStream) -> None:
+        tuning, tensors = await self.extras(s.hop) if self.extras is not None else (Tuning(), [])
+        meta = OpenSession(
+            session_id=self.session_id, start=s.hop.start, end=s.hop.end, batch_size=self.batch_size,
+            max_length=self.max_length, tuning=tuning, compression=self.manager.config.compression,
+        )
+        await s.open(meta, tensors)
 
     async def _step_from(self, first: int, hidden, position_ids, mask) -> torch.Tensor:
         """Run the step through streams `first, first+1, ...`; a failure names the stream and its input."""
@@ -188,14 +202,88 @@ class InferenceSession:
             # every server its input (whichever copy arrives first is used), so a failed push costs only time.
             push_to = tuple(t.hop.peer_id for t in self._streams[i + 1 :]) if push else ()
             try:
-                hidden = await s.step(self._step_id, hidden, position_ids, mask, push_to)
+                out = await s.step(self._step_id, hidden, position_ids, mask, push_to)
             except Exception as e:
                 raise _HopFailed(s.hop, i, hidden) from e
+            if self._verify_now(s):
+                out = await self._verify(i, out)
+            hidden = out
         return hidden
+
+    # --- verification (see client/verification.py) ---
+
+    def _verify_now(self, s: _ServerStream) -> bool:
+        fraction = self.manager.config.verify
+        return fraction > 0 and (not s.checked_once or self._rng.random() < fraction)
+
+    async def _verify(self, i: int, out: torch.Tensor) -> torch.Tensor:
+        """Check stream i's output for this step on a second server; on a mismatch a third decides. Returns
+        the output the majority vouches for, after swapping out and reporting an offending primary."""
+        s, tolerance = self._streams[i], self.manager.config.verify_tolerance
+        s.checked_once = True
+        try:
+            s.checker = s.checker or await self._open_checker(s.hop, {s.hop.peer_id})
+            if s.checker is None:
+                return out
+            second = await _catch_up(s.checker, s.history)
+        except Exception as e:  # the checker failed, not the primary: this step goes unchecked
+            logger.warning("session %s: could not check blocks %d:%d: %r", self.session_id[:8], s.hop.start, s.hop.end, e)
+            await self._close_all([s.checker] if s.checker else [])
+            s.checker = None
+            return out
+        error = relative_error(out, second)
+        if error <= tolerance:
+            return out
+        checker = s.checker
+        logger.warning("session %s: servers %s and %s disagree on blocks %d:%d (relative error %.3g); asking a third",
+                       self.session_id[:8], s.hop.peer_id[-8:], checker.hop.peer_id[-8:], s.hop.start, s.hop.end, error)
+        third = await self._referee(s, checker)
+        odd = odd_one_out(out, second, third, tolerance)
+        if odd == "primary":
+            self.manager.report(s.hop.peer_id, s.hop.start, s.hop.end, error, tolerance)
+            checker.checked_once, s.checker = True, None
+            self._streams[i] = checker  # already holds the session's whole history
+            await self._close_all([s])
+            return second
+        if odd == "second":
+            self.manager.report(checker.hop.peer_id, s.hop.start, s.hop.end, error, tolerance)
+            s.checker = None
+            await self._close_all([checker])
+            return out
+        raise VerificationError(f"servers disagree on blocks {s.hop.start}:{s.hop.end} and no majority vouches for "
+                                "either answer; refusing to return an unverified result")
+
+    async def _referee(self, s: _ServerStream, checker: _ServerStream) -> torch.Tensor:
+        try:
+            referee = await self._open_checker(s.hop, {s.hop.peer_id, checker.hop.peer_id})
+        except Exception as e:
+            raise VerificationError(f"could not reach a third server for blocks {s.hop.start}:{s.hop.end}: {e!r}") from e
+        if referee is None:
+            raise VerificationError(f"two servers disagree on blocks {s.hop.start}:{s.hop.end} and no third holds "
+                                    "them to settle it; refusing to return an unverified result")
+        try:
+            return await _catch_up(referee, s.history)
+        except Exception as e:
+            raise VerificationError(f"the third server for blocks {s.hop.start}:{s.hop.end} failed: {e!r}") from e
+        finally:
+            await self._close_all([referee])
+
+    async def _open_checker(self, hop: Hop, exclude: set[str]) -> _ServerStream | None:
+        """A session on another server that holds all of `hop`'s blocks in the same dtype, quantization and
+        version; None (with a warning) if there is none."""
+        found = [p for p in self.manager.checkers(hop.peer_id, hop.start, hop.end) if p not in exclude]
+        if not found:
+            logger.warning("session %s: no other server holds blocks %d:%d: this step is not verified",
+                           self.session_id[:8], hop.start, hop.end)
+            return None
+        stream = _ServerStream(self.manager, Hop(found[0], hop.start, hop.end))
+        await self._open_one(stream)
+        return stream
 
     def _push_pays(self) -> bool:
         config = self.manager.config
-        if not config.push or len(self._streams) < 2:
+        # With verification, a wrong output must never reach the next server before it is checked.
+        if not config.push or config.verify > 0 or len(self._streams) < 2:
             return False
         rtts = [self.manager.rtts.get(s.hop.peer_id, 0.0) for s in self._streams]
         return sum(rtts) / len(rtts) >= config.push_min_rtt
@@ -222,6 +310,9 @@ class InferenceSession:
             try:
                 out = loop.run(self._step_from(first, x, position_ids, attention_mask))
                 break
+            except VerificationError:
+                self.close()  # some servers took this step and no honest answer came back: the session is over
+                raise
             except _HopFailed as failed:
                 error = failed.__cause__
                 if isinstance(error, wire.RemoteError) and error.code in _CALLER_ERRORS:
@@ -229,12 +320,13 @@ class InferenceSession:
                     # session's caches disagree now and it cannot go on.
                     self.close()
                     raise error from None
-                if isinstance(error, wire.RemoteError) and error.code == ErrorCode.CACHE_FULL:
-                    # Full servers are not banned, so the same one may come back: bound the retries.
+                if isinstance(error, wire.RemoteError) and error.code in _BUSY:
+                    # Busy servers are not banned, so the same one may come back: bound the retries.
                     full += 1
                     if full > self.manager.config.max_failovers:
                         self.close()
-                        raise SessionFailedError(f"no server had cache memory for this step: {error}") from None
+                        raise SessionFailedError(f"no server had room for this step: {error}") from None
+                    time.sleep(min(1.0, 0.1 * full))  # let a rate limit refill before trying again
                 try:
                     self._replace(failed.index, error)
                 except BaseException:
@@ -250,7 +342,7 @@ class InferenceSession:
         old = self._streams[index]
         # A server that timed out our idle session, or had no cache memory left for it, is healthy (and may
         # take the session again later): only faulty servers are banned.
-        if not (isinstance(error, wire.RemoteError) and error.code in (ErrorCode.SESSION_TIMEOUT, ErrorCode.CACHE_FULL)):
+        if not (isinstance(error, wire.RemoteError) and error.code in (ErrorCode.SESSION_TIMEOUT, *_BUSY)):
             self.manager.ban(old.hop.peer_id, repr(error))
         logger.warning("session %s: replacing server %s (blocks %d:%d) after %r", self.session_id[:8],
                        old.hop.peer_id[-8:], old.hop.start, old.hop.end, error)
@@ -274,7 +366,8 @@ class InferenceSession:
                 raise _HopFailed(s.hop) from e
 
     async def _close_all(self, streams: list[_ServerStream]) -> None:
-        await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+        checkers = [s.checker for s in streams if s.checker is not None]
+        await asyncio.gather(*(s.close() for s in [*streams, *checkers]), return_exceptions=True)
 
     def close(self) -> None:
         if not self.closed:
@@ -289,3 +382,14 @@ class InferenceSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+async def _catch_up(checker: _ServerStream, history: list) -> torch.Tensor:
+    """Feed `checker` the checked server's inputs it has not seen yet, as one chunk, and return its output for
+    the last step's positions (the ones being compared)."""
+    new = history[checker.fed :]
+    hidden = torch.cat([h for h, _, _ in new], dim=1)
+    positions = torch.cat([p for _, p, _ in new], dim=1)
+    out = await checker.step(-1, hidden, positions, new[-1][2])
+    checker.fed = len(history)
+    return out[:, -history[-1][0].shape[1] :]

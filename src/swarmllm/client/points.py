@@ -41,7 +41,8 @@ class ClientPoints:
         self.account, self.peer_id, self._call = account, peer_id, call
         self.requested = RequestedWork()
         self._bound: dict[str, asyncio.Future] = {}
-        self._settled: dict[str, int] = {}  # server -> requested total at the last settlement
+        self._asked: dict[str, int] = {}  # server -> our requested total when we last asked it for a receipt
+        self._last: dict[str, tuple[int, int]] = {}  # server -> (epoch, total) of the last receipt we settled
 
     def count(self, server: str, blocks: int, tokens: int) -> None:
         """Work about to be asked of `server` (counted when sent, so a lost reply never blocks a receipt)."""
@@ -69,17 +70,23 @@ class ClientPoints:
     async def settle(self, server: str) -> Receipt:
         """Ask `server` for a receipt, countersign it within what we requested, send it back; returns it."""
         receipt, _ = wire.parse(await self._call(server, RPC_RECEIPT, wire.request(ReceiptRequest())), Receipt, server)
+        if self._last.get(server) == (receipt.epoch, receipt.total_work):
+            return receipt  # nothing new since the last settlement (sending it again would be a replay)
         signed = self.requested.countersign(self.account, receipt)
         wire.parse(await self._call(server, RPC_SETTLE, wire.request(Settle(receipt=signed))), Settled, server)
+        self._last[server] = (receipt.epoch, receipt.total_work)
         return signed
 
-    async def settle_all(self) -> None:
-        """Settle with every server asked for work since the last settlement (failures wait for next time)."""
-        due = [s for s in self.requested.servers() if self.requested.requested(s) > self._settled.get(s, 0)]
-        for server in due:
+    async def settle_all(self, final: bool = False) -> None:
+        """Settle with every server asked for work since we last asked it (failures wait for next time).
+        `final`: also every server whose last receipt did not cover all we asked (work still in flight then)."""
+        for server in self.requested.servers():
             requested = self.requested.requested(server)
+            covered = self._last.get(server, (0, 0))[1]
+            if requested <= self._asked.get(server, 0) and not (final and requested > covered):
+                continue
+            self._asked[server] = requested
             try:
                 await self.settle(server)
-                self._settled[server] = requested
             except Exception as e:  # unreachable, refused or inflated: nothing is signed; retried next time
                 logger.info("no receipt settled with %s: %r", server[-8:], e)

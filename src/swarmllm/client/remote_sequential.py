@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 import uuid
 
 import torch
@@ -15,6 +17,7 @@ from swarmllm.client.inference_session import InferenceSession
 from swarmllm.client.routing import NoHolderError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.tuning import ClientTuning
+from swarmllm.client.verification import VerificationError, odd_one_out, relative_error
 from swarmllm.protocol import RPC_BACKWARD, RPC_FORWARD, ErrorCode, SpanReply, SpanRequest, Tuning
 
 logger = logging.getLogger(__name__)
@@ -84,6 +87,51 @@ class RemoteSequential(nn.Module):
 
     # --- plumbing used by the autograd function ---
 
+    @property
+    def _rng(self) -> random.Random:
+        return self.manager.verify_rng
+
+    def _call_once(self, peer: str, verb: str, msg, start: int, end: int, ref, lora_tensors,
+                   tokens: int) -> list[torch.Tensor]:
+        if ref is not None:
+            loop.run(self.tuning.ensure_uploaded(self.manager, peer, ref, start, end, lora_tensors))
+        self.manager.points.count(peer, end - start, tokens)
+        reply = loop.run(asyncio.wait_for(self.manager.call_split(peer, verb, msg), self.manager.config.request_timeout))
+        return wire.parse(reply, SpanReply, peer)[1]
+
+    def _verified(self, peer: str, out: list[torch.Tensor], verb: str, msg, start: int, end: int, ref,
+                  lora_tensors, tokens: int) -> list[torch.Tensor]:
+        """Check a stateless call on a second holder of the blocks; a third settles a mismatch (see
+        client/verification.py). Returns the output the majority vouches for."""
+        manager, tolerance = self.manager, self.manager.config.verify_tolerance
+        checkers = iter(manager.checkers(peer, start, end))
+        second_peer = next(checkers, None)
+        if second_peer is None:
+            logger.warning("no second server holds blocks %d:%d: this %s is not verified", start, end, verb)
+            return out
+        try:
+            second = self._call_once(second_peer, verb, msg, start, end, ref, lora_tensors, tokens)
+        except Exception as e:  # the checker failed, not the primary: unchecked this time
+            logger.warning("could not check %s of blocks %d:%d on %s: %r", verb, start, end, second_peer[-8:], e)
+            return out
+        error = relative_error(_flat(out), _flat(second))
+        if error <= tolerance:
+            return out
+        third_peer = next(checkers, None)
+        if third_peer is None:
+            raise VerificationError(f"two servers disagree on {verb} of blocks {start}:{end} and no third holds them "
+                                    "to settle it; refusing to return an unverified result")
+        third = self._call_once(third_peer, verb, msg, start, end, ref, lora_tensors, tokens)
+        odd = odd_one_out(_flat(out), _flat(second), _flat(third), tolerance)
+        if odd == "primary":
+            manager.report(peer, start, end, error, tolerance)
+            return second
+        if odd == "second":
+            manager.report(second_peer, start, end, error, tolerance)
+            return out
+        raise VerificationError(f"servers disagree on {verb} of blocks {start}:{end} and no majority vouches for "
+                                "either answer")
+
     def call_span(self, verb: str, start: int, end: int, tensors: list[torch.Tensor], mask: torch.Tensor | None,
                   prompts: torch.Tensor | None = None, lora_tensors: list[torch.Tensor] = (),
                   keep: str | None = None) -> list[torch.Tensor]:
@@ -99,15 +147,11 @@ class RemoteSequential(nn.Module):
         extra = [t for t in (mask, prompts) if t is not None]
         msg = wire.request(meta, *tensors, *extra, compression=meta.compression)
         error: Exception | None = None
+        tokens = tensors[0].shape[0] * tensors[0].shape[1]  # hidden: (batch, seq, hidden)
         for _ in range(self.manager.config.max_retries + 1):
             peer = self.manager.holder(start, end)
             try:
-                if ref is not None:
-                    loop.run(self.tuning.ensure_uploaded(self.manager, peer, ref, start, end, lora_tensors))
-                reply = loop.run(
-                    asyncio.wait_for(self.manager.call_split(peer, verb, msg), self.manager.config.request_timeout)
-                )
-                return wire.parse(reply, SpanReply, peer)[1]
+                out = self._call_once(peer, verb, msg, start, end, ref, lora_tensors, tokens)
             except wire.RemoteError as e:
                 if e.code in _CALLER_ERRORS:
                     raise
@@ -115,8 +159,18 @@ class RemoteSequential(nn.Module):
                 if e.code == ErrorCode.NOT_CACHED:  # evicted since the upload: send the weights again
                     self.tuning.forget(peer, ref.sha256)
                     continue
+                if e.code == ErrorCode.RATE_LIMITED:  # healthy but busy: no ban; wait a little, maybe go elsewhere
+                    time.sleep(0.2)
+                    continue
             except Exception as e:  # timeouts, dropped connections, vanished peers
                 error = e
+            else:
+                if self.manager.config.verify > 0 and self._rng.random() < self.manager.config.verify:
+                    # The checkers keep no graph: the backward pairs with the primary's forward.
+                    plain = wire.request(meta.model_copy(update={"keep": None}), *tensors, *extra,
+                                         compression=meta.compression)
+                    out = self._verified(peer, out, verb, plain, start, end, ref, lora_tensors, tokens)
+                return out
             self.manager.ban(peer, repr(error))
         raise RuntimeError(f"{verb} of blocks {start}:{end} failed {self.manager.config.max_retries + 1} times") from error
 
@@ -229,3 +283,7 @@ def _accumulate(grads: dict, remote: RemoteSequential, args: _Args, grad_prompts
         else:
             for j, gj in enumerate(g):
                 grad_lora[(start - base) * k + j] += gj
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)

@@ -15,6 +15,7 @@ from hivemind.utils.asyncio import as_aiter
 from swarmllm import wire
 from swarmllm.client import loop
 from swarmllm.client.config import ClientConfig
+from swarmllm.client.points import ClientPoints
 from swarmllm.client.routing import (
     Hop,
     MissingBlocksError,
@@ -24,9 +25,12 @@ from swarmllm.client.routing import (
     holders,
     spread_route,
 )
+from swarmllm.client.verification import comparable
 from swarmllm.dht.node import SwarmPeer, join
 from swarmllm.dht.records import get_servers
-from swarmllm.protocol import RPC_INFO, ServerRecord
+from swarmllm.dht.reports import get_reports, publish_report, reported
+from swarmllm.protocol import RPC_INFO, Report, ServerRecord
+from swarmllm.trust.identity import Identity
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,9 @@ class SequenceManager:
                                  host_maddrs=config.host_maddrs, client_mode=config.client_mode)
         self.dht, self.membership = self.peer.dht, self.peer.membership
         self.p2p: P2P = loop.run(self.dht.replicate_p2p(), timeout=config.request_timeout)
+        account = Identity.load_or_create(config.account) if config.account else self.peer.identity
+        self.points = ClientPoints(account, self.peer.peer_id, self._call_unbound)
+        self._settler = asyncio.run_coroutine_threadsafe(self._settle_loop(), loop.get_loop())
         self._servers: list[ServerRecord] = []
         self._updated = 0.0
         self._bans: dict[str, float] = {}
@@ -53,6 +60,8 @@ class SequenceManager:
         self.rtts: dict[str, float] = {}  # peer -> measured round trip (seconds), smoothed
         self._pinged: dict[str, float] = {}  # peer -> when it was last pinged
         self._rng = random.Random()
+        self.reported: frozenset[str] = frozenset()  # servers others reported for wrong results (see dht/reports.py)
+        self.verify_rng = random.Random()  # which calls are verified (ClientConfig.verify)
 
     def servers(self, force: bool = False) -> list[ServerRecord]:
         """Online servers of the model, after the client's allowed/blocked lists; refreshed periodically."""
@@ -63,6 +72,8 @@ class SequenceManager:
                 self._servers = [
                     r for r in found if (not allowed or r.peer_id in allowed) and r.peer_id not in blocked
                 ]
+                if self.config.trust_reports > 0:
+                    self.reported = reported(get_reports(self.dht, self.model_name), self.config.trust_reports)
                 self._updated = time.monotonic()
                 self._ping_stale(self._servers)
             return list(self._servers)
@@ -91,9 +102,18 @@ class SequenceManager:
         old = self.rtts.get(peer_id)
         self.rtts[peer_id] = rtt if old is None else 0.7 * old + 0.3 * rtt
 
-    def ban(self, peer_id: str, reason: str) -> None:
-        logger.warning("avoiding server %s for %.0fs: %s", peer_id[-8:], self.config.ban_time, reason)
-        self._bans[peer_id] = time.monotonic() + self.config.ban_time
+    def ban(self, peer_id: str, reason: str, duration: float | None = None) -> None:
+        duration = self.config.ban_time if duration is None else duration
+        logger.warning("avoiding server %s for %.0fs: %s", peer_id[-8:], duration, reason)
+        self._bans[peer_id] = max(self._bans.get(peer_id, 0.0), time.monotonic() + duration)
+
+    def report(self, offender: str, start: int, end: int, error: float, tolerance: float) -> None:
+        """Avoid a server caught returning wrong results, and tell the swarm with a signed report."""
+        self.ban(offender, f"its outputs for blocks {start}:{end} were wrong (relative error {error:.3g} > "
+                           f"{tolerance:g}, confirmed by a third server)", self.config.offender_ban_time)
+        report = Report(reporter=self.peer.peer_id, offender=offender, start=start, end=end, error=min(error, 1e30),
+                        tolerance=tolerance, at=time.time())
+        publish_report(self.dht, self.model_name, report, ttl=self.config.offender_ban_time)
 
     def banned(self) -> frozenset[str]:
         now = time.monotonic()
@@ -125,9 +145,14 @@ class SequenceManager:
             try:
                 servers = self.servers(force=force)
                 excluded, versions = self.banned() | exclude, self.versions(servers)
-                if purpose == "forward":
-                    return spread_route(servers, start, end, self._rng, excluded, versions)
-                return fastest_route(servers, start, end, self.rtts, excluded, versions)
+                route = spread_route if purpose == "forward" else fastest_route
+                args = (self._rng,) if purpose == "forward" else (self.rtts,)
+                try:  # reported servers only while nobody else holds their blocks
+                    return route(servers, start, end, *args, excluded | self.reported, versions)
+                except MissingBlocksError:
+                    if not self.reported:
+                        raise
+                return route(servers, start, end, *args, excluded, versions)
             except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
                     raise MissingBlocksError(
@@ -140,19 +165,42 @@ class SequenceManager:
     def holder(self, start: int, end: int) -> str:
         """A live, unbanned server holding all of `[start, end)`; raises NoHolderError if there is none."""
         servers = self.servers()
-        found = holders(servers, start, end, self.banned(), self.versions(servers))
+        found = holders(servers, start, end, self.banned() | self.reported, self.versions(servers))
+        found = found or holders(servers, start, end, self.banned(), self.versions(servers))
         if not found:
             raise NoHolderError(f"no live server holds all of blocks {start}:{end}")
         # Spread stateless calls over the holders in proportion to their throughput.
         return self._rng.choices(found, weights=[r.forward_tps or 1.0 for r in found])[0].peer_id
 
+    async def _settle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.settle_period)
+            await self.points.settle_all()
+
+    async def _call_unbound(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        return await asyncio.wait_for(self.p2p.call_protobuf_handler(
+            PeerID.from_base58(peer_id), name, self.membership.stamp(request), runtime_pb2.ExpertResponse
+        ), self.config.request_timeout)
+
+    def checkers(self, primary: str, start: int, end: int) -> list[str]:
+        """Other servers that hold all of `[start, end)` like `primary` does (same dtype, quantization and
+        block version), nearest first: who can check its results (see client/verification.py)."""
+        servers = {r.peer_id: r for r in self.servers()}
+        first = servers.get(primary)
+        avoid = self.banned() | self.reported | {primary}
+        found = [r for r in servers.values() if r.peer_id not in avoid and r.start <= start and end <= r.end
+                 and (first is None or comparable(r, first))]
+        return [r.peer_id for r in sorted(found, key=lambda r: self.rtts.get(r.peer_id, 0.05))]
+
     async def call(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        await self.points.bind(peer_id)
         return await self.p2p.call_protobuf_handler(
             PeerID.from_base58(peer_id), name, self.membership.stamp(request), runtime_pb2.ExpertResponse
         )
 
     async def call_split(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         """Call a handler that takes and returns messages split into parts (forward, backward)."""
+        await self.points.bind(peer_id)
         replies = await self.p2p.iterate_protobuf_handler(
             PeerID.from_base58(peer_id), name, as_aiter(*wire.split(self.membership.stamp(request))),
             runtime_pb2.ExpertResponse
@@ -160,6 +208,7 @@ class SequenceManager:
         return wire.join([part async for part in replies])
 
     async def open_stream(self, peer_id: str, name: str, requests) -> object:
+        await self.points.bind(peer_id)
         return await self.p2p.iterate_protobuf_handler(
             PeerID.from_base58(peer_id), name, self.membership.stamp_stream(requests), runtime_pb2.ExpertResponse
         )
@@ -170,6 +219,11 @@ class SequenceManager:
         return self.config.block_override if any(b in versions for b in range(start, end)) else None
 
     def shutdown(self) -> None:
+        self._settler.cancel()
+        try:  # countersign what is due, so the servers that worked for us get their points
+            loop.run(self.points.settle_all(final=True), timeout=10)
+        except Exception:
+            logger.debug("final settlement failed", exc_info=True)
         if self._own_dht:
             try:
                 loop.run(self.p2p.shutdown(), timeout=5)

@@ -16,11 +16,8 @@ import base64
 import binascii
 import struct
 import time
-from typing import Annotated
 
-from pydantic import Field
-
-from swarmllm.protocol import PeerIdStr, Record
+from swarmllm.protocol import PeerIdStr, Receipt
 from swarmllm.trust.identity import Identity, verify
 
 _SERVER_DOMAIN = b"swarmllm receipt v1 server"
@@ -29,34 +26,6 @@ _CLIENT_DOMAIN = b"swarmllm receipt v1 client"
 
 class ReceiptError(ValueError):
     """A receipt that must not be believed (forged, self-signed, inflated, stale or replayed)."""
-
-
-class Receipt(Record):
-    """Server `server` did `total_work` block-tokens for `client` since `epoch`, as both of them signed.
-
-    Keys and signatures are base64 text (keys: DER SubjectPublicKeyInfo), so the record stays plain JSON.
-    The client's fields stay empty until it countersigns.
-    """
-
-    server: PeerIdStr
-    client: PeerIdStr
-    total_work: Annotated[int, Field(ge=0)]
-    # When the server's ledger began (unix seconds); a new epoch restarts the server's totals.
-    epoch: Annotated[int, Field(ge=0)]
-    issued_at: Annotated[float, Field(ge=0, allow_inf_nan=False)]
-    server_key: str
-    server_sig: str = ""
-    client_key: str = ""
-    client_sig: str = ""
-
-    @property
-    def pair(self) -> tuple[str, str, int]:
-        """What the receipt is the latest of: one running total per (server, client, epoch)."""
-        return self.server, self.client, self.epoch
-
-    @property
-    def countersigned(self) -> bool:
-        return bool(self.client_sig)
 
 
 def issue(

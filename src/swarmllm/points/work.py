@@ -76,6 +76,11 @@ class RequestedWork:
         with self._lock:
             return self._requested[server]
 
+    def servers(self) -> list[str]:
+        """Every server work was requested from."""
+        with self._lock:
+            return list(self._requested)
+
     def allowance(self, server: str, epoch: int) -> int:
         """The highest total this client will countersign for `server` in `epoch`."""
         with self._lock:

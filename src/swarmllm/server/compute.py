@@ -15,6 +15,10 @@ import torch
 from swarmllm.adapters import lora
 from swarmllm.models.span import Span
 
+# Rotary angles are computed in float32, where integers are exact only below 2^24: positions beyond mean
+# nothing any model was trained on, and a forged huge one must not overflow the arithmetic on them.
+MAX_POSITION = 2**24
+
 
 class BadRequest(ValueError):
     pass
@@ -44,16 +48,22 @@ def check_inputs(
     span: Span, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, past: int = 0
 ) -> None:
     """Validate a (hidden, position_ids, mask) triple for a span whose cache already holds `past` tokens."""
-    if hidden.ndim != 3 or hidden.shape[-1] != span.config.hidden_size or hidden.shape[1] == 0:
-        raise BadRequest(f"hidden states must be (batch, seq>0, {span.config.hidden_size}), got {tuple(hidden.shape)}")
+    if hidden.ndim != 3 or hidden.shape[-1] != span.config.hidden_size or 0 in hidden.shape:
+        raise BadRequest(f"hidden states must be (batch>0, seq>0, {span.config.hidden_size}), got {tuple(hidden.shape)}")
     if not hidden.is_floating_point():
         raise BadRequest(f"hidden states must be floating point, got {hidden.dtype}")
     if not torch.isfinite(hidden).all():
         raise BadRequest("hidden states contain NaN or infinity")
     if position_ids.shape != hidden.shape[:2] or position_ids.dtype != torch.int64:
         raise BadRequest(f"position_ids must be int64 {tuple(hidden.shape[:2])}, got {position_ids.dtype} {tuple(position_ids.shape)}")
-    if mask is not None and mask.shape != (hidden.shape[0], past + hidden.shape[1]):
-        raise BadRequest(f"attention_mask must be (batch, past + seq) = {(hidden.shape[0], past + hidden.shape[1])}, got {tuple(mask.shape)}")
+    if position_ids.min() < 0 or position_ids.max() >= MAX_POSITION:
+        raise BadRequest(f"position_ids must be in [0, {MAX_POSITION}), got {position_ids.min()}..{position_ids.max()}")
+    if mask is not None:
+        if mask.shape != (hidden.shape[0], past + hidden.shape[1]):
+            raise BadRequest(f"attention_mask must be (batch, past + seq) = {(hidden.shape[0], past + hidden.shape[1])}, got {tuple(mask.shape)}")
+        # Any dtype will do (clients send int64 or bool), but only 1 = real token and 0 = padding mean anything.
+        if not ((mask == 0) | (mask == 1)).all():
+            raise BadRequest("attention_mask must hold only 0 (padding) and 1 (real token)")
 
 
 @dataclass
@@ -91,16 +101,27 @@ NO_EXTRAS = Extras()
 
 
 def check_prompts(span: Span, hidden: torch.Tensor, prompts: torch.Tensor | None) -> None:
+    check_prompt_shape(span, hidden.shape[0], hidden.shape[1], prompts)
+
+
+def check_prompt_shape(span: Span, batch: int, seq: int, prompts: torch.Tensor | None) -> None:
+    """Deep prompts for `batch` rows of at most `seq` tokens (`seq` = a session's max_length at its open)."""
     if prompts is None:
         return
-    n_blocks, batch, seq = len(span.layers), hidden.shape[0], hidden.shape[1]
+    n_blocks, width = len(span.layers), span.config.hidden_size
     if (prompts.ndim != 4 or prompts.shape[0] != n_blocks or prompts.shape[1] not in (1, batch)
-            or not 0 < prompts.shape[2] <= seq or prompts.shape[3] != hidden.shape[2]):
+            or not 0 < prompts.shape[2] <= seq or prompts.shape[3] != width):
         raise BadRequest(
-            f"deep prompts must be ({n_blocks}, 1 or {batch}, prefix <= {seq}, {hidden.shape[2]}), got {tuple(prompts.shape)}"
+            f"deep prompts must be ({n_blocks}, 1 or {batch}, prefix <= {seq}, {width}), got {tuple(prompts.shape)}"
         )
     if not prompts.is_floating_point() or not torch.isfinite(prompts).all():
         raise BadRequest("deep prompts must be finite floating point")
+
+
+def check_grad(grad_out: torch.Tensor, hidden: torch.Tensor) -> None:
+    """The gradient a backward request sends: finite floating point, shaped like the span's input."""
+    if grad_out.shape != hidden.shape or not grad_out.is_floating_point() or not torch.isfinite(grad_out).all():
+        raise BadRequest(f"grad_output must be finite floating point and shaped like hidden {tuple(hidden.shape)}")
 
 
 @torch.inference_mode()
@@ -142,8 +163,7 @@ def forward_with_graph(
 
 def backward_from_graph(graph: Graph, grad_out: torch.Tensor) -> list[torch.Tensor]:
     """Gradients wrt the graph's leaves (input, deep prompts, LoRA tensors), in that order."""
-    if grad_out.shape != graph.hidden.shape or not torch.isfinite(grad_out).all():
-        raise BadRequest(f"grad_output must be finite and shaped like hidden {tuple(graph.hidden.shape)}")
+    check_grad(grad_out, graph.hidden)
     with torch.enable_grad():
         grads = torch.autograd.grad(graph.out, graph.wrt, grad_out.to(graph.out.dtype), allow_unused=True)
     return [
@@ -159,7 +179,6 @@ def backward(
     """Gradients of the span's output wrt its input, the deep prompts (if any) and the client's LoRA tensors
     (if any), in that order, by recomputing the forward pass. Base weights are frozen and never receive
     gradients."""
-    if grad_out.shape != hidden.shape:
-        raise BadRequest(f"grad_output must be shaped like hidden {tuple(hidden.shape)}")
+    check_grad(grad_out, hidden)
     _, graph = forward_with_graph(span, hidden, position_ids, mask, extras)
     return backward_from_graph(graph, grad_out)

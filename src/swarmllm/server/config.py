@@ -89,6 +89,20 @@ class ServerConfig(BaseModel):
         default=2**28, ge=1, description="largest batch x query tokens x key tokens of one request: attention memory grows so"
     )
 
+    receipt_ttl: float = Field(
+        default=7 * 24 * 3600.0, gt=1, description="seconds the work receipts this server publishes stay in the DHT (republished while it runs)"
+    )
+    newcomer_share: float = Field(
+        default=0.2, gt=0, le=1,
+        description="under contention, work runs by the requester's points balance, but at least this share of "
+        "passes goes to peers without points, so nobody starves",
+    )
+    test_corrupt_outputs: float = Field(
+        default=0.0, ge=0,
+        description="TEST ONLY, never in production: add noise of this size (relative to their spread) to every output "
+        "and announce itself as the fastest server, as a malicious server would (to test verification)",
+    )
+
     @model_validator(mode="after")
     def _one_span_choice(self) -> ServerConfig:
         if (self.blocks is None) == (self.num_blocks is None):

@@ -7,6 +7,7 @@ sessions' messages) while a step computes. A failing request gets an `ErrorReply
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,7 +48,9 @@ from swarmllm.server.audit import AuditLog
 from swarmllm.server.cache import CacheFullError, CacheMemory, SessionKV, bytes_per_token
 from swarmllm.server.inference import Session
 from swarmllm.server.kept_graphs import KeptGraphs
-from swarmllm.server.lora_cache import LoraCache, NotCached
+from swarmllm.server.limits import PeerLimits, RateLimited
+from swarmllm.server.lora_cache import LoraCache, NotCached, UploadsFull
+from swarmllm.server.points import ServerPoints
 from swarmllm.server.scheduler import Scheduler
 from swarmllm.trust.membership import PUBLIC, Membership, gate_stream, gate_unary
 
@@ -61,13 +64,23 @@ _ERRORS = {
     compute.TooLong: ErrorCode.TOO_LONG,
     lora.LoraShapeError: ErrorCode.BAD_REQUEST,
     NotCached: ErrorCode.NOT_CACHED,
+    RateLimited: ErrorCode.RATE_LIMITED,
+    UploadsFull: ErrorCode.RATE_LIMITED,
 }
+# A session survives these in one of its steps: nothing was run, and its cache is as before the step.
+_STEP_ERRORS = (compute.BadRequest, compute.TooLong, wire.ProtocolError, CacheFullError, RateLimited)
+# Steps waiting in a session's inbox. An honest client has one in flight (two with push), so this never
+# slows it; a flooding one waits for the transport instead of filling the server's memory.
+INBOX_STEPS = 8
+# Seconds a refused session's stream stays open for the client to close its side: closing ours first would
+# break the pipe of a client still sending, and it would see that instead of the typed refusal.
+REFUSAL_GRACE = 1.0
 
 
 def _code(e: Exception) -> ErrorCode:
     if isinstance(e, AdapterError):
         return ErrorCode.ADAPTER
-    return _ERRORS.get(type(e), ErrorCode.INTERNAL)
+    return next((_ERRORS[c] for c in type(e).__mro__ if c in _ERRORS), ErrorCode.INTERNAL)
 
 
 def _error(e: Exception) -> runtime_pb2.ExpertResponse:
@@ -75,6 +88,14 @@ def _error(e: Exception) -> runtime_pb2.ExpertResponse:
     if code == ErrorCode.INTERNAL:
         logger.exception("internal error while serving a request")
     return wire.error_response(code, str(e))
+
+
+def _parse(msg, cls):
+    """`wire.parse` of a request: an ErrorReply where a request belongs is malformed, not a remote failure."""
+    try:
+        return wire.parse(msg, cls)
+    except wire.RemoteError:
+        raise wire.ProtocolError(f"expected {cls.__name__}, got an ErrorReply") from None
 
 
 NamedAdapter = tuple[lora.LoraSpec, lora.LoraWeights]
@@ -99,6 +120,7 @@ class Handler:
         lora_cache: LoraCache | None = None, adapter: Callable[[str], Awaitable[NamedAdapter]] | None = None,
         override: Override | None = None, kept: KeptGraphs | None = None, scheduler: Scheduler | None = None,
         page_tokens: int = 64, audit: AuditLog | None = None, membership: Membership = PUBLIC,
+        limits: PeerLimits | None = None, points: ServerPoints | None = None,
     ):
         self.span, self.memory, self.session_timeout, self.record = span, memory, session_timeout, record
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache(256 * 2**20)
@@ -108,6 +130,9 @@ class Handler:
         self.page_tokens = page_tokens
         self.audit = audit if audit is not None else AuditLog(None)
         self.membership = membership
+        self.corrupt = 0.0  # TEST ONLY: see `_tamper`
+        self.limits = limits if limits is not None else PeerLimits()
+        self.points = points  # counts work per requester (contribution points); None: not counted
         self.active_sessions = 0
         self.inboxes: dict[tuple[str, int], asyncio.Queue] = {}  # (session id, first block) -> step inbox
         self.p2p: P2P | None = None
@@ -118,7 +143,7 @@ class Handler:
         await p2p.add_protobuf_handler(RPC_INFO, unary(self.rpc_info), runtime_pb2.ExpertRequest)
         for name, fn in ((RPC_FORWARD, self.forward), (RPC_BACKWARD, self.backward)):
             await p2p.add_protobuf_handler(
-                name, stream(_streamed(fn)), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+                name, stream(self._streamed(fn)), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
         await p2p.add_protobuf_handler(RPC_LORA_PUT, unary(self.rpc_lora_put), runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(RPC_PUSH, unary(self.rpc_push), runtime_pb2.ExpertRequest)
@@ -127,57 +152,75 @@ class Handler:
             RPC_INFERENCE, stream(self.rpc_inference), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
 
-    async def _compute(self, fn, *args):
-        return await self.scheduler.run(fn, *args)
+    async def _compute(self, fn, *args, peer: str = ""):
+        return await self.scheduler.run(fn, *args, peer=peer)
+
+    def _count(self, peer: str, span: Span, tokens: int) -> None:
+        if self.points is not None:
+            self.points.count(peer, span.end - span.start, tokens)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return wire.response(self.record())
 
     async def forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        began, meta, tokens = time.monotonic(), None, 0
+        began, meta, tokens, peer = time.monotonic(), None, 0, str(context.remote_id)
         try:
-            meta, tensors = wire.parse(request, SpanRequest)
+            meta, tensors = _parse(request, SpanRequest)
             hidden, position_ids, mask, prompts = _unpack(tensors, 2, meta.has_mask, meta.tuning.prompts)
             span = compute.sub_span(self.span, meta.start, meta.end)
-            peer = str(context.remote_id)
-            extras = await self._extras(meta.tuning, span, peer, prompts)
-            tokens = hidden.shape[0] * hidden.shape[1]
-            if meta.keep is None:
-                out = await self._compute(compute.forward, span, hidden, position_ids, mask, extras)
-            else:
-                out, graph = await self._compute(compute.forward_with_graph, span, hidden, position_ids, mask, extras)
-                self.kept.put(peer, meta.keep, graph)
+            tokens = self._check_span_call(span, hidden, position_ids, mask, prompts)
+            with self.limits.tokens(peer, tokens):
+                extras = await self._extras(meta.tuning, span, peer, prompts)
+                if meta.keep is None:
+                    out = await self._compute(compute.forward, span, hidden, position_ids, mask, extras, peer=peer)
+                else:
+                    out, graph = await self._compute(compute.forward_with_graph, span, hidden, position_ids, mask, extras,
+                                                     peer=peer)
+                    self.kept.put(peer, meta.keep, graph)
+            self._count(peer, span, tokens)
             self._audit(context, "forward", meta, tokens, "ok", began)
-            return wire.response(SpanReply(), out, compression=meta.compression)
+            return wire.response(SpanReply(), self._tamper(out), compression=meta.compression)
         except Exception as e:
             self._audit(context, "forward", meta, tokens, _code(e), began)
             return _error(e)
 
     async def backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        began, meta, tokens = time.monotonic(), None, 0
+        began, meta, tokens, peer = time.monotonic(), None, 0, str(context.remote_id)
         try:
-            meta, tensors = wire.parse(request, SpanRequest)
+            meta, tensors = _parse(request, SpanRequest)
             hidden, position_ids, grad_out, mask, prompts = _unpack(tensors, 3, meta.has_mask, meta.tuning.prompts)
-            tokens = hidden.shape[0] * hidden.shape[1]
             span = compute.sub_span(self.span, meta.start, meta.end)
-            peer = str(context.remote_id)
-            graph = self.kept.pop(peer, meta.keep) if meta.keep is not None else None
-            if graph is not None and graph.hidden.shape == hidden.shape and torch.equal(graph.hidden, hidden):
-                grads = await self._compute(compute.backward_from_graph, graph, grad_out)
-            else:
-                logger.debug("backward of %d:%d recomputes its forward (kept: %s)", meta.start, meta.end, graph is not None)
-                extras = await self._extras(meta.tuning, span, peer, prompts)
-                grads = await self._compute(compute.backward, span, hidden, position_ids, grad_out, mask, extras)
+            tokens = self._check_span_call(span, hidden, position_ids, mask, prompts)
+            compute.check_grad(grad_out, hidden)
+            with self.limits.tokens(peer, tokens):
+                graph = self.kept.pop(peer, meta.keep) if meta.keep is not None else None
+                if graph is not None and graph.hidden.shape == hidden.shape and torch.equal(graph.hidden, hidden):
+                    grads = await self._compute(compute.backward_from_graph, graph, grad_out, peer=peer)
+                else:
+                    logger.debug("backward of %d:%d recomputes its forward (kept: %s)", meta.start, meta.end, graph is not None)
+                    extras = await self._extras(meta.tuning, span, peer, prompts)
+                    grads = await self._compute(compute.backward, span, hidden, position_ids, grad_out, mask, extras,
+                                                peer=peer)
+            self._count(peer, span, tokens)
             self._audit(context, "backward", meta, tokens, "ok", began)
             return wire.response(SpanReply(), *grads, compression=meta.compression)
         except Exception as e:
             self._audit(context, "backward", meta, tokens, _code(e), began)
             return _error(e)
 
+    def _check_span_call(self, span: Span, hidden, position_ids, mask, prompts) -> int:
+        """Validate a forward or backward call before anything is queued; returns its tokens."""
+        compute.check_inputs(span, hidden, position_ids, mask)
+        compute.check_prompts(span, hidden, prompts)
+        batch, seq = hidden.shape[:2]
+        self.limits.check_attention(batch, seq, seq)
+        return batch * seq
+
     async def rpc_lora_put(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Receive (part of) a client's LoRA weights; shapes are checked against the blocks before caching."""
         try:
-            meta, tensors = wire.parse(request, LoraPut)
+            self.limits.admit(str(context.remote_id))
+            meta, tensors = _parse(request, LoraPut)
             compute.sub_span(self.span, meta.start, meta.end)
             weights = lora.unflatten(tensors, meta.blocks, meta.lora.targets)
             for b in meta.blocks:
@@ -221,85 +264,175 @@ class Handler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """One session per stream: open (admission), then steps until the client closes or goes idle.
 
-        Admission: a session that could never fit is refused at once; otherwise it waits in the memory queue
-        for its first page. Its cache then grows page by page as steps arrive (each may wait in the queue too),
-        and all of it is freed when the stream ends, whatever the reason."""
-        held, reader, meta, steps, pushed_first, counted, session = 0, None, None, 0, 0, False, None
-        began, tokens, outcome = time.monotonic(), 0, "ok"
+        Admission: a peer over its session or rate limit is refused first. A session that could never fit is
+        refused at once; otherwise it waits in the memory queue for its first page. Its cache then grows page
+        by page as steps arrive (each may wait in the queue too), and all of it is freed when the stream
+        ends, whatever the reason. A refused step leaves the session as it was."""
+        peer, meta, live, reader, inbox, counted = str(context.remote_id), None, None, None, None, False
+        began, outcome = time.monotonic(), "ok"
         try:
+            self.limits.admit(peer)
+            self.limits.open_session(peer)
+            counted = True
             first = await asyncio.wait_for(anext(requests), self.session_timeout)
-            meta, tensors = wire.parse(first, OpenSession)
-            span = compute.sub_span(self.span, meta.start, meta.end)
-            if len(tensors) != int(meta.tuning.prompts):
-                raise compute.BadRequest(f"OpenSession carries {int(meta.tuning.prompts)} tensors, got {len(tensors)}")
-            extras = await self._extras(meta.tuning, span, str(context.remote_id), tensors[0] if tensors else None)
-            what = f"a session of {meta.batch_size} x {meta.max_length} tokens on blocks {meta.start}:{meta.end}"
-            self.memory.check_possible(bytes_per_token(span, meta.batch_size) * meta.max_length, what)
-            kv = SessionKV(span, meta.batch_size, self.page_tokens)
-            await self.memory.acquire(kv.page_bytes, what)
-            held, kv.capacity = kv.page_bytes, self.page_tokens
-            self.active_sessions, counted = self.active_sessions + 1, True
-            session = Session(span, meta.batch_size, meta.max_length, kv, extras)
+            meta, tensors = _parse(first, OpenSession)
+            live = await self._open(meta, tensors, peer)
+            self.active_sessions += 1
             logger.info("session %s opened by %s: blocks %d:%d, up to %d x %d tokens", meta.session_id[:8],
-                        str(context.remote_id)[-8:], meta.start, meta.end, meta.batch_size, meta.max_length)
-            yield wire.response(SessionOpened(session_id=meta.session_id, cache_tokens=kv.capacity * meta.batch_size))
+                        peer[-8:], meta.start, meta.end, meta.batch_size, meta.max_length)
+            yield wire.response(SessionOpened(session_id=meta.session_id, cache_tokens=live.kv.capacity * meta.batch_size))
             # Steps come from the client's stream and, with push, from the previous server: both feed one
             # inbox, and a step already run (pushed first, or sent first by the client) is skipped.
-            inbox: asyncio.Queue = asyncio.Queue()
-            reader = asyncio.create_task(_pump(requests, inbox))
+            inbox = asyncio.Queue(INBOX_STEPS)
+            reader = asyncio.create_task(_pump(requests, inbox, self.limits, peer))
             self.inboxes[(meta.session_id, meta.start)] = inbox
-            last_done = -1
             while True:
                 item = await asyncio.wait_for(inbox.get(), self.session_timeout)
                 if item is None:
                     return  # the client closed the session
-                try:
-                    if isinstance(item, Exception):
-                        raise item
-                    step, tensors, pushed = item
-                    if 0 <= step.step_id <= last_done:
-                        continue  # the other copy of this step got here first
-                    steps, pushed_first = steps + 1, pushed_first + pushed
-                    hidden, position_ids, mask, _ = _unpack(tensors, 2, step.has_mask)
-                    session.check(hidden, position_ids, mask)
-                    pages = kv.pages_for(session.length + hidden.shape[1])
-                    if pages:
-                        await self.memory.acquire(pages * kv.page_bytes, f"step {step.step_id} of session {meta.session_id[:8]}")
-                        held, kv.capacity = held + pages * kv.page_bytes, kv.capacity + pages * self.page_tokens
-                    out = await self.scheduler.step(session, hidden, position_ids, mask)
-                    tokens += hidden.shape[0] * hidden.shape[1]
-                    last_done = max(last_done, step.step_id)
-                    if step.push_to:
-                        asyncio.create_task(self._push(meta, step, out, position_ids, mask))
-                    yield wire.response(StepDone(step_id=step.step_id, length=session.length), out,
-                                        compression=meta.compression)
-                except (compute.BadRequest, compute.TooLong, wire.ProtocolError, CacheFullError) as e:
-                    yield _error(e)  # the session's cache is unchanged; the client may go on
+                reply = await self._step(live, item, peer)
+                if reply is not None:
+                    yield reply
         except StopAsyncIteration:
             return
         except TimeoutError:
             outcome = ErrorCode.SESSION_TIMEOUT.value
-            logger.info("session from %s timed out; freeing its cache", str(context.remote_id)[-8:])
+            logger.info("session from %s timed out; freeing its cache", peer[-8:])
             yield wire.error_response(ErrorCode.SESSION_TIMEOUT, f"no message for {self.session_timeout}s")
         except Exception as e:
             outcome = _code(e).value
             yield _error(e)
+            if reader is None:  # refused before its steps were read: let the client close its side first
+                await _drain(requests, REFUSAL_GRACE)
         finally:
-            if meta is not None:
-                self.audit.record(str(context.remote_id), "inference", meta.start, meta.end, tokens, outcome, began, steps)
-            if session is not None:
-                self.scheduler.forget(session)
-            if held:
-                self.memory.release(held)
-            if counted:
-                self.active_sessions -= 1
-            if meta is not None and (meta.session_id, meta.start) in self.inboxes:
-                self.inboxes.pop((meta.session_id, meta.start))
-                logger.info("session %s closed after %d steps, %d of them pushed by the previous server first "
-                            "(server total: %d steps in %d passes)", meta.session_id[:8], steps, pushed_first,
-                            self.scheduler.steps_run, self.scheduler.passes_run)
             if reader is not None:
                 reader.cancel()
+            if counted:
+                self.limits.close_session(peer)
+            if meta is not None:
+                self.audit.record(peer, "inference", meta.start, meta.end, live.tokens if live else 0, outcome, began,
+                                  live.steps if live else 0)
+            if live is not None:
+                self._close(live, inbox, peer)
+
+    async def _open(self, meta: OpenSession, tensors: list, peer: str) -> _Live:
+        """Admit a session: check what it declares, resolve its tuning, then wait for its first cache page."""
+        span = compute.sub_span(self.span, meta.start, meta.end)
+        if len(tensors) != int(meta.tuning.prompts):
+            raise compute.BadRequest(f"OpenSession carries {int(meta.tuning.prompts)} tensors, got {len(tensors)}")
+        prompts = tensors[0] if tensors else None
+        compute.check_prompt_shape(span, meta.batch_size, meta.max_length, prompts)
+        extras = await self._extras(meta.tuning, span, peer, prompts)
+        what = f"a session of {meta.batch_size} x {meta.max_length} tokens on blocks {meta.start}:{meta.end}"
+        self.memory.check_possible(bytes_per_token(span, meta.batch_size) * meta.max_length, what)
+        kv = SessionKV(span, meta.batch_size, self.page_tokens)
+        await self.memory.acquire(kv.page_bytes, what)
+        kv.capacity = self.page_tokens
+        return _Live(meta, Session(span, meta.batch_size, meta.max_length, kv, extras), held=kv.page_bytes)
+
+    async def _step(self, live: _Live, item, peer: str) -> runtime_pb2.ExpertResponse | None:
+        """Run one inbox item of a session; the reply for the client, or None when there is none: a copy of
+        a step already run, or a pushed copy that was refused (the client's own copy follows)."""
+        if isinstance(item, Exception):
+            return _error(item)  # the client's message was malformed or over a limit; the session goes on
+        step, tensors, pushed, nbytes = item
+        session, meta = live.session, live.meta
+        try:
+            if 0 <= step.step_id <= live.last_done:
+                return None  # the other copy of this step got here first
+            live.steps, live.pushed_first = live.steps + 1, live.pushed_first + pushed
+            hidden, position_ids, mask, _ = _unpack(tensors, 2, step.has_mask)
+            session.check(hidden, position_ids, mask)
+            if len(step.push_to) >= self.span.config.num_hidden_layers:  # a route has fewer hops than blocks
+                raise compute.BadRequest(f"push_to names {len(step.push_to)} servers")
+            batch, q = hidden.shape[:2]
+            # A long step runs in chunks (see Scheduler.step), except one that must run alone.
+            chunk = q if session.batch_key(q) is None else min(q, self.scheduler.prefill_chunk)
+            self.limits.check_attention(batch, chunk, session.length + q)
+            with self.limits.tokens(peer, batch * q):
+                pages = live.kv.pages_for(session.length + q)
+                if pages:
+                    await self.memory.acquire(pages * live.kv.page_bytes, f"step {step.step_id} of session {meta.session_id[:8]}")
+                    live.held, live.kv.capacity = live.held + pages * live.kv.page_bytes, live.kv.capacity + pages * self.page_tokens
+                out = self._tamper(await self.scheduler.step(session, hidden, position_ids, mask, peer=peer))
+                self._count(peer, session.span, batch * q)
+        except _STEP_ERRORS as e:
+            if pushed:
+                logger.debug("pushed step %d of session %s refused: %s", step.step_id, meta.session_id[:8], e)
+                return None
+            return _error(e)  # the session's cache is unchanged; the client may go on
+        finally:
+            self.limits.release_bytes(peer, nbytes)
+        live.tokens += batch * q
+        live.last_done = max(live.last_done, step.step_id)
+        if step.push_to:
+            asyncio.create_task(self._push(meta, step, out, position_ids, mask))
+        return wire.response(StepDone(step_id=step.step_id, length=session.length), out, compression=meta.compression)
+
+    def _close(self, live: _Live, inbox: asyncio.Queue | None, peer: str) -> None:
+        """Free everything a session held: its cache, its place in the scheduler, its waiting steps' bytes."""
+        meta = live.meta
+        self.scheduler.forget(live.session)
+        self.memory.release(live.held)
+        self.active_sessions -= 1
+        key = (meta.session_id, meta.start)
+        # Only this stream's own inbox: a client that reopened the session here may already have a new one.
+        if inbox is not None and self.inboxes.get(key) is inbox:
+            del self.inboxes[key]
+        while inbox is not None and not inbox.empty():
+            item = inbox.get_nowait()
+            if isinstance(item, tuple):
+                self.limits.release_bytes(peer, item[3])
+        logger.info("session %s closed after %d steps, %d of them pushed by the previous server first "
+                    "(server total: %d steps in %d passes)", meta.session_id[:8], live.steps, live.pushed_first,
+                    self.scheduler.steps_run, self.scheduler.passes_run)
+
+    def _streamed(self, fn):
+        """Adapt a unary handler to the split-message streams that forward and backward use (see wire.split).
+
+        Parts count against the peer's byte limit as they arrive, so an oversized or endless request is refused
+        before it is held whole, and one that does not arrive within `session_timeout` is dropped. A refused
+        request is still read to its end (and discarded): the caller reads the reply only once it has sent
+        everything, so that is how it gets the typed refusal rather than a broken stream."""
+
+        async def handler(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+            peer, parts, held, refusal = str(context.remote_id), [], 0, None
+            try:
+                try:
+                    self.limits.admit(peer)
+                except RateLimited as e:
+                    refusal = e
+                async with asyncio.timeout(self.session_timeout):
+                    async for part in requests:
+                        if refusal is not None:
+                            continue
+                        size = part.ByteSize()
+                        try:
+                            self.limits.hold_bytes(peer, size)
+                        except RateLimited as e:
+                            refusal, parts = e, []
+                            self.limits.release_bytes(peer, held)
+                            held = 0
+                            continue
+                        held += size
+                        parts.append(part)
+                reply = _error(refusal) if refusal is not None else await fn(wire.join(parts), context)
+            except TimeoutError:
+                reply = wire.error_response(ErrorCode.SESSION_TIMEOUT, f"request not received within {self.session_timeout}s")
+            except Exception as e:
+                reply = _error(e)
+            finally:
+                self.limits.release_bytes(peer, held)
+            for part in wire.split(reply):
+                yield part
+
+        return handler
+
+    def _tamper(self, out: torch.Tensor) -> torch.Tensor:
+        """TEST ONLY (`--test-corrupt-outputs`): what a faulty or malicious server returns, to test verification."""
+        if not self.corrupt:
+            return out
+        return out + self.corrupt * out.float().std() * torch.randn_like(out)
 
     def _audit(self, context: P2PContext, rpc: str, meta: SpanRequest | None, tokens: int, outcome, began: float) -> None:
         start, end = (meta.start, meta.end) if meta is not None else (-1, -1)  # -1: the request did not parse
@@ -321,51 +454,72 @@ class Handler:
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
-            meta, tensors = wire.parse(request, Push)
+            self.limits.admit(str(context.remote_id))
+            meta, tensors = _parse(request, Push)
+            _unpack(tensors, 2, meta.step.has_mask)  # the rest is checked when the session runs the step
             inbox = self.inboxes.get((meta.session_id, meta.start))
             if inbox is None:
                 raise compute.NotServing(f"no session {meta.session_id[:8]} here")
-            inbox.put_nowait((meta.step, tensors, True))
+            try:
+                inbox.put_nowait((meta.step, tensors, True, 0))
+            except asyncio.QueueFull:  # a push only saves time: the client's own copy of the step follows
+                raise RateLimited(f"session {meta.session_id[:8]} has {inbox.qsize()} steps waiting") from None
             return wire.response(Pushed())
         except Exception as e:
             return _error(e)
 
 
-async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
-    """Client messages into the session's inbox: (Step, tensors, pushed=False), an exception for a bad one,
-    None at the end."""
+@dataclass
+class _Live:
+    """An open session on this server, with what its stream must release when it ends."""
+
+    meta: OpenSession
+    session: Session
+    held: int  # cache bytes granted to it
+    steps: int = 0
+    pushed_first: int = 0
+    tokens: int = 0
+    last_done: int = -1  # the highest step id run
+
+    @property
+    def kv(self) -> SessionKV:
+        return self.session.kv
+
+
+async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue, limits: PeerLimits,
+                peer: str) -> None:
+    """Client messages into the session's inbox: (Step, tensors, pushed=False, bytes held against the peer's
+    limit), an exception for a malformed or refused one, None at the end. It waits while the inbox is full,
+    so that a client sending faster than its steps run is held back by the transport."""
     try:
         async for msg in requests:
+            size = msg.ByteSize()
             try:
-                inbox.put_nowait((*wire.parse(msg, Step), False))
+                limits.hold_bytes(peer, size)
+            except RateLimited as e:
+                await inbox.put(e)
+                continue
+            try:
+                item = (*_parse(msg, Step), False, size)
             except wire.ProtocolError as e:
-                inbox.put_nowait(e)
+                limits.release_bytes(peer, size)
+                item = e
+            try:
+                await inbox.put(item)
+            except BaseException:  # cancelled while waiting: the session is over, and so is this step
+                limits.release_bytes(peer, size if isinstance(item, tuple) else 0)
+                raise
     except Exception as e:  # the stream broke: the session ends as if the client had closed it
         logger.debug("session stream ended: %r", e)
-    inbox.put_nowait(None)
+    await inbox.put(None)
 
 
-MAX_REQUEST_BYTES = 1 << 30
-
-
-def _streamed(fn):
-    """Adapt a unary handler to the split-message streams that forward and backward use (see wire.split)."""
-
-    async def handler(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
-        parts, size = [], 0
-        try:
-            async for part in requests:
-                size += part.ByteSize()
-                if size > MAX_REQUEST_BYTES:
-                    raise wire.ProtocolError(f"request larger than {MAX_REQUEST_BYTES} bytes")
-                parts.append(part)
-            reply = await fn(wire.join(parts), context)
-        except Exception as e:
-            reply = _error(e)
-        for part in wire.split(reply):
-            yield part
-
-    return handler
+async def _drain(requests: AsyncIterator[runtime_pb2.ExpertRequest], seconds: float) -> None:
+    """Read and drop what a refused client still sends, until it closes its side or `seconds` pass."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(seconds):
+            async for _ in requests:
+                pass
 
 
 def _unpack(tensors: list, n_required: int, has_mask: bool, has_prompts: bool = False) -> tuple:

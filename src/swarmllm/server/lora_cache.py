@@ -5,6 +5,8 @@ batch); an inference session uses them for every step. Caching them by content h
 network once per optimizer step instead of once per request. Entries are keyed by (requester, hash), so
 one client can never use, or learn about, another client's weights. Memory is bounded: least recently used
 entries are evicted first, and a client whose weights were evicted gets `NOT_CACHED` and sends them again.
+Unfinished uploads are bounded too: one peer's share `max_bytes` (its oldest is dropped for a new one),
+and all peers' together take at most twice that.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from swarmllm.protocol import LoraRef
 
 class NotCached(KeyError):
     pass
+
+
+class UploadsFull(RuntimeError):
+    """Unfinished uploads of many peers already take all the memory they may: retry later."""
 
 
 def _nbytes(tensors) -> int:
@@ -41,7 +47,8 @@ class LoraCache:
 
     def __init__(self, max_bytes: int, pending_timeout: float = 60.0):
         self.max_bytes, self.pending_timeout = max_bytes, pending_timeout
-        self._entries: OrderedDict[tuple[str, str], tuple[int, int, list[torch.Tensor]]] = OrderedDict()
+        # (peer, sha256) -> (first block, end block, (targets, rank), tensors)
+        self._entries: OrderedDict[tuple[str, str], tuple[int, int, tuple, list[torch.Tensor]]] = OrderedDict()
         self._pending: dict[tuple[str, str], _Pending] = {}
         self.used = 0
 
@@ -51,8 +58,10 @@ class LoraCache:
         if entry is None:
             raise NotCached(ref.sha256)
         self._entries.move_to_end((peer, ref.sha256))
-        first, last, tensors = entry
-        if not (first <= start < end <= last):
+        first, last, layout, tensors = entry
+        # The hash covers the layout, but a request restates it: one that names other modules or another
+        # rank than the upload would apply the tensors to the wrong layers.
+        if not (first <= start < end <= last) or layout != (ref.targets, ref.rank):
             raise NotCached(ref.sha256)
         per_block = 2 * len(ref.targets)
         return tensors[(start - first) * per_block : (end - first) * per_block]
@@ -71,6 +80,7 @@ class LoraCache:
         if _nbytes(tensors) > self.max_bytes:
             raise lora.LoraShapeError(f"LoRA weights of {_nbytes(tensors)} bytes exceed this server's limit of {self.max_bytes}")
         key = (peer, ref.sha256)
+        self._make_room(peer, key, _nbytes(tensors))
         pending = self._pending.setdefault(key, _Pending(ref, start, end))
         for i, b in enumerate(blocks):
             pending.parts[b] = tensors[i * per_block : (i + 1) * per_block]
@@ -80,17 +90,32 @@ class LoraCache:
         flat = [t for b in range(start, end) for t in pending.parts[b]]
         if lora.content_hash(start, end, ref.targets, ref.rank, flat) != ref.sha256:
             raise lora.LoraShapeError("LoRA weights do not match their sha256: corrupted or tampered in transit")
-        self._store(key, start, end, flat)
+        self._store(key, start, end, (ref.targets, ref.rank), flat)
         return True
 
-    def _store(self, key: tuple[str, str], start: int, end: int, tensors: list[torch.Tensor]) -> None:
+    def _make_room(self, peer: str, key: tuple[str, str], size: int) -> None:
+        """Room for `size` more pending bytes from `peer`: its own oldest other uploads are dropped for it.
+        Raises UploadsFull if other peers' uploads take the rest."""
+        mine = sorted((e.since, k) for k, e in self._pending.items() if k[0] == peer and k != key)
+        while mine and self._pending_bytes(peer) + size > self.max_bytes:
+            del self._pending[mine.pop(0)[1]]
+        if self._pending_bytes(peer) + size > self.max_bytes:  # this upload alone: it could never be stored
+            raise lora.LoraShapeError(f"LoRA weights of more than {self.max_bytes} bytes exceed this server's limit")
+        # One peer takes at most half of what uploads may hold, so a single slow uploader never blocks the rest.
+        if self._pending_bytes() + size > 2 * self.max_bytes:
+            raise UploadsFull(f"unfinished LoRA uploads of other peers take all of the {2 * self.max_bytes} bytes they may")
+
+    def _pending_bytes(self, peer: str | None = None) -> int:
+        return sum(_nbytes(part) for (who, _), p in self._pending.items() if peer in (None, who) for part in p.parts.values())
+
+    def _store(self, key: tuple[str, str], start: int, end: int, layout: tuple, tensors: list[torch.Tensor]) -> None:
         if key in self._entries:
-            self.used -= _nbytes(self._entries.pop(key)[2])
+            self.used -= _nbytes(self._entries.pop(key)[3])
         size = _nbytes(tensors)
         while self._entries and self.used + size > self.max_bytes:
-            _, (_, _, old) = self._entries.popitem(last=False)
+            _, (_, _, _, old) = self._entries.popitem(last=False)
             self.used -= _nbytes(old)
-        self._entries[key] = (start, end, tensors)
+        self._entries[key] = (start, end, layout, tensors)
         self.used += size
 
     def _expire_pending(self) -> None:

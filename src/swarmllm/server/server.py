@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,20 +20,24 @@ from swarmllm.adapters.resolve import resolve_adapter
 from swarmllm.adapters.store import AdapterStore
 from swarmllm.adapters.swarm_hub import SwarmHub
 from swarmllm.dht.node import join
+from swarmllm.dht.points import get_receipts, publish_receipts
 from swarmllm.dht.records import announce, get_servers
 from swarmllm.models.quant import quantize_blocks
 from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import Span, check_span, load_config, load_span
-from swarmllm.protocol import RPC_INFO, ServerRecord, ServerState
+from swarmllm.protocol import RPC_INFO, RPC_POINTS_BIND, RPC_RECEIPT, RPC_SETTLE, ServerRecord, ServerState
 from swarmllm.server.audit import AuditLog
 from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheMemory, bytes_per_token
 from swarmllm.server.config import ServerConfig, parse_blocks
 from swarmllm.server.handler import Handler, NamedAdapter, Override
 from swarmllm.server.kept_graphs import KeptGraphs
+from swarmllm.server.limits import Limits, PeerLimits
 from swarmllm.server.lora_cache import LoraCache
+from swarmllm.server.points import ServerPoints
 from swarmllm.server.scheduler import Scheduler
 from swarmllm.server.throughput import measure as measure_throughput
+from swarmllm.trust.membership import gate_unary
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +76,32 @@ class Server:
         self.memory = CacheMemory(config.max_cache_bytes, config.cache_queue_timeout)
         self.hub = SwarmHub(self.dht, AdapterStore(), max_bytes=config.max_adapter_bytes, membership=self.peer.membership)
         self.adapters: dict[str, NamedAdapter] = {}
+        self.points = ServerPoints(self.peer.identity)
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self.handler = Handler(
             self.span, self.memory, config.session_timeout, self.record,
             lora_cache=LoraCache(config.lora_cache_bytes), adapter=self.adapter,
             kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl),
-            scheduler=Scheduler(config.max_batch_rows, config.prefill_chunk, config.batch_wait), page_tokens=config.cache_page_tokens,
+            scheduler=Scheduler(config.max_batch_rows, config.prefill_chunk, config.batch_wait,
+                                balance=self.points.priority, newcomer_share=config.newcomer_share),
+            page_tokens=config.cache_page_tokens,
             audit=AuditLog(config.audit_log), membership=self.peer.membership,
+            limits=PeerLimits(Limits.from_config(config)), points=self.points,
         )
+        self.handler.corrupt = config.test_corrupt_outputs
+        if config.test_corrupt_outputs:
+            logger.warning("TEST ONLY: this server corrupts its outputs (--test-corrupt-outputs %g)", config.test_corrupt_outputs)
         self.peer_id = self.peer.peer_id
         # On the compute thread, like all torch work: OpenMP keeps one thread team per calling thread, and a
         # second team (on the main thread) measurably slows every later step on a small machine.
         self.throughput = self.handler.scheduler.call(measure_throughput, self.span).result()
         logger.info("measured %.2f ms per block per inference step, %.0f tokens/s per block forward",
                     self.throughput.step_time * 1e3, self.throughput.forward_tps)
+
+    def _exchange_points(self) -> None:
+        """Publish the receipts our clients countersigned; read everyone's to rank queued work by balance."""
+        publish_receipts(self.dht, self.points.settled.receipts(), self.config.receipt_ttl)
+        self.points.refresh(get_receipts(self.dht))
 
     def _load(self, start: int, end: int) -> Span:
         span = load_span(self.model_dir, start, end, DTYPES[self.config.dtype])
@@ -99,10 +116,12 @@ class Server:
             start=self.start,
             end=self.end,
             dtype=self.config.dtype,
+            quant=self.config.quant,
             state=state or self.state,
             cache_tokens_left=self.memory.free // bytes_per_token(self.span),
-            step_time=self.throughput.step_time,
-            forward_tps=self.throughput.forward_tps,
+            # A corrupting test server lies about its speed too, to attract traffic as an attacker would.
+            step_time=self.throughput.step_time if not self.config.test_corrupt_outputs else 1e-6,
+            forward_tps=self.throughput.forward_tps if not self.config.test_corrupt_outputs else 1e9,
             next_rtts=dict(self.next_rtts),
             adapters=tuple(sorted(self.adapters)),
             override=self.handler.override.name if self.handler.override else None,
@@ -221,6 +240,10 @@ class Server:
         for name in self.config.adapters:
             await self.adapter(name)
         await self.handler.register(p2p)
+        gate = partial(gate_unary, self.peer.membership)
+        for name, fn in ((RPC_POINTS_BIND, self.points.rpc_bind), (RPC_RECEIPT, self.points.rpc_receipt),
+                         (RPC_SETTLE, self.points.rpc_settle)):
+            await p2p.add_protobuf_handler(name, gate(fn), runtime_pb2.ExpertRequest)
         ttl = self.config.announce_ttl
         await loop.run_in_executor(None, announce, self.dht, self.model_name, self.record(), ttl)
         maddrs = " ".join(str(m) for m in self.dht.get_visible_maddrs())
@@ -237,6 +260,7 @@ class Server:
                     await self._measure_next_rtts(p2p)
                     await loop.run_in_executor(None, announce, self.dht, self.model_name, self.record(), ttl)
                     await self.hub.refresh(ttl)
+                    await loop.run_in_executor(None, self._exchange_points)
         finally:
             if rebalance is not None:
                 rebalance.cancel()

@@ -7,6 +7,7 @@ before it parses anything else, so a non-member's request costs it one HMAC and 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -84,6 +85,7 @@ def gate_stream(membership: Membership, handler, stream_input: bool = True):
             if not membership.admits(peer, first):
                 logger.info("refused a stream from non-member %s", peer[-8:])
                 yield _refusal()
+                await _drain(requests)
                 return
             requests = _chain(first, requests)
         elif not membership.admits(peer, requests):
@@ -94,6 +96,17 @@ def gate_stream(membership: Membership, handler, stream_input: bool = True):
             yield reply
 
     return gated
+
+
+async def _drain(requests, max_messages: int = 4, timeout: float = 1.0) -> None:
+    """Read (and drop) what the refused sender is still writing, a little, so that it reads the refusal
+    instead of a broken pipe; bounded, so a non-member cannot make us read much."""
+    try:
+        async with asyncio.timeout(timeout):
+            for _ in range(max_messages):
+                await anext(requests)
+    except Exception:  # the end of its stream, the timeout, or a broken stream: all the same here
+        pass
 
 
 async def _chain(first, rest):

@@ -1,0 +1,141 @@
+"""Contribution points on a real swarm: serving earns points as countersigned receipts in the DHT, a
+contributor's work is served before a free rider's under contention, and forged or replayed receipts are
+refused."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from swarmllm import AutoDistributedModelForCausalLM, wire
+from swarmllm.client import loop
+from swarmllm.dht.node import join
+from swarmllm.dht.points import get_receipts, publish_receipts
+from swarmllm.launcher import LocalSwarm, ServerSpec
+from swarmllm.points import Ledger, countersign, issue
+from swarmllm.protocol import RPC_SETTLE, Settle, Settled
+from swarmllm.trust.identity import Identity
+
+pytestmark = pytest.mark.swarm
+
+FAST = ("--announce-ttl", "3")  # publish receipts and refresh balances every second
+
+
+def _peer(line: str) -> str:
+    return line.split(" peer ")[1].split()[0]
+
+
+def _client(model_dir, swarm, **config):
+    config.setdefault("settle_period", 0.5)
+    return AutoDistributedModelForCausalLM.from_pretrained(str(model_dir), initial_peers=swarm.initial_peers, **config)
+
+
+def _forwards(model, n: int, latencies: list[float]) -> None:
+    hidden, positions = torch.randn(16, 512, 32), torch.arange(512).repeat(16, 1)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        model.model.layers(hidden, positions)
+        latencies.append(time.perf_counter() - t0)
+
+
+def _points(swarm) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-m", "swarmllm.cli.main", "points", "--json", "--initial-peers",
+                          *swarm.initial_peers], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {row["account"]: row["balance"] for row in json.loads(out.stdout)}
+
+
+@pytest.fixture(scope="module")
+def points_swarm(tiny_llama_dir, tmp_path_factory):
+    """server0 runs as the contributor's identity; server1 is where the contention happens."""
+    identity = tmp_path_factory.mktemp("contributor") / "identity.key"
+    specs = [ServerSpec("0:4", ("--identity", str(identity), *FAST)), ServerSpec("0:4", FAST)]
+    with LocalSwarm(str(tiny_llama_dir), specs) as swarm:
+        yield swarm, identity
+
+
+def test_a_contributor_is_served_before_a_free_rider(tiny_llama_dir, points_swarm) -> None:
+    swarm, identity = points_swarm
+    earner, busy = _peer(swarm.server_lines["server0"]), _peer(swarm.server_lines["server1"])
+    assert Identity(identity).peer_id == earner
+
+    # server0 earns points by serving someone; the receipts reach the DHT once that client settles.
+    user = _client(tiny_llama_dir, swarm, allowed_servers=[earner])
+    user_id = user.sequence_manager.points.account.peer_id
+    _forwards(user, 40, [])
+    user.sequence_manager.shutdown()  # settles what is due
+    work = 40 * 4 * 16 * 512  # calls x blocks x tokens
+    deadline = time.monotonic() + 30  # (periodic settlements may show a part of it first)
+    while (balances := _points(swarm)).get(earner, 0) < work and time.monotonic() < deadline:
+        time.sleep(1)
+    assert balances[earner] == work and balances[user_id] == -work
+
+    # Contention on server1: the contributor (spending server0's account) against a free rider.
+    contributor = _client(tiny_llama_dir, swarm, allowed_servers=[busy], account=str(identity))
+    rider = _client(tiny_llama_dir, swarm, allowed_servers=[busy])
+    try:
+        _forwards(contributor, 1, [])  # binds the account at server1
+        time.sleep(2.5)  # server1 refreshes balances every second
+        latencies = {"contributor": [], "rider": []}
+        threads = [threading.Thread(target=_forwards, args=(model, 6, latencies[name]))
+                   for name, model in (("contributor", contributor), ("rider", rider)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        contributor.sequence_manager.shutdown()
+        rider.sequence_manager.shutdown()
+    mean = {name: statistics.mean(v) for name, v in latencies.items()}
+    assert len(latencies["rider"]) == 18  # the free rider is served too (guaranteed newcomer share)
+    assert mean["contributor"] < 0.75 * mean["rider"], mean
+
+
+def test_forged_and_replayed_receipts_are_refused(tiny_llama_dir, points_swarm) -> None:
+    swarm, _ = points_swarm
+    busy = _peer(swarm.server_lines["server1"])
+    model = _client(tiny_llama_dir, swarm, allowed_servers=[busy], settle_period=3600)
+    manager = model.sequence_manager
+    try:
+        _forwards(model, 2, [])
+        receipt = loop.run(manager.points.settle(busy))
+        assert receipt.total_work == 2 * 4 * 16 * 512
+
+        def settle(r):
+            return loop.run(manager._call_unbound(busy, RPC_SETTLE, wire.request(Settle(receipt=r))))
+
+        # Replayed: the same countersigned total again.
+        with pytest.raises(wire.RemoteError, match="replayed"):
+            wire.parse(settle(receipt), Settled, busy)
+        # Forged: an inflated total keeps the old signatures.
+        with pytest.raises(wire.RemoteError, match="receipt refused"):
+            wire.parse(settle(receipt.model_copy(update={"total_work": receipt.total_work + 1})), Settled, busy)
+        # Self-minted: countersigned by a key that is not the server's.
+        stranger = Identity.ephemeral()
+        minted = countersign(manager.points.account, issue(stranger, manager.points.account.peer_id, 10**6, receipt.epoch), 10**6)
+        with pytest.raises(wire.RemoteError, match="receipt refused"):
+            wire.parse(settle(minted), Settled, busy)
+    finally:
+        manager.shutdown()
+
+    # A forged receipt published in the DHT (under the forger's own name, the only one it may store under)
+    # earns nothing: readers check both signatures.
+    forger = join(swarm.initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        victim = Identity.ephemeral()
+        fake = issue(forger.identity, victim.peer_id, 10**9, 1).model_copy(update={"client_key": "AAAA", "client_sig": "AAAA"})
+        publish_receipts(forger.dht, [fake], ttl=60)
+        receipts = get_receipts(forger.dht)
+        assert any(r.server == forger.peer_id for r in receipts)  # it is there, and ignored
+        assert Ledger.from_receipts(receipts).balance(forger.peer_id) == 0
+        assert forger.peer_id not in _points(swarm)
+    finally:
+        forger.dht.shutdown()
+
