@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/quant.py
 	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/trust.py
 	$(BIN)/python bench/wan.py
 	$(BIN)/python bench/chart.py
 

@@ -1,0 +1,280 @@
+"""Inference sessions: the `inference` stream and the `push` RPC that feeds it, for one handler's span.
+
+A session lives as long as its stream. Its steps arrive in one inbox, from the client's stream and (with
+push) from the previous server of the route, and a step already run is skipped, whichever copy came first.
+(`Handler` is imported for type checking only: the handler owns a `Sessions`, not the reverse.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarmllm import wire
+from swarmllm.protocol import (
+    RPC_PUSH,
+    ErrorCode,
+    OpenSession,
+    Push,
+    Pushed,
+    SessionOpened,
+    Step,
+    StepDone,
+)
+from swarmllm.server import compute
+from swarmllm.server.cache import CacheFullError, SessionKV, bytes_per_token
+from swarmllm.server.inference import Session
+from swarmllm.server.limits import PeerLimits, RateLimited
+from swarmllm.server.replies import error_code, error_reply, parse_request, unpack
+
+if TYPE_CHECKING:
+    from swarmllm.server.handler import Handler
+
+logger = logging.getLogger(__name__)
+
+# A session survives these in one of its steps: nothing was run, and its cache is as before the step.
+_STEP_ERRORS = (compute.BadRequest, compute.TooLong, wire.ProtocolError, CacheFullError, RateLimited)
+# Steps waiting in a session's inbox. An honest client has one in flight (two with push), so this never
+# slows it; a flooding one waits for the transport instead of filling the server's memory.
+INBOX_STEPS = 8
+# Seconds a refused session's stream stays open for the client to close its side: closing ours first would
+# break the pipe of a client still sending, and it would see that instead of the typed refusal.
+REFUSAL_GRACE = 1.0
+
+
+class Sessions:
+    """Serves `inference` and `push` for a handler, and counts the sessions open on it.
+
+    It reads the handler's span, memory, scheduler, limits and settings at each use, so a handler whose
+    span changes (a rebalance) serves its next sessions on the new span. Every session it admits is
+    counted in `active` until its stream ends, and everything the session held is released by then.
+    """
+
+    def __init__(self, handler: Handler):
+        self.handler = handler
+        self.active = 0
+        self.inboxes: dict[tuple[str, int], asyncio.Queue] = {}  # (session id, first block) -> step inbox
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """One session per stream: open (admission), then steps until the client closes or goes idle.
+
+        Admission: a peer over its session or rate limit is refused first. A session that could never fit is
+        refused at once; otherwise it waits in the memory queue for its first page. Its cache then grows page
+        by page as steps arrive (each may wait in the queue too), and all of it is freed when the stream
+        ends, whatever the reason. A refused step leaves the session as it was."""
+        h = self.handler
+        peer, meta, live, reader, inbox, counted = str(context.remote_id), None, None, None, None, False
+        began, outcome = time.monotonic(), "ok"
+        try:
+            h.limits.admit(peer)
+            h.limits.open_session(peer)
+            counted = True
+            first = await asyncio.wait_for(anext(requests), h.session_timeout)
+            meta, tensors = parse_request(first, OpenSession)
+            live = await self._open(meta, tensors, peer)
+            self.active += 1
+            logger.info("session %s opened by %s: blocks %d:%d, up to %d x %d tokens", meta.session_id[:8],
+                        peer[-8:], meta.start, meta.end, meta.batch_size, meta.max_length)
+            yield wire.response(SessionOpened(session_id=meta.session_id, cache_tokens=live.kv.capacity * meta.batch_size))
+            # Steps come from the client's stream and, with push, from the previous server: both feed one
+            # inbox, and a step already run (pushed first, or sent first by the client) is skipped.
+            inbox = asyncio.Queue(INBOX_STEPS)
+            reader = asyncio.create_task(_pump(requests, inbox, h.limits, peer))
+            self.inboxes[(meta.session_id, meta.start)] = inbox
+            while True:
+                item = await asyncio.wait_for(inbox.get(), h.session_timeout)
+                if item is None:
+                    return  # the client closed the session
+                reply = await self._step(live, item, peer)
+                if reply is not None:
+                    yield reply
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            outcome = ErrorCode.SESSION_TIMEOUT.value
+            logger.info("session from %s timed out; freeing its cache", peer[-8:])
+            yield wire.error_response(ErrorCode.SESSION_TIMEOUT, f"no message for {h.session_timeout}s")
+        except Exception as e:
+            outcome = error_code(e).value
+            yield error_reply(e)
+            if reader is None:  # refused before its steps were read: let the client close its side first
+                await _drain(requests, REFUSAL_GRACE)
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if counted:
+                h.limits.close_session(peer)
+            if meta is not None:
+                h.audit.record(peer, "inference", meta.start, meta.end, live.tokens if live else 0, outcome, began,
+                               live.steps if live else 0)
+            if live is not None:
+                self._close(live, inbox, peer)
+
+    async def _open(self, meta: OpenSession, tensors: list, peer: str) -> _Live:
+        """Admit a session: check what it declares, resolve its tuning, then wait for its first cache page."""
+        h = self.handler
+        span = compute.sub_span(h.span, meta.start, meta.end)
+        if len(tensors) != int(meta.tuning.prompts):
+            raise compute.BadRequest(f"OpenSession carries {int(meta.tuning.prompts)} tensors, got {len(tensors)}")
+        prompts = tensors[0] if tensors else None
+        compute.check_prompt_shape(span, meta.batch_size, meta.max_length, prompts)
+        extras = await h.extras(meta.tuning, span, peer, prompts)
+        what = f"a session of {meta.batch_size} x {meta.max_length} tokens on blocks {meta.start}:{meta.end}"
+        h.memory.check_possible(bytes_per_token(span, meta.batch_size) * meta.max_length, what)
+        kv = SessionKV(span, meta.batch_size, h.page_tokens)
+        await h.memory.acquire(kv.page_bytes, what)
+        kv.capacity = h.page_tokens
+        return _Live(meta, Session(span, meta.batch_size, meta.max_length, kv, extras), held=kv.page_bytes)
+
+    async def _step(self, live: _Live, item, peer: str) -> runtime_pb2.ExpertResponse | None:
+        """Run one inbox item of a session; the reply for the client, or None when there is none: a copy of
+        a step already run, or a pushed copy that was refused (the client's own copy follows)."""
+        if isinstance(item, Exception):
+            return error_reply(item)  # the client's message was malformed or over a limit; the session goes on
+        h = self.handler
+        step, tensors, pushed, nbytes = item
+        session, meta = live.session, live.meta
+        try:
+            if 0 <= step.step_id <= live.last_done:
+                return None  # the other copy of this step got here first
+            live.steps, live.pushed_first = live.steps + 1, live.pushed_first + pushed
+            hidden, position_ids, mask, _ = unpack(tensors, 2, step.has_mask)
+            session.check(hidden, position_ids, mask)
+            if len(step.push_to) >= h.span.config.num_hidden_layers:  # a route has fewer hops than blocks
+                raise compute.BadRequest(f"push_to names {len(step.push_to)} servers")
+            batch, q = hidden.shape[:2]
+            # A long step runs in chunks (see Scheduler.step), except one that must run alone.
+            chunk = q if session.batch_key(q) is None else min(q, h.scheduler.prefill_chunk)
+            h.limits.check_attention(batch, chunk, session.length + q)
+            with h.limits.tokens(peer, batch * q):
+                pages = live.kv.pages_for(session.length + q)
+                if pages:
+                    await h.memory.acquire(pages * live.kv.page_bytes, f"step {step.step_id} of session {meta.session_id[:8]}")
+                    live.held, live.kv.capacity = live.held + pages * live.kv.page_bytes, live.kv.capacity + pages * h.page_tokens
+                out = h.tamper(await h.scheduler.step(session, hidden, position_ids, mask, peer=peer))
+                h.count(peer, session.span, batch * q)
+        except _STEP_ERRORS as e:
+            if pushed:
+                logger.debug("pushed step %d of session %s refused: %s", step.step_id, meta.session_id[:8], e)
+                return None
+            return error_reply(e)  # the session's cache is unchanged; the client may go on
+        finally:
+            h.limits.release_bytes(peer, nbytes)
+        live.tokens += batch * q
+        live.last_done = max(live.last_done, step.step_id)
+        if step.push_to:
+            asyncio.create_task(self._push(meta, step, out, position_ids, mask))
+        return wire.response(StepDone(step_id=step.step_id, length=session.length), out, compression=meta.compression)
+
+    def _close(self, live: _Live, inbox: asyncio.Queue | None, peer: str) -> None:
+        """Free everything a session held: its cache, its place in the scheduler, its waiting steps' bytes."""
+        h, meta = self.handler, live.meta
+        h.scheduler.forget(live.session)
+        h.memory.release(live.held)
+        self.active -= 1
+        key = (meta.session_id, meta.start)
+        # Only this stream's own inbox: a client that reopened the session here may already have a new one.
+        if inbox is not None and self.inboxes.get(key) is inbox:
+            del self.inboxes[key]
+        while inbox is not None and not inbox.empty():
+            item = inbox.get_nowait()
+            if isinstance(item, tuple):
+                h.limits.release_bytes(peer, item[3])
+        logger.info("session %s closed after %d steps, %d of them pushed by the previous server first "
+                    "(server total: %d steps in %d passes)", meta.session_id[:8], live.steps, live.pushed_first,
+                    h.scheduler.steps_run, h.scheduler.passes_run)
+
+    async def _push(self, meta: OpenSession, step: Step, out, position_ids, mask) -> None:
+        """Send this step's output to the next server of the route, in the session's compression. Best
+        effort: if it fails, the next server gets the same input from the client a moment later."""
+        h = self.handler
+        nxt = Step(step_id=step.step_id, has_mask=mask is not None, push_to=step.push_to[1:])
+        push = Push(session_id=meta.session_id, start=meta.end, step=nxt)
+        msg = wire.request(push, out, position_ids, *([mask] if mask is not None else []), compression=meta.compression)
+        h.membership.stamp(msg)
+        try:
+            await asyncio.wait_for(h.p2p.call_protobuf_handler(
+                PeerID.from_base58(step.push_to[0]), RPC_PUSH, msg, runtime_pb2.ExpertResponse
+            ), h.session_timeout)
+        except Exception as e:
+            logger.debug("push of step %d to %s failed: %r", step.step_id, step.push_to[0][-8:], e)
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Take a step pushed by the previous server of a session's route into that session's inbox."""
+        try:
+            self.handler.limits.admit(str(context.remote_id))
+            meta, tensors = parse_request(request, Push)
+            unpack(tensors, 2, meta.step.has_mask)  # the rest is checked when the session runs the step
+            inbox = self.inboxes.get((meta.session_id, meta.start))
+            if inbox is None:
+                raise compute.NotServing(f"no session {meta.session_id[:8]} here")
+            try:
+                inbox.put_nowait((meta.step, tensors, True, 0))
+            except asyncio.QueueFull:  # a push only saves time: the client's own copy of the step follows
+                raise RateLimited(f"session {meta.session_id[:8]} has {inbox.qsize()} steps waiting") from None
+            return wire.response(Pushed())
+        except Exception as e:
+            return error_reply(e)
+
+
+@dataclass
+class _Live:
+    """An open session on this server, with what its stream must release when it ends."""
+
+    meta: OpenSession
+    session: Session
+    held: int  # cache bytes granted to it
+    steps: int = 0
+    pushed_first: int = 0
+    tokens: int = 0
+    last_done: int = -1  # the highest step id run
+
+    @property
+    def kv(self) -> SessionKV:
+        return self.session.kv
+
+
+async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue, limits: PeerLimits,
+                peer: str) -> None:
+    """Client messages into the session's inbox: (Step, tensors, pushed=False, bytes held against the peer's
+    limit), an exception for a malformed or refused one, None at the end. It waits while the inbox is full,
+    so that a client sending faster than its steps run is held back by the transport."""
+    try:
+        async for msg in requests:
+            size = msg.ByteSize()
+            try:
+                limits.hold_bytes(peer, size)
+            except RateLimited as e:
+                await inbox.put(e)
+                continue
+            try:
+                item = (*parse_request(msg, Step), False, size)
+            except wire.ProtocolError as e:
+                limits.release_bytes(peer, size)
+                item = e
+            try:
+                await inbox.put(item)
+            except BaseException:  # cancelled while waiting: the session is over, and so is this step
+                limits.release_bytes(peer, size if isinstance(item, tuple) else 0)
+                raise
+    except Exception as e:  # the stream broke: the session ends as if the client had closed it
+        logger.debug("session stream ended: %r", e)
+    await inbox.put(None)
+
+
+async def _drain(requests: AsyncIterator[runtime_pb2.ExpertRequest], seconds: float) -> None:
+    """Read and drop what a refused client still sends, until it closes its side or `seconds` pass."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(seconds):
+            async for _ in requests:
+                pass
