@@ -82,6 +82,11 @@ class Ledger:
         with self._lock:
             return {peer: float(b) for peer, b in self._balances.items()}
 
+    def latest(self, pair: tuple[str, str, int]) -> Receipt | None:
+        """The latest receipt of (server, client, epoch), if any."""
+        with self._lock:
+            return self._latest.get(pair)
+
     def receipts(self) -> list[Receipt]:
         """The latest receipt of each pair: all it takes to rebuild this ledger elsewhere."""
         with self._lock:

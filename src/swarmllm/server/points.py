@@ -51,7 +51,7 @@ class ServerPoints:
             self.served.add(self.account(peer), work_units(blocks, tokens))
 
     def unsettled(self, account: str) -> int:
-        receipt = next((r for r in self.settled.receipts() if r.pair == (self.identity.peer_id, account, self.served.epoch)), None)
+        receipt = self.settled.latest((self.identity.peer_id, account, self.served.epoch))
         return self.served.total(account) - (receipt.total_work if receipt is not None else 0)
 
     def priority(self, peer: str) -> float:
