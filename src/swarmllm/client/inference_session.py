@@ -201,12 +201,16 @@ class InferenceSession:
             # With push, each server also sends its output straight to the next ones; the client still sends
             # every server its input (whichever copy arrives first is used), so a failed push costs only time.
             push_to = tuple(t.hop.peer_id for t in self._streams[i + 1 :]) if push else ()
-            try:
-                out = await s.step(self._step_id, hidden, position_ids, mask, push_to)
-            except Exception as e:
-                raise _HopFailed(s.hop, i, hidden) from e
-            if self._verify_now(s):
-                out = await self._verify(i, out)
+            checker = await self._checker(s) if self._verify_now(s) else None
+            calls = [s.step(self._step_id, hidden, position_ids, mask, push_to)]
+            if checker is not None:  # it gets the same input at the same time: no extra round trip
+                calls.append(_catch_up(checker, [*s.history[checker.fed :], (hidden, position_ids, mask)]))
+            out, *second = await asyncio.gather(*calls, return_exceptions=True)
+            if isinstance(out, BaseException):
+                raise _HopFailed(s.hop, i, hidden) from out
+            if checker is not None:
+                checker.fed = len(s.history)
+                out = await self._compare(i, out, second[0])
             hidden = out
         return hidden
 
@@ -216,19 +220,25 @@ class InferenceSession:
         fraction = self.manager.config.verify
         return fraction > 0 and (not s.checked_once or self._rng.random() < fraction)
 
-    async def _verify(self, i: int, out: torch.Tensor) -> torch.Tensor:
-        """Check stream i's output for this step on a second server; on a mismatch a third decides. Returns
-        the output the majority vouches for, after swapping out and reporting an offending primary."""
-        s, tolerance = self._streams[i], self.manager.config.verify_tolerance
+    async def _checker(self, s: _ServerStream) -> _ServerStream | None:
+        """The stream checking `s`, opened on first use; None if no other server can check it now."""
         s.checked_once = True
         try:
             s.checker = s.checker or await self._open_checker(s.hop, {s.hop.peer_id})
-            if s.checker is None:
-                return out
-            second = await _catch_up(s.checker, s.history)
         except Exception as e:  # the checker failed, not the primary: this step goes unchecked
-            logger.warning("session %s: could not check blocks %d:%d: %r", self.session_id[:8], s.hop.start, s.hop.end, e)
-            await self._close_all([s.checker] if s.checker else [])
+            logger.warning("session %s: could not open a checker for blocks %d:%d: %r", self.session_id[:8],
+                           s.hop.start, s.hop.end, e)
+            s.checker = None
+        return s.checker
+
+    async def _compare(self, i: int, out: torch.Tensor, second: torch.Tensor | BaseException) -> torch.Tensor:
+        """Compare stream i's output for this step with its checker's; on a mismatch a third server decides.
+        Returns the output the majority vouches for, after swapping out and reporting an offending primary."""
+        s, tolerance = self._streams[i], self.manager.config.verify_tolerance
+        if isinstance(second, BaseException):  # the checker failed, not the primary: this step goes unchecked
+            logger.warning("session %s: could not check blocks %d:%d: %r", self.session_id[:8], s.hop.start,
+                           s.hop.end, second)
+            await self._close_all([s.checker])
             s.checker = None
             return out
         error = relative_error(out, second)
@@ -262,7 +272,7 @@ class InferenceSession:
             raise VerificationError(f"two servers disagree on blocks {s.hop.start}:{s.hop.end} and no third holds "
                                     "them to settle it; refusing to return an unverified result")
         try:
-            return await _catch_up(referee, s.history)
+            return await _catch_up(referee, s.history)  # (the history includes the step being checked)
         except Exception as e:
             raise VerificationError(f"the third server for blocks {s.hop.start}:{s.hop.end} failed: {e!r}") from e
         finally:
@@ -384,12 +394,10 @@ class InferenceSession:
         self.close()
 
 
-async def _catch_up(checker: _ServerStream, history: list) -> torch.Tensor:
-    """Feed `checker` the checked server's inputs it has not seen yet, as one chunk, and return its output for
-    the last step's positions (the ones being compared)."""
-    new = history[checker.fed :]
+async def _catch_up(checker: _ServerStream, new: list) -> torch.Tensor:
+    """Feed `checker` the checked server's inputs it has not seen yet (`new`, ending with the step being
+    checked), as one chunk, and return its output for that step's positions."""
     hidden = torch.cat([h for h, _, _ in new], dim=1)
     positions = torch.cat([p for _, p, _ in new], dim=1)
     out = await checker.step(-1, hidden, positions, new[-1][2])
-    checker.fed = len(history)
-    return out[:, -history[-1][0].shape[1] :]
+    return out[:, -new[-1][0].shape[1] :]
