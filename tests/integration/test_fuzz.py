@@ -463,7 +463,13 @@ def test_every_rpc_refuses_garbage_with_a_typed_error_and_keeps_serving(fuzzed_s
                     await asyncio.wait_for(raw_bytes(p2p, server, rng.randbytes(rng.randint(1, 200)), name), 10)
             for case in cases:
                 try:
-                    problem = judge(case, await asyncio.wait_for(send(p2p, server, case), 20))
+                    replies = await asyncio.wait_for(send(p2p, server, case), 20)
+                    if not replies and case.expect != "any":
+                        # hivemind has ended a stream without delivering the reply the server yielded (twice in
+                        # about 30 runs of every case); send such a case once more. A server that never answers
+                        # a case still fails it.
+                        replies = await asyncio.wait_for(send(p2p, server, case), 20)
+                    problem = judge(case, replies)
                 except Exception as e:  # an untyped failure: hivemind's error for a handler that raised, a timeout
                     problem = f"{type(e).__name__}: {e}"
                 if problem:
