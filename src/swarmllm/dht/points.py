@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
-from pydantic import ValidationError
 
+from swarmllm.dht.records import parse_subkeyed
 from swarmllm.protocol import PROTOCOL_VERSION, Receipt
 
 POINTS_KEY = f"swarmllm.v{PROTOCOL_VERSION}.points"
@@ -25,12 +25,4 @@ def publish_receipts(dht: DHT, receipts: list[Receipt], ttl: float) -> None:
 
 def get_receipts(dht: DHT) -> list[Receipt]:
     found = dht.get(POINTS_KEY, latest=True)
-    out = []
-    for subkey, item in ((found.value if found is not None else None) or {}).items():
-        try:
-            receipt = Receipt.model_validate(item.value)
-        except ValidationError:
-            continue
-        if subkey == f"{receipt.server}/{receipt.client}/{receipt.epoch}":
-            out.append(receipt)
-    return out
+    return parse_subkeyed(found.value if found is not None else None, Receipt, lambda r: f"{r.server}/{r.client}/{r.epoch}")

@@ -8,12 +8,16 @@ Records that fail validation (unknown versions, garbage) are skipped, never trus
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 from pydantic import ValidationError
 
-from swarmllm.protocol import PROTOCOL_VERSION, ServerRecord, ServerState
+from swarmllm.protocol import PROTOCOL_VERSION, Record, ServerRecord, ServerState
+
+R = TypeVar("R", bound=Record)
 
 logger = logging.getLogger(__name__)
 
@@ -34,21 +38,26 @@ def announce(dht: DHT, model: str, record: ServerRecord, ttl: float) -> bool:
     )
 
 
-def parse_servers(raw: dict | None) -> list[ServerRecord]:
-    """Valid, online records out of a DHT value (a dict subkey -> ValueWithExpiration)."""
+def parse_subkeyed(raw: dict | None, cls: type[R], subkey_of: Callable[[R], str]) -> list[R]:
+    """The records of type `cls` out of a DHT value (a dict subkey -> ValueWithExpiration) that validate and
+    sit under the subkey they name (`subkey_of`): the DHT checked that subkey's owner signed them."""
     out = []
     for subkey, item in (raw or {}).items():
         try:
-            record = ServerRecord.model_validate(item.value)
+            record = cls.model_validate(item.value)
         except ValidationError:
-            logger.debug("ignoring an invalid server record under %s", subkey)
+            logger.debug("ignoring an invalid %s under %s", cls.__name__, subkey)
             continue
-        # A record is only believed for the peer that stored it under its own id.
-        if record.peer_id != subkey or record.version != PROTOCOL_VERSION or record.end <= record.start:
-            continue
-        if record.state == ServerState.ONLINE:
+        if subkey == subkey_of(record) and record.version == PROTOCOL_VERSION:
             out.append(record)
     return out
+
+
+def parse_servers(raw: dict | None) -> list[ServerRecord]:
+    """Valid, online records out of a DHT value; a record is only believed for the peer that stored it
+    under its own id."""
+    return [r for r in parse_subkeyed(raw, ServerRecord, lambda r: r.peer_id)
+            if r.end > r.start and r.state == ServerState.ONLINE]
 
 
 def get_servers(dht: DHT, model: str, latest: bool = True) -> list[ServerRecord]:

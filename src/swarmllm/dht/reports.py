@@ -14,8 +14,8 @@ from collections import defaultdict
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
-from pydantic import ValidationError
 
+from swarmllm.dht.records import parse_subkeyed
 from swarmllm.protocol import PROTOCOL_VERSION, Report
 
 logger = logging.getLogger(__name__)
@@ -32,15 +32,8 @@ def publish_report(dht: DHT, model: str, report: Report, ttl: float):
 
 
 def parse_reports(raw: dict | None) -> list[Report]:
-    out = []
-    for subkey, item in (raw or {}).items():
-        try:
-            report = Report.model_validate(item.value)
-        except ValidationError:
-            continue
-        if subkey == f"{report.reporter}/{report.offender}" and report.reporter != report.offender:
-            out.append(report)
-    return out
+    reports = parse_subkeyed(raw, Report, lambda r: f"{r.reporter}/{r.offender}")
+    return [r for r in reports if r.reporter != r.offender]
 
 
 def get_reports(dht: DHT, model: str) -> list[Report]:
