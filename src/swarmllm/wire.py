@@ -10,6 +10,8 @@ says which, so the reply can use the same), and `parse` decodes any mode back to
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import TypeVar
 
 import torch
@@ -117,3 +119,16 @@ def join(parts: list):
         tensors.append(combine_from_streaming(pieces[i : i + n]))
         i += n
     return type(parts[0])(metadata=parts[0].metadata, tensors=tensors)
+
+
+async def drain(requests, seconds: float, max_messages: int | None = None) -> None:
+    """Read and drop what a refused sender still writes, so that it reads the refusal instead of a broken
+    stream: until it closes its side, `seconds` pass, or (for senders who may not make us read much)
+    `max_messages` have been read."""
+    with contextlib.suppress(Exception):  # the end of its stream, the timeout, or a broken stream
+        async with asyncio.timeout(seconds):
+            read = 0
+            async for _ in requests:
+                read += 1
+                if max_messages is not None and read >= max_messages:
+                    return

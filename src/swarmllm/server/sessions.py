@@ -8,7 +8,6 @@ push) from the previous server of the route, and a step already run is skipped, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -108,7 +107,7 @@ class Sessions:
             outcome = error_code(e).value
             yield error_reply(e)
             if reader is None:  # refused before its steps were read: let the client close its side first
-                await _drain(requests, REFUSAL_GRACE)
+                await wire.drain(requests, REFUSAL_GRACE)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -270,11 +269,3 @@ async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: async
     except Exception as e:  # the stream broke: the session ends as if the client had closed it
         logger.debug("session stream ended: %r", e)
     await inbox.put(None)
-
-
-async def _drain(requests: AsyncIterator[runtime_pb2.ExpertRequest], seconds: float) -> None:
-    """Read and drop what a refused client still sends, until it closes its side or `seconds` pass."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(seconds):
-            async for _ in requests:
-                pass

@@ -7,12 +7,13 @@ before it parses anything else, so a non-member's request costs it one HMAC and 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 from hivemind.proto import runtime_pb2
 
+from swarmllm import wire
+from swarmllm.protocol import ErrorCode
 from swarmllm.trust.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,6 @@ PUBLIC = Membership(None, "")
 
 
 def _refusal():
-    from swarmllm import wire
-    from swarmllm.protocol import ErrorCode
-
     return wire.error_response(ErrorCode.NOT_MEMBER, "this server serves members of its private swarm only")
 
 
@@ -85,7 +83,7 @@ def gate_stream(membership: Membership, handler, stream_input: bool = True):
             if not membership.admits(peer, first):
                 logger.info("refused a stream from non-member %s", peer[-8:])
                 yield _refusal()
-                await _drain(requests)
+                await wire.drain(requests, 1.0, max_messages=4)  # bounded: a non-member cannot make us read much
                 return
             requests = _chain(first, requests)
         elif not membership.admits(peer, requests):
@@ -96,17 +94,6 @@ def gate_stream(membership: Membership, handler, stream_input: bool = True):
             yield reply
 
     return gated
-
-
-async def _drain(requests, max_messages: int = 4, timeout: float = 1.0) -> None:
-    """Read (and drop) what the refused sender is still writing, a little, so that it reads the refusal
-    instead of a broken pipe; bounded, so a non-member cannot make us read much."""
-    try:
-        async with asyncio.timeout(timeout):
-            for _ in range(max_messages):
-                await anext(requests)
-    except Exception:  # the end of its stream, the timeout, or a broken stream: all the same here
-        pass
 
 
 async def _chain(first, rest):
