@@ -77,6 +77,11 @@ class ServerRecord(Record):
     # server only if both agree on which version of that block they mean (see `client.routing`).
     override: str | None = None
     override_blocks: tuple[int, ...] = ()
+    # For monitors (`swarmllm status`, the web monitor); 0 from servers older than these fields.
+    num_blocks: Annotated[int, Field(ge=0)] = 0  # blocks in the whole model, so gaps at its end show too
+    active_sessions: Annotated[int, Field(ge=0)] = 0  # inference sessions open now
+    tokens_served: Annotated[int, Field(ge=0)] = 0  # tokens run through its span since it started
+    started_at: Annotated[float, Field(ge=0)] = 0.0  # wall-clock time it came online
 
     def block_version(self, block: int) -> str | None:
         """Which version of `block` this server runs: its override's name, or None for the base weights."""
@@ -85,6 +90,15 @@ class ServerRecord(Record):
     @property
     def span(self) -> tuple[int, int]:
         return self.start, self.end
+
+
+class ModelEntry(Record):
+    """One line of the swarm's model index (`swarmllm.v1.models`, subkey = the server's peer id): which model a
+    server serves, so monitors can list every model without knowing their names."""
+
+    peer_id: PeerIdStr
+    model: str
+    num_blocks: Annotated[int, Field(ge=0)] = 0
 
 
 class ErrorCode(enum.StrEnum):
