@@ -149,6 +149,11 @@ class LocalSwarm:
             self.server_lines[name] = child.wait_for("server ready:", self.ready_timeout).strip()
         return child
 
+    def metrics_urls(self) -> dict[str, str]:
+        """Server name -> its Prometheus URL, for servers started with --metrics-port (printed before ready)."""
+        return {name: line.split()[1] for name, child in self.servers.items()
+                for line in child.log if line.startswith("metrics: ")}
+
     def _spawn(self, name: str, args: list[str]) -> Child:
         env = {"OMP_NUM_THREADS": str(self.threads)}
         child = spawn(name, args, env=env, echo=self.echo)

@@ -89,6 +89,14 @@ class ServerConfig(BaseModel):
         default=2**28, ge=1, description="largest batch x query tokens x key tokens of one request: attention memory grows so"
     )
 
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="serve Prometheus metrics at http://HOST:PORT/metrics on this port (0: any free port, printed at start; default: off)",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address the metrics endpoint listens on (0.0.0.0: every interface)"
+    )
+
     receipt_ttl: float = Field(
         default=7 * 24 * 3600.0, gt=1, description="seconds the work receipts this server publishes stay in the DHT (republished while it runs)"
     )

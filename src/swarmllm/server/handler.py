@@ -43,6 +43,7 @@ from swarmllm.server.cache import CacheMemory
 from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.limits import PeerLimits, RateLimited
 from swarmllm.server.lora_cache import LoraCache
+from swarmllm.server.metrics import Kind, Rpc, ServerMetrics
 from swarmllm.server.points import ServerPoints
 from swarmllm.server.replies import error_code, error_reply, parse_request, unpack
 from swarmllm.server.scheduler import Scheduler
@@ -74,7 +75,7 @@ class Handler:
         lora_cache: LoraCache | None = None, adapter: Callable[[str], Awaitable[NamedAdapter]] | None = None,
         override: Override | None = None, kept: KeptGraphs | None = None, scheduler: Scheduler | None = None,
         page_tokens: int = 64, audit: AuditLog | None = None, membership: Membership = PUBLIC,
-        limits: PeerLimits | None = None, points: ServerPoints | None = None,
+        limits: PeerLimits | None = None, points: ServerPoints | None = None, metrics: ServerMetrics | None = None,
     ):
         self.span, self.memory, self.session_timeout, self.record = span, memory, session_timeout, record
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache(256 * 2**20)
@@ -89,14 +90,16 @@ class Handler:
         self.points = points  # counts work per requester (contribution points); None: not counted
         self.p2p: P2P | None = None
         self.sessions = Sessions(self)  # serves `inference` and `push`
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self.metrics.watch(memory, lambda: self.sessions.active, self.scheduler)
 
     async def register(self, p2p: P2P) -> None:
         # In a private swarm every handler is gated: a non-member's request is refused before it is parsed.
         unary, stream = partial(gate_unary, self.membership), partial(gate_stream, self.membership)
         await p2p.add_protobuf_handler(RPC_INFO, unary(self.rpc_info), runtime_pb2.ExpertRequest)
-        for name, fn in ((RPC_FORWARD, self.forward), (RPC_BACKWARD, self.backward)):
+        for name, rpc, fn in ((RPC_FORWARD, "forward", self.forward), (RPC_BACKWARD, "backward", self.backward)):
             await p2p.add_protobuf_handler(
-                name, stream(self._streamed(fn)), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+                name, stream(self._streamed(rpc, fn)), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
         await p2p.add_protobuf_handler(RPC_LORA_PUT, unary(self.rpc_lora_put), runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(RPC_PUSH, unary(self.sessions.rpc_push), runtime_pb2.ExpertRequest)
@@ -113,12 +116,24 @@ class Handler:
     async def _compute(self, fn, *args, peer: str = ""):
         return await self.scheduler.run(fn, *args, peer=peer)
 
-    def count(self, peer: str, span: Span, tokens: int) -> None:
-        """Credit `peer` with `tokens` run through `span`, where this server counts contribution points."""
+    def count(self, peer: str, span: Span, tokens: int, kind: Kind, seconds: float) -> None:
+        """Record `tokens` run through `span` for `peer` in `seconds`: in the metrics, and as `peer`'s
+        contribution points where this server counts them."""
+        self.metrics.served(kind, tokens, seconds)
         if self.points is not None:
             self.points.count(peer, span.end - span.start, tokens)
 
+    def reply_error(self, e: Exception) -> runtime_pb2.ExpertResponse:
+        """The typed `ErrorReply` for `e` (see `replies.error_reply`), counted by its code."""
+        self.metrics.error(error_code(e))
+        return error_reply(e)
+
+    def reply_timeout(self, message: str) -> runtime_pb2.ExpertResponse:
+        self.metrics.error(ErrorCode.SESSION_TIMEOUT)
+        return wire.error_response(ErrorCode.SESSION_TIMEOUT, message)
+
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        self.metrics.request("info")
         return wire.response(self.record())
 
     async def forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -130,18 +145,19 @@ class Handler:
             tokens = self._check_span_call(span, hidden, position_ids, mask, prompts)
             with self.limits.tokens(peer, tokens):
                 extras = await self.extras(meta.tuning, span, peer, prompts)
+                t0 = time.perf_counter()
                 if meta.keep is None:
                     out = await self._compute(compute.forward, span, hidden, position_ids, mask, extras, peer=peer)
                 else:
                     out, graph = await self._compute(compute.forward_with_graph, span, hidden, position_ids, mask, extras,
                                                      peer=peer)
                     self.kept.put(peer, meta.keep, graph)
-            self.count(peer, span, tokens)
+            self.count(peer, span, tokens, "forward", time.perf_counter() - t0)
             self._audit(context, "forward", meta, tokens, "ok", began)
             return wire.response(SpanReply(), self.tamper(out), compression=meta.compression)
         except Exception as e:
             self._audit(context, "forward", meta, tokens, error_code(e), began)
-            return error_reply(e)
+            return self.reply_error(e)
 
     async def backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         began, meta, tokens, peer = time.monotonic(), None, 0, str(context.remote_id)
@@ -154,18 +170,20 @@ class Handler:
             with self.limits.tokens(peer, tokens):
                 graph = self.kept.pop(peer, meta.keep) if meta.keep is not None else None
                 if graph is not None and graph.hidden.shape == hidden.shape and torch.equal(graph.hidden, hidden):
+                    t0 = time.perf_counter()
                     grads = await self._compute(compute.backward_from_graph, graph, grad_out, peer=peer)
                 else:
                     logger.debug("backward of %d:%d recomputes its forward (kept: %s)", meta.start, meta.end, graph is not None)
                     extras = await self.extras(meta.tuning, span, peer, prompts)
+                    t0 = time.perf_counter()
                     grads = await self._compute(compute.backward, span, hidden, position_ids, grad_out, mask, extras,
                                                 peer=peer)
-            self.count(peer, span, tokens)
+            self.count(peer, span, tokens, "backward", time.perf_counter() - t0)
             self._audit(context, "backward", meta, tokens, "ok", began)
             return wire.response(SpanReply(), *grads, compression=meta.compression)
         except Exception as e:
             self._audit(context, "backward", meta, tokens, error_code(e), began)
-            return error_reply(e)
+            return self.reply_error(e)
 
     def _check_span_call(self, span: Span, hidden, position_ids, mask, prompts) -> int:
         """Validate a forward or backward call before anything is queued; returns its tokens."""
@@ -177,6 +195,7 @@ class Handler:
 
     async def rpc_lora_put(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Receive (part of) a client's LoRA weights; shapes are checked against the blocks before caching."""
+        self.metrics.request("lora_put")
         try:
             self.limits.admit(str(context.remote_id))
             meta, tensors = parse_request(request, LoraPut)
@@ -189,7 +208,7 @@ class Handler:
             complete = self.lora_cache.put(str(context.remote_id), meta.lora, meta.start, meta.end, meta.blocks, tensors)
             return wire.response(LoraStored(complete=complete))
         except Exception as e:
-            return error_reply(e)
+            return self.reply_error(e)
 
     async def extras(self, tuning: Tuning, span: Span, peer: str, prompts) -> compute.Extras:
         """Resolve a request's tuning into what compute applies; refuses a mismatched block override."""
@@ -218,7 +237,7 @@ class Handler:
                 f"the request expects {tuning.override or 'the base weights'}"
             )
 
-    def _streamed(self, fn):
+    def _streamed(self, rpc: Rpc, fn):
         """Adapt a unary handler to the split-message streams that forward and backward use (see wire.split).
 
         Parts count against the peer's byte limit as they arrive, so an oversized or endless request is refused
@@ -228,6 +247,7 @@ class Handler:
 
         async def handler(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
             peer, parts, held, refusal = str(context.remote_id), [], 0, None
+            self.metrics.request(rpc)
             try:
                 try:
                     self.limits.admit(peer)
@@ -247,11 +267,11 @@ class Handler:
                             continue
                         held += size
                         parts.append(part)
-                reply = error_reply(refusal) if refusal is not None else await fn(wire.join(parts), context)
+                reply = self.reply_error(refusal) if refusal is not None else await fn(wire.join(parts), context)
             except TimeoutError:
-                reply = wire.error_response(ErrorCode.SESSION_TIMEOUT, f"request not received within {self.session_timeout}s")
+                reply = self.reply_timeout(f"request not received within {self.session_timeout}s")
             except Exception as e:
-                reply = error_reply(e)
+                reply = self.reply_error(e)
             finally:
                 self.limits.release_bytes(peer, held)
             for part in wire.split(reply):

@@ -34,6 +34,7 @@ from swarmllm.server.handler import Handler, NamedAdapter, Override
 from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.limits import Limits, PeerLimits
 from swarmllm.server.lora_cache import LoraCache
+from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.points import ServerPoints
 from swarmllm.server.scheduler import Scheduler
 from swarmllm.server.throughput import measure as measure_throughput
@@ -72,12 +73,14 @@ class Server:
             self.dht.shutdown()
             raise
         self.next_rtts: dict[str, float] = {}
+        self.started_at = time.time()
         self.state = ServerState.ONLINE
         self.memory = CacheMemory(config.max_cache_bytes, config.cache_queue_timeout)
         self.hub = SwarmHub(self.dht, AdapterStore(), max_bytes=config.max_adapter_bytes, membership=self.peer.membership)
         self.adapters: dict[str, NamedAdapter] = {}
         self.points = ServerPoints(self.peer.identity)
         self._adapter_locks: dict[str, asyncio.Lock] = {}
+        self.metrics = ServerMetrics()  # counts from the start; served over HTTP only with --metrics-port
         self.handler = Handler(
             self.span, self.memory, config.session_timeout, self.record,
             lora_cache=LoraCache(config.lora_cache_bytes), adapter=self.adapter,
@@ -86,12 +89,13 @@ class Server:
                                 balance=self.points.priority, newcomer_share=config.newcomer_share),
             page_tokens=config.cache_page_tokens,
             audit=AuditLog(config.audit_log), membership=self.peer.membership,
-            limits=PeerLimits(Limits.from_config(config)), points=self.points,
+            limits=PeerLimits(Limits.from_config(config)), points=self.points, metrics=self.metrics,
         )
         self.handler.corrupt = config.test_corrupt_outputs
         if config.test_corrupt_outputs:
             logger.warning("TEST ONLY: this server corrupts its outputs (--test-corrupt-outputs %g)", config.test_corrupt_outputs)
         self.peer_id = self.peer.peer_id
+        self._label_metrics()
         # On the compute thread, like all torch work: OpenMP keeps one thread team per calling thread, and a
         # second team (on the main thread) measurably slows every later step on a small machine.
         self.throughput = self.handler.scheduler.call(measure_throughput, self.span).result()
@@ -126,7 +130,14 @@ class Server:
             adapters=tuple(sorted(self.adapters)),
             override=self.handler.override.name if self.handler.override else None,
             override_blocks=tuple(sorted(self.handler.override.blocks)) if self.handler.override else (),
+            num_blocks=self.model_config.num_hidden_layers,
+            active_sessions=self.handler.active_sessions,
+            tokens_served=self.metrics.tokens_served,
+            started_at=self.started_at,
         )
+
+    def _label_metrics(self) -> None:
+        self.metrics.set_info(self.model_name, self.start, self.end, self.peer_id, self.config.dtype, self.config.quant)
 
     async def _announce(self) -> None:
         await asyncio.get_running_loop().run_in_executor(
@@ -164,6 +175,7 @@ class Server:
         self.throughput = await self.handler.scheduler.run(measure_throughput, span)
         self.span = self.handler.span = span
         self.start, self.end = target
+        self._label_metrics()
         self.adapters.clear()  # named adapters are reloaded for the new blocks on first use
         self.handler.kept = KeptGraphs(self.config.max_kept_graphs, self.config.kept_graph_ttl)
         self.state = ServerState.ONLINE
@@ -226,6 +238,7 @@ class Server:
         try:
             asyncio.run(self._serve())
         finally:
+            self.metrics.stop()
             self.dht.shutdown()
 
     async def _serve(self) -> None:
@@ -247,6 +260,11 @@ class Server:
         ttl = self.config.announce_ttl
         await loop.run_in_executor(None, announce, self.dht, self.model_name, self.record(), ttl)
         maddrs = " ".join(str(m) for m in self.dht.get_visible_maddrs())
+        if self.config.metrics_port is not None:
+            port = self.metrics.start_http(self.config.metrics_host, self.config.metrics_port)
+            host = self.config.metrics_host
+            # Printed before the ready line, so that a launcher waiting for that has the bound port too.
+            print(f"metrics: http://{f'[{host}]' if ':' in host else host}:{port}/metrics", flush=True)
         # One line that launchers and tests wait for; the maddrs let others join through this server too.
         print(f"server ready: {self.model_name} blocks {self.start}:{self.end} peer {self.peer_id} at {maddrs}", flush=True)
         rebalance = None

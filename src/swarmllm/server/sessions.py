@@ -32,7 +32,7 @@ from swarmllm.server import compute
 from swarmllm.server.cache import CacheFullError, SessionKV, bytes_per_token
 from swarmllm.server.inference import Session
 from swarmllm.server.limits import PeerLimits, RateLimited
-from swarmllm.server.replies import error_code, error_reply, parse_request, unpack
+from swarmllm.server.replies import error_code, parse_request, unpack
 
 if TYPE_CHECKING:
     from swarmllm.server.handler import Handler
@@ -74,6 +74,7 @@ class Sessions:
         h = self.handler
         peer, meta, live, reader, inbox, counted = str(context.remote_id), None, None, None, None, False
         began, outcome = time.monotonic(), "ok"
+        h.metrics.request("inference")
         try:
             h.limits.admit(peer)
             h.limits.open_session(peer)
@@ -102,10 +103,10 @@ class Sessions:
         except TimeoutError:
             outcome = ErrorCode.SESSION_TIMEOUT.value
             logger.info("session from %s timed out; freeing its cache", peer[-8:])
-            yield wire.error_response(ErrorCode.SESSION_TIMEOUT, f"no message for {h.session_timeout}s")
+            yield h.reply_timeout(f"no message for {h.session_timeout}s")
         except Exception as e:
             outcome = error_code(e).value
-            yield error_reply(e)
+            yield h.reply_error(e)
             if reader is None:  # refused before its steps were read: let the client close its side first
                 await wire.drain(requests, REFUSAL_GRACE)
         finally:
@@ -138,9 +139,9 @@ class Sessions:
     async def _step(self, live: _Live, item, peer: str) -> runtime_pb2.ExpertResponse | None:
         """Run one inbox item of a session; the reply for the client, or None when there is none: a copy of
         a step already run, or a pushed copy that was refused (the client's own copy follows)."""
-        if isinstance(item, Exception):
-            return error_reply(item)  # the client's message was malformed or over a limit; the session goes on
         h = self.handler
+        if isinstance(item, Exception):
+            return h.reply_error(item)  # the client's message was malformed or over a limit; the session goes on
         step, tensors, pushed, nbytes = item
         session, meta = live.session, live.meta
         try:
@@ -160,13 +161,14 @@ class Sessions:
                 if pages:
                     await h.memory.acquire(pages * live.kv.page_bytes, f"step {step.step_id} of session {meta.session_id[:8]}")
                     live.held, live.kv.capacity = live.held + pages * live.kv.page_bytes, live.kv.capacity + pages * h.page_tokens
+                t0 = time.perf_counter()
                 out = h.tamper(await h.scheduler.step(session, hidden, position_ids, mask, peer=peer))
-                h.count(peer, session.span, batch * q)
+                h.count(peer, session.span, batch * q, "inference", time.perf_counter() - t0)
         except _STEP_ERRORS as e:
             if pushed:
                 logger.debug("pushed step %d of session %s refused: %s", step.step_id, meta.session_id[:8], e)
                 return None
-            return error_reply(e)  # the session's cache is unchanged; the client may go on
+            return h.reply_error(e)  # the session's cache is unchanged; the client may go on
         finally:
             h.limits.release_bytes(peer, nbytes)
         live.tokens += batch * q
@@ -210,6 +212,7 @@ class Sessions:
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Take a step pushed by the previous server of a session's route into that session's inbox."""
+        self.handler.metrics.request("push")
         try:
             self.handler.limits.admit(str(context.remote_id))
             meta, tensors = parse_request(request, Push)
@@ -223,7 +226,7 @@ class Sessions:
                 raise RateLimited(f"session {meta.session_id[:8]} has {inbox.qsize()} steps waiting") from None
             return wire.response(Pushed())
         except Exception as e:
-            return error_reply(e)
+            return self.handler.reply_error(e)
 
 
 @dataclass
