@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint setup clean
+.PHONY: run test bench lint setup browser clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/swarmllm local smollm2
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q tests
+
+# The web UI tests drive Debian's chromium (not Playwright's download: the machines reach package registries
+# only). Installed here when we may; without it those tests skip and say why.
+browser:
+	@test -x /usr/bin/chromium || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
+		{ apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
+		echo "chromium not installed (needs root and apt-get): the web UI tests will skip"
 
 # Every benchmark, each writing its part of bench/results.json; then the chart bench/results.png.
 bench: setup

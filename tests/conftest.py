@@ -37,9 +37,12 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_swarm(smollm2_dir):
-    """A bootstrap peer and 3 servers of 10 blocks each, as real processes; stopped whatever happens."""
-    with LocalSwarm(str(smollm2_dir), [ServerSpec("0:10"), ServerSpec("10:20"), ServerSpec("20:30")]) as swarm:
+    """A bootstrap peer and 3 servers of 10 blocks each, as real processes; stopped whatever happens. Each
+    serves Prometheus metrics on a free port (`swarm.metrics_urls()`)."""
+    metrics = ("--metrics-port", "0")
+    with LocalSwarm(str(smollm2_dir), [ServerSpec(s, extra=metrics) for s in ("0:10", "10:20", "20:30")]) as swarm:
         yield swarm
+
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +64,17 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def api_url(smollm2_swarm, smollm2_dir):
+    """`swarmllm api` as a real process over `smollm2_swarm`; yields its base URL (http://127.0.0.1:PORT)."""
+    from swarmllm.launcher import spawn
+
+    child = spawn("api", ["api", str(smollm2_dir), "--initial-peers", *smollm2_swarm.initial_peers, "--port", "0",
+                          "--num-threads", "1"], env={"OMP_NUM_THREADS": "1"})
+    try:
+        line = child.wait_for("api ready:", 180)
+        yield line.split()[2]
+    finally:
+        child.stop()

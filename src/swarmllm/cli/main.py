@@ -1,4 +1,4 @@
-"""`swarmllm`: one entry point with subcommands: dht, serve, generate, chat, local, points, adapters."""
+"""`swarmllm`: one entry point with subcommands: dht, serve, generate, chat, api, status, local, points, adapters."""
 
 from __future__ import annotations
 
@@ -112,25 +112,44 @@ def cmd_points(args: argparse.Namespace) -> None:
 
     from swarmllm.dht.node import join
     from swarmllm.dht.points import get_receipts
-    from swarmllm.points import Ledger
+    from swarmllm.observe.snapshot import accounts
 
     peer = join(args.initial_peers, swarm_key=args.swarm_key, host_maddrs=["/ip4/0.0.0.0/tcp/0"], client_mode=True)
     try:
-        ledger = Ledger.from_receipts(get_receipts(peer.dht))
+        receipts = get_receipts(peer.dht)
     finally:
         peer.dht.shutdown()
-    served, used = {}, {}
-    for r in ledger.receipts():
-        served[r.server] = served.get(r.server, 0) + r.total_work
-        used[r.client] = used.get(r.client, 0) + r.total_work
-    rows = sorted(ledger.balances().items(), key=lambda kv: -kv[1])
+    rows = accounts(receipts)
     if args.json:
-        print(json.dumps([{"account": a, "balance": b, "served": served.get(a, 0), "used": used.get(a, 0)} for a, b in rows]))
+        print(json.dumps([r.model_dump(include={"account", "balance", "served", "used"}) for r in rows]))
         return
     print(f"{'account':<48} {'balance':>14} {'served':>14} {'used':>14}")
-    for account, balance in rows:
-        print(f"{account:<48} {balance:>14,.0f} {served.get(account, 0):>14,} {used.get(account, 0):>14,}")
-    print(f"({len(ledger.receipts())} valid receipts; points are block-tokens: blocks x tokens of work)")
+    for r in rows:
+        print(f"{r.account:<48} {r.balance:>14,.0f} {r.served:>14,} {r.used:>14,}")
+    print(f"({len(receipts)} receipts; points are block-tokens: blocks x tokens of work)")
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    from swarmllm.api.config import ApiConfig
+    from swarmllm.api.serve import ApiServer, ready_line, swarm_engine
+
+    config = config_from_args(ApiConfig, args)
+    server = ApiServer(swarm_engine(config, config_from_args(ClientConfig, args))).start()
+    print(ready_line(server.url, server.engine.model_id), flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+        server.engine.model.sequence_manager.shutdown()
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from swarmllm.cli.status import cmd_status as run
+
+    run(args)
 
 
 def cmd_local(args: argparse.Namespace) -> None:
@@ -171,7 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     sub.choices["chat"].add_argument("--max-length", type=int, default=2048, help="tokens the chat session may hold")
 
-    p = sub.add_parser("local", help="start a local swarm (bootstrap + servers), answer a chat prompt, stop")
+    from swarmllm.api.config import ApiConfig
+
+    p = sub.add_parser("api", help="serve an OpenAI-compatible API, a web chat and a swarm monitor, backed by the swarm")
+    add_config_args(p, ApiConfig, positional=("model",))
+    add_config_args(p, ClientConfig)
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("status", help="show the swarm: models, block coverage, servers, spans, speed and state")
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any peers in the swarm")
+    p.add_argument("--swarm-key", default=None, help="key file of a private swarm")
+    p.add_argument("--model", nargs="*", default=[], help="models to show even if no server announces them now")
+    p.add_argument("--json", action="store_true", help="print the snapshot as JSON (the monitor's /api/swarm format)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("local", help="start a local swarm (bootstrap + servers) with the API and web UI, answer a chat prompt")
     p.add_argument("model", nargs="?", default="smollm2", help="model to serve (default: smollm2)")
     p.add_argument("--servers", type=int, default=3, help="number of servers, splitting the blocks evenly")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores)")

@@ -1,0 +1,231 @@
+"""The HTTP app: OpenAI-compatible routes, the swarm snapshot, and the web UI's pages.
+
+Routes:
+- `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (streaming as server-sent events);
+- `GET /api/swarm`: the swarm snapshot (observe/snapshot.py) that the monitor page draws;
+- `GET /` the chat page, `GET /monitor` the swarm monitor, `/static/*` their scripts and styles.
+
+Every error, ours or a malformed request's, is answered in OpenAI's format; nothing a request sends can
+stop the app. Bodies are parsed here rather than by a framework, so each kind of bad input gets its own
+status and message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from swarmllm.api import schemas
+from swarmllm.api.engine import Engine, as_api_error
+from swarmllm.api.errors import ApiError
+from swarmllm.api.generation import Completion
+from swarmllm.observe.snapshot import SwarmSnapshot
+
+logger = logging.getLogger(__name__)
+
+WEB = Path(__file__).parent / "web"
+
+
+def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = None, refresh: float = 2.0) -> Starlette:
+    """`snapshot`: reads the swarm (blocking); None where there is no swarm (a local model)."""
+    cached = _Cached(snapshot, refresh) if snapshot is not None else None
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "swarmllm"}]})
+
+    async def chat_completions(request: Request) -> Response:
+        body = await _parse(request, schemas.ChatRequest, engine)
+        prompt = engine.chat_prompt(body.chat())
+        return await _complete(request, engine, body, prompt, chat=True)
+
+    async def completions(request: Request) -> Response:
+        body = await _parse(request, schemas.CompletionRequest, engine)
+        prompt = engine.text_prompt(body.prompt)
+        return await _complete(request, engine, body, prompt, chat=False)
+
+    async def swarm(request: Request) -> Response:
+        if cached is None:
+            raise ApiError(404, "this API serves a local model: there is no swarm to show", code="no_swarm")
+        try:
+            snap = await cached.get()
+        except Exception as e:
+            raise ApiError(503, f"could not read the swarm: {type(e).__name__}: {e}", code="swarm_unreadable") from None
+        return JSONResponse(snap.model_dump(mode="json"))
+
+    def page(name: str):
+        async def serve(request: Request) -> Response:
+            return FileResponse(WEB / name, headers={"Cache-Control": "no-cache"})
+        return serve
+
+    routes = [
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/api/swarm", swarm, methods=["GET"]),
+        Route("/", page("chat.html"), methods=["GET"]),
+        Route("/monitor", page("monitor.html"), methods=["GET"]),
+        Mount("/static", StaticFiles(directory=WEB), name="static"),
+    ]
+
+    async def api_error(request: Request, e: ApiError) -> Response:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def http_error(request: Request, e: HTTPException) -> Response:
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return JSONResponse(ApiError(e.status_code, message.get(e.status_code, str(e.detail))).body(),
+                            status_code=e.status_code)
+
+    async def internal_error(request: Request, e: Exception) -> Response:
+        error = as_api_error(e)
+        return JSONResponse(error.body(), status_code=error.status)
+
+    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
+                                                       Exception: internal_error})
+    app.state.engine = engine
+    return app
+
+
+async def _parse(request: Request, schema: type[schemas.Request], engine: Engine) -> schemas.Request:
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > engine.config.max_body_bytes:
+        raise ApiError(413, f"the request body is {size} bytes; this server accepts at most {engine.config.max_body_bytes}")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > engine.config.max_body_bytes:
+            raise ApiError(413, f"the request body exceeds {engine.config.max_body_bytes} bytes")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        body = schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise ApiError(400, f"invalid value for '{param}': {err['msg']}" if param else err["msg"], param=param) from None
+    if body.model != engine.model_id:
+        raise ApiError(404, f"the model '{body.model}' does not exist here; this server serves '{engine.model_id}'",
+                       param="model", code="model_not_found")
+    return body
+
+
+async def _complete(request: Request, engine: Engine, body: schemas.Request, prompt: list[int], chat: bool) -> Response:
+    sampling = body.sampling(engine.budget(prompt, body.requested_tokens))
+    await asyncio.get_running_loop().run_in_executor(None, engine.check_swarm)
+    rid = schemas.new_id("chatcmpl" if chat else "cmpl")
+    echo = engine.tokenizer.decode(prompt, skip_special_tokens=True) if not chat and body.echo else ""
+    pieces = engine.stream(prompt, sampling)
+    if body.stream:
+        # Fail before the 200 if the request cannot even start (full, swarm gone): the first item of the
+        # stream is only produced once decoding runs, so admission errors surface here.
+        first = await _first(pieces)
+        return StreamingResponse(_events(pieces, first, rid, engine.model_id, chat, body.include_usage, echo),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    result = await _until_done(request, pieces)
+    return JSONResponse(schemas.chat_response(rid, engine.model_id, result) if chat
+                        else schemas.text_response(rid, engine.model_id, result, echo))
+
+
+async def _first(pieces: AsyncIterator[str | Completion]) -> str | Completion:
+    try:
+        return await anext(pieces)
+    except BaseException:
+        await pieces.aclose()
+        raise
+
+
+async def _until_done(request: Request, pieces: AsyncIterator[str | Completion]) -> Completion:
+    """Consume the stream; stop decoding if the client hangs up while waiting (nobody reads the answer)."""
+
+    async def consume() -> Completion:
+        async for item in pieces:
+            if isinstance(item, Completion):
+                return item
+        raise ApiError(500, "the completion ended without a result")
+
+    task = asyncio.ensure_future(consume())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ApiError(499, "the client closed the connection")
+    finally:
+        if not task.done():
+            task.cancel()
+        await pieces.aclose()
+
+
+async def _events(pieces: AsyncIterator[str | Completion], first: str | Completion, rid: str, model: str, chat: bool,
+                  include_usage: bool, echo: str) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's shape. When the client disconnects, Starlette cancels this generator;
+    closing `pieces` then cancels the decoding."""
+    created = int(time.time())
+
+    def chunk(text: str | None = None, finish: str | None = None, role: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+            data = schemas.chat_chunk(rid, model, created, delta, finish)
+        else:
+            data = schemas.text_chunk(rid, model, created, text or "", finish)
+        return f"data: {json.dumps(data)}\n\n"
+
+    try:
+        if chat:
+            yield chunk(role=True)
+        elif echo:
+            yield chunk(echo)
+        item = first
+        while True:
+            if isinstance(item, Completion):
+                yield chunk(finish=item.finish_reason)
+                if include_usage:
+                    obj = "chat.completion.chunk" if chat else "text_completion"
+                    yield f"data: {json.dumps(schemas.usage_chunk(rid, model, created, obj, item))}\n\n"
+                break
+            yield chunk(item)
+            try:
+                item = await anext(pieces)
+            except ApiError as e:  # the status line is gone: OpenAI clients raise on an error event
+                yield f"data: {json.dumps(e.body())}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        await pieces.aclose()
+
+
+class _Cached:
+    """One swarm snapshot at a time, reused for `refresh` seconds: many open monitors cost one DHT read."""
+
+    def __init__(self, read: Callable[[], SwarmSnapshot], refresh: float):
+        self.read, self.refresh = read, refresh
+        self.value: SwarmSnapshot | None = None
+        self.taken = 0.0
+        self.lock = asyncio.Lock()
+
+    async def get(self) -> SwarmSnapshot:
+        async with self.lock:
+            if self.value is None or time.monotonic() - self.taken > self.refresh:
+                self.value = await asyncio.get_running_loop().run_in_executor(None, self.read)
+                self.taken = time.monotonic()
+            return self.value
+

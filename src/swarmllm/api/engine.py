@@ -1,0 +1,153 @@
+"""The model behind the API: prompts to tokens, limits, and completions on worker threads.
+
+Each completion runs on its own worker thread with its own server-side session, so concurrent requests
+decode concurrently (the servers batch their steps). Admission is bounded: `max_concurrent_requests` decode,
+`max_queued_requests` wait, and the rest get 429 at once instead of piling up. A request whose client goes
+away sets its cancel flag; its thread stops at the next token and closes the session, freeing the servers'
+cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from swarmllm.api.config import ApiConfig
+from swarmllm.api.errors import ApiError
+from swarmllm.api.generation import Completion, Sampling, complete
+from swarmllm.models.span import text_config
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, model_id: str, config: ApiConfig):
+        self.model, self.tokenizer, self.model_id, self.config = model, tokenizer, model_id, config
+        limit = getattr(text_config(model.config), "max_position_embeddings", None) or 2048
+        self.context = min(config.max_context or limit, limit)
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos = frozenset(eos)
+        self.executor = ThreadPoolExecutor(config.max_concurrent_requests, thread_name_prefix="swarmllm-api")
+        self._admitted = 0
+        self._lock = threading.Lock()
+
+    # Prompts
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer.chat_template is None:
+            raise ApiError(400, f"model {self.model_id} has no chat template: use /v1/completions", param="messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        except Exception as e:  # a template may refuse e.g. two user turns in a row
+            raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
+        return list(ids)
+
+    def text_prompt(self, prompt: str | list) -> list[int]:
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in prompt):
+                raise ApiError(400, f"token ids must be within 0:{vocab}", param="prompt")
+            ids = list(prompt)
+        else:
+            ids = self.tokenizer(prompt if isinstance(prompt, str) else prompt[0]).input_ids
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        return ids
+
+    def budget(self, prompt: list[int], requested: int | None) -> int:
+        """Tokens to generate: as requested, or the default, within the context (OpenAI's error past it)."""
+        room = self.context - len(prompt)
+        if requested is not None and requested > room or room < 1:
+            want = requested if requested is not None else 1
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens. However, you requested "
+                                f"{len(prompt) + want} tokens ({len(prompt)} in the prompt, {want} for the completion). "
+                                "Please reduce the length of the prompt or the completion.",
+                           param="messages", code="context_length_exceeded")
+        return requested if requested is not None else min(self.config.default_max_tokens, room)
+
+    # Running
+
+    def check_swarm(self) -> None:
+        """Refuse at once (503) while some blocks have no server, instead of waiting out the client's
+        missing_blocks_timeout; the failover inside a completion still waits for a replacement."""
+        manager = getattr(self.model, "sequence_manager", None)
+        if manager is None:
+            return
+        from swarmllm.client.routing import MissingBlocksError, missing_blocks
+
+        servers = manager.servers()
+        missing = missing_blocks(servers, 0, manager.num_blocks, manager.versions(servers))
+        if missing:
+            raise ApiError(503, f"{MissingBlocksError(missing)} of {self.model_id}: try again when servers hold them",
+                           code="missing_blocks")
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        with self._lock:
+            if self._admitted >= self.config.max_concurrent_requests + self.config.max_queued_requests:
+                raise ApiError(429, "too many requests in progress: try again shortly", code="too_many_requests")
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitted -= 1
+
+    async def stream(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[str | Completion]:
+        """Text pieces as they become final, then the Completion. Closing the iterator early (the client went
+        away) cancels the decoding; its thread then closes the session."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                cancel.set()
+
+        def work() -> None:
+            if cancel.is_set():  # cancelled while queued: never open a session
+                return
+            try:
+                put(complete(self.model, self.tokenizer, prompt, sampling, self.eos, cancel, put))
+            except BaseException as e:  # delivered to the request, which answers with an error
+                put(e)
+
+        with self.admitted():
+            self.executor.submit(work)
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise as_api_error(item)
+                    yield item
+                    if isinstance(item, Completion):
+                        return
+            finally:
+                cancel.set()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def as_api_error(e: BaseException) -> ApiError:
+    from swarmllm.client.routing import MissingBlocksError
+    from swarmllm.client.verification import VerificationError
+
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, MissingBlocksError):
+        return ApiError(503, f"the swarm lost servers mid-request: {e}", code="missing_blocks")
+    if isinstance(e, VerificationError):
+        return ApiError(502, f"servers disagreed on a result and no majority settled it: {e}", code="verification_failed")
+    logger.exception("completion failed", exc_info=e)
+    return ApiError(500, f"the completion failed: {type(e).__name__}: {e}", code="internal_error")
+

@@ -1,0 +1,166 @@
+"""One completion, token by token: sampling, stop conditions, incremental text and cancellation.
+
+The API does not call `generate()`: it needs a random generator per request (so `seed` reproduces a sample
+while other requests sample concurrently; `generate()` draws from torch's one global generator), a check for
+cancellation between steps (a client that hangs up frees its server-side session at once), and text
+released as it becomes final (stop strings may not leak). Greedy decoding picks the same tokens as
+`generate(do_sample=False)`: the API tests assert it against the swarm and local transformers.
+
+The loop runs on any causal LM: the distributed model (its cache is the servers' session) or a local
+transformers model (a DynamicCache), which the unit tests use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a request asks of the decoder; validated by the API's request schemas."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+
+
+def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
+         counts: dict[int, int] | None = None) -> int:
+    """The next token from one position's logits (vocab,). OpenAI's penalties subtract from the logits of
+    tokens already generated: presence once, frequency per occurrence."""
+    logits = logits.float()
+    if counts and (sampling.presence_penalty or sampling.frequency_penalty):
+        logits = logits.clone()
+        ids = torch.tensor(list(counts))
+        n = torch.tensor(list(counts.values()), dtype=logits.dtype)
+        logits[ids] -= sampling.presence_penalty + sampling.frequency_penalty * n
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (never empty).
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p
+        sorted_probs[outside] = 0.0
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """Turns tokens into text that is safe to show: holds back an incomplete UTF-8 character and any tail
+    that could be the start of a stop string, and cuts the text at the first stop string."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+        self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (cut at a stop string once one is found)
+        self.sent = 0  # characters of `text` already released
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Append a token; return the newly final text (maybe empty). Sets `stopped` at a stop string."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return ""
+        self.text = text
+        for stop in self.stops:
+            at = text.find(stop, max(0, self.sent - len(stop)))
+            if at != -1 and (not self.stopped or at < len(self.text)):
+                self.text, self.stopped = text[:at], True
+        if self.stopped:
+            return self._release(len(self.text))
+        return self._release(len(text) - self._held(text))
+
+    def flush(self) -> str:
+        """Everything not yet released (at the end of the completion)."""
+        return self._release(len(self.text))
+
+    def _held(self, text: str) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text) - self.sent), longest, -1):
+                if stop.startswith(text[len(text) - n:]):
+                    longest = n
+                    break
+        return longest
+
+    def _release(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:upto], upto
+        return out
+
+
+@contextlib.contextmanager
+def _cache(model, max_length: int) -> Iterator[DynamicCache]:
+    """The distributed model keeps its cache on the servers, in a session closed on exit (also when the
+    client hangs up); a local model keeps a DynamicCache."""
+    if hasattr(model, "inference_session"):
+        from swarmllm.models.distributed import RemoteCache
+
+        with model.inference_session(max_length=max_length) as session:
+            yield RemoteCache(session)
+    else:
+        yield DynamicCache()
+
+
+def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: frozenset[int],
+             cancel: threading.Event | None = None, emit: Callable[[str], None] | None = None) -> Completion:
+    """Decode up to `sampling.max_tokens` tokens after `prompt`, calling `emit` with each piece of final text.
+    Stops at an end-of-sequence token, a stop string, the token budget, or when `cancel` is set."""
+    cancel = cancel or threading.Event()
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator()
+        generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    stream = TextStream(tokenizer, sampling.stop)
+    counts: dict[int, int] = {}
+    finish: FinishReason = "length"
+    ids = torch.tensor([prompt], dtype=torch.long)
+    with _cache(model, len(prompt) + sampling.max_tokens) as cache, torch.inference_mode():
+        for _ in range(sampling.max_tokens):
+            if cancel.is_set():
+                finish = "cancelled"
+                break
+            logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            token = pick(logits, sampling, generator, counts)
+            counts[token] = counts.get(token, 0) + 1
+            if token in eos:
+                finish = "stop"
+                break
+            piece = stream.add(token)
+            if piece and emit is not None:
+                emit(piece)
+            if stream.stopped:
+                finish = "stop"
+                break
+            ids = torch.tensor([[token]], dtype=torch.long)
+    rest = stream.flush() if finish != "cancelled" else ""
+    if rest and emit is not None:
+        emit(rest)
+    generated = sum(counts.values())
+    return Completion(stream.text, finish, len(prompt), generated, stream.ids)

@@ -1,0 +1,228 @@
+"""`swarmllm api` as a real process over a real 3-server swarm of SmolLM2, driven by the official openai client.
+
+Greedy answers equal the swarm's own `generate()` and local transformers, streamed or not; sampling options
+behave; bad input gets OpenAI errors with the right status and the app stays up; `swarmllm status` shows the
+swarm as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import torch
+
+pytestmark = [pytest.mark.swarm, pytest.mark.real_model]
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def client(api_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+def _local_greedy(model, tokenizer, ids: list[int], n: int) -> str:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):]
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])
+
+
+def _post(url: str, body: bytes | dict, method: str = "POST") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data if method == "POST" else None, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_lists_the_served_model(client, smollm2_swarm) -> None:
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].owned_by == "swarmllm"
+    served = smollm2_swarm.server_lines["server0"].split()[2]  # "server ready: MODEL blocks ..."
+    assert models[0].id == served
+
+
+def test_chat_equals_swarm_and_local_greedy(client, model_id, smollm2_client, smollm2_local, smollm2_tokenizer) -> None:
+    ids = _chat_ids(smollm2_tokenizer, QUESTION)
+    reply = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}],
+                                           temperature=0, max_tokens=24)
+    swarm = _local_greedy(smollm2_client, smollm2_tokenizer, ids, 24)
+    local = _local_greedy(smollm2_local, smollm2_tokenizer, ids, 24)
+    assert reply.choices[0].message.content == swarm == local
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    # SmolLM2 answers this in a few tokens and ends its turn: finish_reason says so.
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens < 24
+
+    streamed, chunks, usage, finish = "", 0, None, None
+    for chunk in client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}],
+                                                temperature=0, max_tokens=24, stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                streamed += choice.delta.content
+                chunks += 1
+            finish = choice.finish_reason or finish
+    assert streamed == reply.choices[0].message.content
+    assert chunks >= 3, "tokens must arrive one by one, not in one piece"
+    assert finish == "stop" and usage is not None and usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_completions_equal_local_greedy_and_stop_at_length(client, model_id, smollm2_local, smollm2_tokenizer) -> None:
+    prompt = "A swarm of computers can"
+    ids = smollm2_tokenizer(prompt).input_ids
+    reply = client.completions.create(model=model_id, prompt=prompt, temperature=0, max_tokens=16)
+    assert reply.choices[0].text == _local_greedy(smollm2_local, smollm2_tokenizer, ids, 16)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 16
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model_id, prompt=prompt, temperature=0, max_tokens=16, stream=True) if c.choices)
+    assert streamed == reply.choices[0].text
+
+
+def test_stop_strings_seed_and_sampling_options(client, model_id) -> None:
+    messages = [{"role": "user", "content": QUESTION}]
+    full = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=24)
+    text = full.choices[0].message.content
+    cut = text.index(" Paris")
+    stopped = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=24,
+                                             stop=[" Paris", "zzz"])
+    assert stopped.choices[0].message.content == text[:cut]
+    assert stopped.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=model_id, messages=messages, temperature=0, max_tokens=24, stop=" Paris", stream=True) if c.choices)
+    assert streamed == text[:cut], "a stop string must not leak into the stream either"
+
+    poem = [{"role": "user", "content": "Write a short poem about the sea."}]
+    kwargs = dict(model=model_id, messages=poem, temperature=1.0, top_p=0.95, max_tokens=16)
+    a = client.chat.completions.create(seed=7, **kwargs).choices[0].message.content
+    b = client.chat.completions.create(seed=7, **kwargs).choices[0].message.content
+    assert a == b, "the same seed must give the same sample"
+    others = {client.chat.completions.create(seed=s, **kwargs).choices[0].message.content for s in (1, 2, 3)}
+    assert len(others | {a}) > 1, "different seeds gave the same 16-token sample four times"
+
+
+def test_concurrent_requests_are_decoded_together(client, model_id) -> None:
+    """Two streams overlap: the second gets tokens while the first is still streaming (not queued after it)."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+
+    def run(i: int) -> None:
+        for chunk in client.chat.completions.create(
+                model=model_id, messages=[{"role": "user", "content": f"Count from {i} to {i + 30}."}],
+                temperature=0, max_tokens=40, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                times[i].append(time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(times[0]) > 10 and len(times[1]) > 10
+    first_done = min(times[0][-1], times[1][-1])
+    assert max(times[0][0], times[1][0]) < first_done, "one request waited for the other to finish"
+
+
+def test_bad_input_gets_openai_errors_and_the_app_stays_up(api_url, client, model_id) -> None:
+    chat = f"{api_url}/v1/chat/completions"
+    user = [{"role": "user", "content": "hi"}]
+    status, body = _post(chat, b'{"model": "x", "messages": [')
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and "JSON" in body["error"]["message"]
+    status, body = _post(chat, {"model": "gpt-4o", "messages": user})
+    assert status == 404 and body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
+    status, body = _post(chat, {"model": model_id, "messages": user, "max_tokens": -5})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, body = _post(chat, {"model": model_id, "messages": [], "max_tokens": 5})
+    assert status == 400 and body["error"]["param"] == "messages"
+    status, body = _post(chat, {"model": model_id, "messages": user, "temperature": "hot"})
+    assert status == 400 and body["error"]["param"] == "temperature"
+    status, body = _post(chat, {"model": model_id, "messages": user, "n": 3})
+    assert status == 400 and body["error"]["param"] == "n"
+    long = " ".join(["swarm"] * 9000)  # more tokens than SmolLM2's 8192-token context
+    status, body = _post(chat, {"model": model_id, "messages": [{"role": "user", "content": long}]})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    status, body = _post(chat, {"model": model_id, "messages": [{"role": "user", "content": "x" * 3_000_000}]})
+    assert status == 413
+    status, body = _post(chat, b"", method="GET")
+    assert status == 405 and "error" in body
+    status, body = _post(f"{api_url}/v1/embeddings", {"model": model_id, "input": "x"})
+    assert status == 404 and "error" in body
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model_id, prompt="x", max_tokens=0)
+    # Still serving.
+    reply = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}],
+                                           temperature=0, max_tokens=8)
+    assert reply.choices[0].message.content
+
+
+def test_status_shows_the_swarm(smollm2_swarm) -> None:
+    peers = {line.split(" peer ")[1].split()[0]: line.split(" blocks ")[1].split()[0]
+             for line in smollm2_swarm.server_lines.values()}
+    base = [sys.executable, "-m", "swarmllm.cli.main", "status", "--initial-peers", *smollm2_swarm.initial_peers]
+    snap = json.loads(subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=120, check=True).stdout)
+    (model,) = snap["models"]
+    assert model["num_blocks"] == 30 and model["complete"] and model["gaps"] == []
+    assert model["coverage"] == [1] * 30
+    assert {s["peer_id"]: f"{s['start']}:{s['end']}" for s in model["servers"]} == peers
+    for s in model["servers"]:
+        assert s["state"] == "online" and s["rtt_ms"] is not None and s["inference_tps"] > 0
+    table = subprocess.run(base, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "all 30 blocks covered" in table and "|" + "1" * 30 + "|" in table
+    for peer, blocks in peers.items():
+        row = next(line for line in table.splitlines() if peer in line)
+        assert blocks in row and "online" in row
+
+
+def test_disconnect_mid_stream_cancels_and_frees_the_session(api_url, model_id, smollm2_swarm) -> None:
+    """A client that hangs up after a few tokens: decoding stops and every server closes the session."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def sample(url: str, name: str, **labels: str) -> float:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    urls = list(smollm2_swarm.metrics_urls().values())
+    before = sample(urls[-1], "swarmllm_tokens_total", kind="inference")
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+                       "temperature": 0, "max_tokens": 400, "stream": True}).encode()
+    request = urllib.request.Request(f"{api_url}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    reply = urllib.request.urlopen(request, timeout=120)
+    events = 0
+    while events < 5:  # a few tokens in: the session is open on every server
+        if reply.readline().startswith(b"data: "):
+            events += 1
+    assert all(sample(u, "swarmllm_active_sessions") >= 1 for u in urls)
+    reply.close()  # hang up mid-stream
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(sample(u, "swarmllm_active_sessions") for u in urls):
+        time.sleep(0.2)
+    assert all(sample(u, "swarmllm_active_sessions") == 0 for u in urls), "a server kept the session open"
+    served = sample(urls[-1], "swarmllm_tokens_total", kind="inference") - before
+    time.sleep(1.0)
+    assert sample(urls[-1], "swarmllm_tokens_total", kind="inference") - before == served, "decoding went on"
+    assert served < 400, "all the requested tokens were decoded for nobody"
