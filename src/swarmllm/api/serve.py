@@ -33,7 +33,8 @@ class ApiServer:
     """The app on a socket bound at construction, so the URL (and a port chosen by the OS) is known before
     it serves. `run()` blocks; `start()` serves from a thread and returns once it accepts connections."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, port: int | None = None):
+        """`port`: instead of the config's (e.g. 0 when the configured one is taken)."""
         self.engine = engine
         config = engine.config
         manager = getattr(engine.model, "sequence_manager", None)
@@ -42,7 +43,7 @@ class ApiServer:
             def snapshot():
                 return collect(manager.peer, manager.p2p, models=[manager.model_name])
         app = create_app(engine, snapshot, config.monitor_refresh)
-        self.socket = socket.create_server((config.host, config.port), reuse_port=False)
+        self.socket = socket.create_server((config.host, config.port if port is None else port))
         host, port = self.socket.getsockname()[:2]
         self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",

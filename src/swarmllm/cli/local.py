@@ -1,10 +1,14 @@
-"""`swarmllm local` (what `make run` runs): a local swarm of real processes answering one chat prompt."""
+"""`swarmllm local` (what `make run` runs): a local swarm of real processes, with the API and web UI on
+localhost, answering one chat prompt on the command line; it then serves the web UI until Ctrl-C (`--once`:
+stop after the answer)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
 from swarmllm.launcher import LocalSwarm, ServerSpec
@@ -39,7 +43,10 @@ def run_local(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
+        api = None
         try:
+            api = _start_api(args, model)
+            print(f"web chat: {api.url}/   swarm monitor: {api.url}/monitor   OpenAI API: {api.url}/v1")
             messages = [{"role": "user", "content": args.prompt}]
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                 return_dict=True)["input_ids"]
@@ -50,6 +57,32 @@ def run_local(args: argparse.Namespace) -> None:
             dt = time.perf_counter() - t0
             new = out.shape[1] - ids.shape[1]
             print(f"\n[{new} tokens in {dt:.2f}s: {new / dt:.2f} tokens/s through {len(specs)} servers]")
+            if not args.once:
+                print(f"\nThe swarm keeps serving: open {api.url}/ to chat, {api.url}/monitor to watch it. "
+                      "Ctrl-C stops everything.", flush=True)
+                _wait_for_signal()
         finally:
+            if api is not None:
+                api.stop()
             model.sequence_manager.shutdown()
     print("swarm stopped.", file=sys.stderr)
+
+
+def _start_api(args: argparse.Namespace, model):
+    """The API and web UI on localhost, sharing the model above; on another port if the asked one is taken."""
+    from swarmllm.api.config import ApiConfig
+    from swarmllm.api.serve import ApiServer, swarm_engine
+
+    engine = swarm_engine(ApiConfig(model=args.model, port=args.port), model.sequence_manager.config, model=model)
+    try:
+        return ApiServer(engine).start()
+    except OSError as e:  # the port is taken: any free one will do for a local demo
+        print(f"port {args.port} is taken ({e.strerror}); using a free one", file=sys.stderr)
+        return ApiServer(engine, port=0).start()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()

@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores)")
     p.add_argument("--prompt", default="What is a swarm of computers good for? Answer in two sentences.")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--port", type=int, default=8000, help="port of the API and web UI on 127.0.0.1 (default: 8000)")
+    p.add_argument("--once", action="store_true", help="stop after answering the prompt instead of serving the web UI")
     p.set_defaults(func=cmd_local)
 
     p = sub.add_parser("points", help="show every account's contribution points, from the receipts in the swarm")
