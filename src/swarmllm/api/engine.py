@@ -141,6 +141,8 @@ class Engine:
 def as_api_error(e: BaseException) -> ApiError:
     from swarmllm.client.routing import MissingBlocksError
     from swarmllm.client.verification import VerificationError
+    from swarmllm.protocol import ErrorCode
+    from swarmllm.wire import RemoteError
 
     if isinstance(e, ApiError):
         return e
@@ -148,6 +150,11 @@ def as_api_error(e: BaseException) -> ApiError:
         return ApiError(503, f"the swarm lost servers mid-request: {e}", code="missing_blocks")
     if isinstance(e, VerificationError):
         return ApiError(502, f"servers disagreed on a result and no majority settled it: {e}", code="verification_failed")
+    if isinstance(e, RemoteError) and e.code in (ErrorCode.CACHE_FULL, ErrorCode.RATE_LIMITED):
+        # Every server that could take the request is full or limits us: the swarm is busy, not broken.
+        return ApiError(503, f"the swarm is busy: {e}", code="swarm_busy")
+    if isinstance(e, RemoteError):
+        return ApiError(502, f"a server failed the request: {e}", code="server_error")
     logger.exception("completion failed", exc_info=e)
     return ApiError(500, f"the completion failed: {type(e).__name__}: {e}", code="internal_error")
 

@@ -22,8 +22,12 @@ def cmd_status(args: argparse.Namespace) -> None:
         peer.dht.shutdown()
     if args.json:
         print(json.dumps(snap.model_dump(mode="json")))
-    else:
-        print(render(snap))
+        return
+    if args.swarm_key:
+        from swarmllm.trust.swarm_key import SwarmKey
+
+        print(f"private swarm {SwarmKey.load(args.swarm_key).fingerprint}")
+    print(render(snap))
 
 
 def render(snap: SwarmSnapshot) -> str:
