@@ -36,6 +36,7 @@ from swarmllm.observe.snapshot import SwarmSnapshot
 logger = logging.getLogger(__name__)
 
 WEB = Path(__file__).parent / "web"
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
 def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = None, refresh: float = 2.0) -> Starlette:
@@ -117,7 +118,9 @@ async def _parse(request: Request, schema: type[schemas.Request], engine: Engine
         body = schema.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        # Pydantic names the union member it tried (`stop.str`, `prompt.list[int]`): not part of the param.
+        loc = [p for p in err["loc"] if isinstance(p, int) or p.isidentifier() and p not in _TYPE_TAGS]
+        param = ".".join(str(p) for p in loc) or None
         raise ApiError(400, f"invalid value for '{param}': {err['msg']}" if param else err["msg"], param=param) from None
     if body.model != engine.model_id:
         raise ApiError(404, f"the model '{body.model}' does not exist here; this server serves '{engine.model_id}'",

@@ -51,6 +51,8 @@ def _model(m: ModelView) -> list[str]:
     held = sum(1 for c in m.coverage if c)
     if m.complete:
         summary = f"all {m.num_blocks} blocks covered"
+    elif not m.gaps:  # no block known (nobody announced the model's size): there are no ranges to name
+        summary = "no server holds any block (the number of blocks is unknown)"
     else:
         gaps = ", ".join(f"{a}:{b}" for a, b in m.gaps)
         summary = f"{held}/{m.num_blocks} blocks covered; NO SERVER for blocks {gaps}"

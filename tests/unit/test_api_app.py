@@ -1,0 +1,253 @@
+"""The HTTP app in process, over the local SmolLM2 (no swarm, no socket): OpenAI's response shapes, streaming
+that joins to the plain answer, every kind of bad input answered with its status and OpenAI error fields,
+and admission that refuses with 429 instead of queueing without bound."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+from swarmllm.api.app import create_app
+from swarmllm.api.config import ApiConfig
+from swarmllm.api.engine import Engine
+
+pytestmark = pytest.mark.real_model
+
+MODEL = "smol"
+QUESTION = "What is the capital of France?"
+CHAT = "/v1/chat/completions"
+TEXT_PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Decoding a 135M model one token at a time gains nothing from a second thread, and on a busy machine
+    (the rest of a parallel test run) two threads waiting on each other at every op are ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _chat(**kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], **kw}
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_local, smollm2_tokenizer):
+    engine = Engine(smollm2_local, smollm2_tokenizer, MODEL,
+                    ApiConfig(model=MODEL, max_context=64, max_body_bytes=4096))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with TestClient(create_app(engine)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def chat_prompt(smollm2_tokenizer) -> list[int]:
+    messages = [{"role": "user", "content": QUESTION}]
+    return list(smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def chat_answer(client) -> dict:
+    response = client.post(CHAT, json=_chat(temperature=0, max_tokens=8))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _events(lines) -> list[dict | str]:
+    """The `data:` payloads of a server-sent event stream, parsed ([DONE] stays a string)."""
+    events = []
+    for line in lines:
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        data = line.removeprefix("data: ")
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_models_lists_the_one_model(client) -> None:
+    response = client.get("/v1/models")
+    assert response.status_code == 200
+    assert response.json() == {"object": "list", "data": [
+        {"id": MODEL, "object": "model", "created": 0, "owned_by": "swarmllm"}]}
+
+
+def test_chat_completion_has_openais_shape(chat_answer, chat_prompt, smollm2_local, smollm2_tokenizer) -> None:
+    with torch.inference_mode():
+        out = smollm2_local.generate(torch.tensor([chat_prompt]), max_new_tokens=8, do_sample=False)
+    greedy = out[0, len(chat_prompt):].tolist()
+    body = chat_answer
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["model"] == MODEL and isinstance(body["created"], int)
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None
+    assert choice["message"] == {"role": "assistant",
+                                 "content": smollm2_tokenizer.decode(greedy, skip_special_tokens=True)}
+    assert greedy[-1] == smollm2_tokenizer.eos_token_id  # the answer ends by itself within 8 tokens...
+    assert choice["finish_reason"] == "stop"  # ...and the EOS counts as a completion token below
+    assert body["usage"] == {"prompt_tokens": len(chat_prompt), "completion_tokens": len(greedy),
+                             "total_tokens": len(chat_prompt) + len(greedy)}
+
+
+def test_streamed_deltas_join_to_the_plain_answer(client, chat_answer) -> None:
+    with client.stream("POST", CHAT, json=_chat(temperature=0, max_tokens=8, stream=True,
+                                                  stream_options={"include_usage": True})) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _events(response.iter_lines())
+    assert events[-1] == "[DONE]"
+    *chunks, usage, _ = events
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert content == chat_answer["choices"][0]["message"]["content"]
+    assert usage["choices"] == [] and usage["usage"] == chat_answer["usage"]
+
+
+def _raw_post(client, content: bytes, path: str = CHAT):
+    return client.post(path, content=content, headers={"content-type": "application/json"})
+
+
+def _too_long_message() -> str:
+    return " ".join(["word"] * 80)  # about 80 tokens: past the 64-token context, within 4096 bytes
+
+
+@pytest.mark.parametrize(("request_kw", "status", "param", "code"), [
+    ({"content": b"{not json"}, 400, None, None),
+    ({"content": b"\x80 not utf-8"}, 400, None, None),
+    ({"content": b"[1, 2]"}, 400, None, None),
+    ({"json": {"messages": [{"role": "user", "content": "hi"}]}}, 400, "model", None),
+    ({"json": _chat(model="gpt-4")}, 404, "model", "model_not_found"),
+    ({"json": _chat(max_tokens=-1)}, 400, "max_tokens", None),
+    ({"json": _chat(temperature=3)}, 400, "temperature", None),
+    ({"json": _chat(top_p=0)}, 400, "top_p", None),
+    ({"json": _chat(n=2)}, 400, "n", None),
+    ({"json": _chat(logprobs=True)}, 400, "logprobs", None),
+    ({"json": _chat(stop=["a", "b", "c", "d", "e"])}, 400, "stop", None),
+    ({"json": _chat(stop=5)}, 400, "stop", None),  # param names the field, not pydantic's union member
+    ({"json": {"model": MODEL, "messages": [{"role": "user", "content": 5}]}}, 400, "messages.0.content", None),
+    ({"json": {"model": MODEL, "messages": []}}, 400, "messages", None),
+    ({"json": {"model": MODEL, "messages": [{"role": "user", "content": _too_long_message()}]}},
+     400, "messages", "context_length_exceeded"),
+    ({"json": _chat(max_tokens=40)}, 400, "messages", "context_length_exceeded"),  # 37 + 40 > 64
+    ({"json": _chat(max_tokens=8, extra="x" * 4096)}, 413, None, None),
+])
+def test_bad_chat_requests_get_openai_errors(client, request_kw, status, param, code) -> None:
+    response = client.post(CHAT, headers={"content-type": "application/json"}, **request_kw)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["code"] == code
+    assert error["message"]
+
+
+def test_a_body_without_a_length_is_cut_off_past_the_limit(client) -> None:
+    def chunks():
+        yield b'{"model": "smol", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    response = client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "content-length" not in response.request.headers  # the streamed check, not the header's
+
+
+@pytest.mark.parametrize(("method", "path", "status", "code"), [
+    ("GET", CHAT, 405, None),
+    ("GET", "/v1/completions", 405, None),
+    ("POST", "/v1/models", 405, None),
+    ("GET", "/v1/nothing", 404, None),
+    ("GET", "/api/swarm", 404, "no_swarm"),
+])
+def test_routes_answer_openai_errors(client, method, path, status, code) -> None:
+    response = client.request(method, path)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == code and error["message"]
+
+
+def test_the_app_still_answers_after_bad_requests(client) -> None:
+    assert _raw_post(client, b"{").status_code == 400
+    assert client.get("/v1/models").status_code == 200
+
+
+def _complete(client, **kw) -> dict:
+    response = client.post("/v1/completions", json={"model": MODEL, "temperature": 0, "max_tokens": 4, **kw})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_completions_from_text_and_from_token_ids_agree(client, smollm2_tokenizer) -> None:
+    ids = smollm2_tokenizer(TEXT_PROMPT).input_ids
+    by_text = _complete(client, prompt=TEXT_PROMPT)
+    by_ids = _complete(client, prompt=ids)
+    assert by_text["object"] == "text_completion" and by_text["id"].startswith("cmpl-")
+    [choice] = by_text["choices"]
+    assert choice["text"] and choice["finish_reason"] == "length" and choice["logprobs"] is None
+    assert by_ids["choices"][0]["text"] == choice["text"]
+    assert by_text["usage"] == by_ids["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 4,
+                                                   "total_tokens": len(ids) + 4}
+    # A one-prompt list is the same as the string.
+    assert _complete(client, prompt=[TEXT_PROMPT])["choices"][0]["text"] == choice["text"]
+
+
+def test_echo_prepends_the_prompt(client) -> None:
+    plain = _complete(client, prompt=TEXT_PROMPT)["choices"][0]["text"]
+    echoed = _complete(client, prompt=TEXT_PROMPT, echo=True)
+    assert echoed["choices"][0]["text"] == TEXT_PROMPT + plain
+    assert echoed["usage"]["completion_tokens"] == 4  # the echo is not generated
+    with client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": TEXT_PROMPT, "temperature": 0,
+                                                        "max_tokens": 4, "echo": True, "stream": True}) as response:
+        events = _events(response.iter_lines())
+    *chunks, done = events
+    assert done == "[DONE]" and all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[0]["choices"][0]["text"] == TEXT_PROMPT
+    assert "".join(c["choices"][0]["text"] for c in chunks) == TEXT_PROMPT + plain
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(("prompt", "param"), [
+    ([49152], "prompt"),  # the vocabulary is 0:49152
+    ([5, -1], "prompt"),
+    ([], "prompt"),
+    ("", "prompt"),
+    (["one", "two"], "prompt"),
+    (5, "prompt"),
+])
+def test_bad_completion_prompts_get_400(client, prompt, param) -> None:
+    response = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_request_past_the_admission_limit_gets_429(smollm2_local, smollm2_tokenizer) -> None:
+    engine = Engine(smollm2_local, smollm2_tokenizer, MODEL,
+                    ApiConfig(model=MODEL, max_context=64, max_concurrent_requests=1, max_queued_requests=0))
+    try:
+        with TestClient(create_app(engine)) as client:
+            with client.stream("POST", CHAT, json=_chat(temperature=0, max_tokens=4, stream=True)) as first:
+                lines = first.iter_lines()
+                # The response has started, so the first request holds the only slot until it is read out:
+                # the app cannot send more of it (the client reads one event at a time).
+                assert _events([next(lines)])[0]["choices"][0]["delta"]["role"] == "assistant"
+                refused = client.post(CHAT, json=_chat(temperature=0, max_tokens=1))
+                assert refused.status_code == 429
+                error = refused.json()["error"]
+                assert error["type"] == "rate_limit_exceeded" and error["code"] == "too_many_requests"
+                assert _events(lines)[-1] == "[DONE]"
+            # Once the first request is done its slot is free again.
+            assert client.post(CHAT, json=_chat(temperature=0, max_tokens=1)).status_code == 200
+    finally:
+        engine.shutdown()

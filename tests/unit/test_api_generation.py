@@ -1,0 +1,228 @@
+"""The API's decoder: `pick` samples as OpenAI defines, `TextStream` releases only final text (no half
+characters, no part of a stop string), and `complete()` on the real SmolLM2 picks the same tokens as
+transformers' own greedy `generate()`."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from swarmllm.api.generation import Sampling, TextStream, complete, pick
+
+pytestmark = pytest.mark.real_model
+
+QUESTION = "What is the capital of France?"
+TEXT = "Hello world. STOP here"  # tokens: 'Hello' ' world' '.' ' ST' 'OP' ' here'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Decoding a 135M model one token at a time gains nothing from a second thread, and on a busy machine
+    (the rest of a parallel test run) two threads waiting on each other at every op are ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# pick
+
+
+def _probs_logits(*probs: float) -> torch.Tensor:
+    return torch.tensor(probs).log()
+
+
+def test_temperature_zero_is_argmax() -> None:
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    assert pick(logits, Sampling(max_tokens=1, temperature=0), None) == int(logits.argmax())
+
+
+def _samples(logits: torch.Tensor, sampling: Sampling, n: int = 300) -> set[int]:
+    generator = torch.Generator().manual_seed(0)
+    return {pick(logits, sampling, generator) for _ in range(n)}
+
+
+@pytest.mark.parametrize(("top_p", "allowed"), [(1.0, {0, 1, 2}), (0.6, {0, 1}), (0.5, {0}), (0.4, {0})])
+def test_top_p_samples_from_the_smallest_nucleus(top_p: float, allowed: set[int]) -> None:
+    # Probabilities 0.5, 0.3, 0.2: 0.5 alone reaches top_p <= 0.5, 0.6 needs the second token too.
+    logits = _probs_logits(0.5, 0.3, 0.2)
+    assert _samples(logits, Sampling(max_tokens=1, top_p=top_p)) == allowed
+
+
+def test_a_seeded_generator_reproduces_its_samples() -> None:
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    sampling = Sampling(max_tokens=1, temperature=1.5, top_p=0.9)
+
+    def draw(seed: int) -> list[int]:
+        generator = torch.Generator().manual_seed(seed)
+        return [pick(logits, sampling, generator) for _ in range(30)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+@pytest.mark.parametrize(("presence", "frequency", "count", "expected"), [
+    (0.0, 0.0, 3, 0),  # no penalty: 2.0 beats 1.45
+    (0.3, 0.1, 2, 0),  # 2.0 - (0.3 + 0.1*2) = 1.5 still beats 1.45
+    (0.3, 0.1, 3, 1),  # 2.0 - (0.3 + 0.1*3) = 1.4 loses
+    (0.6, 0.0, 1, 1),  # presence alone
+    (0.0, 0.2, 3, 1),  # frequency alone: 2.0 - 0.6
+    (0.0, 0.2, 2, 0),  # 2.0 - 0.4
+])
+def test_penalties_subtract_presence_plus_frequency_times_count(presence, frequency, count, expected) -> None:
+    logits = torch.tensor([2.0, 1.45, 0.0])
+    sampling = Sampling(max_tokens=1, temperature=0, presence_penalty=presence, frequency_penalty=frequency)
+    assert pick(logits, sampling, None, {0: count}) == expected
+    assert logits.tolist() == pytest.approx([2.0, 1.45, 0.0])  # the caller's logits are left alone
+
+
+def test_a_negative_presence_penalty_favours_tokens_already_used() -> None:
+    sampling = Sampling(max_tokens=1, temperature=0, presence_penalty=-1.5)
+    assert pick(torch.tensor([1.0, 2.0]), sampling, None, {0: 1}) == 0
+
+
+# TextStream
+
+
+def _feed(tokenizer, text: str, stops: tuple[str, ...] = ()) -> tuple[TextStream, list[str], str]:
+    """Feed `text`'s tokens one by one, as `complete()` does (stopping at a stop string); returns the
+    stream, the piece returned for each token, and what flush() released at the end."""
+    stream = TextStream(tokenizer, stops)
+    pieces = []
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        pieces.append(stream.add(token))
+        if stream.stopped:
+            break
+    return stream, pieces, stream.flush()
+
+
+@pytest.mark.parametrize("text", [
+    TEXT,
+    "Café, naïve façade — 日本語のテキスト 🙂🎉 done.\n  Two  spaces,\ttabs and <b>tags</b>!",
+    "def f(x):\n    return x ** 2  # comment\n",
+])
+def test_pieces_join_to_the_decoded_text(smollm2_tokenizer, text: str) -> None:
+    stream, pieces, tail = _feed(smollm2_tokenizer, text)
+    ids = smollm2_tokenizer.encode(text, add_special_tokens=False)
+    assert "".join(pieces) + tail == smollm2_tokenizer.decode(ids) == text
+    assert not stream.stopped and stream.flush() == ""
+
+
+def test_a_character_split_across_byte_tokens_is_never_shown_half(smollm2_tokenizer) -> None:
+    ids = smollm2_tokenizer.encode("🙂", add_special_tokens=False)
+    assert len(ids) > 1 and "\ufffd" in smollm2_tokenizer.decode(ids[:1])  # the case under test really occurs
+    stream, pieces, tail = _feed(smollm2_tokenizer, "I feel 🙂🙂, 日本 🎉")
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + tail == "I feel 🙂🙂, 日本 🎉"
+    stream, pieces, tail = _feed(smollm2_tokenizer, "🙂")
+    assert pieces == ["", "🙂"] and tail == ""
+
+
+@pytest.mark.parametrize(("stops", "expected"), [
+    ((" world",), "Hello"),  # the stop string is one whole token
+    (("orl",), "Hello w"),  # inside a token: the token's text before it is kept
+    (("STOP",), "Hello world. "),  # across ' ST' 'OP'
+    (("lo world. S",), "Hel"),  # across four tokens
+    (("Hello",), ""),  # at the very start
+    (("here", "STOP"), "Hello world. "),  # the earliest in the text wins, not the first listed
+    (("world", "lo w"), "Hel"),  # both completed by the same token: the earlier one in the text wins
+    (("lo w", "world"), "Hel"),
+    (("", "STOP"), "Hello world. "),  # an empty stop string is ignored
+])
+def test_text_is_cut_before_the_first_stop_string(smollm2_tokenizer, stops, expected) -> None:
+    stream, pieces, tail = _feed(smollm2_tokenizer, TEXT, stops)
+    # Released text only grows, so equality at the end means no piece ever held any part of the stop.
+    assert "".join(pieces) + tail == expected
+    assert stream.stopped and stream.text == expected
+
+
+def test_no_stop_string_found_releases_everything(smollm2_tokenizer) -> None:
+    stream, pieces, tail = _feed(smollm2_tokenizer, TEXT, ("xyz", "STOPPED"))
+    assert "".join(pieces) + tail == TEXT and not stream.stopped
+
+
+def test_a_tail_that_only_looked_like_a_stop_string_is_released_later(smollm2_tokenizer) -> None:
+    # After ' ST' and 'OP' the text ends in "ST", then "STOP": both could start "STOPPED", so they wait;
+    # ' here' rules it out and the held text comes out with that token, not only at the end.
+    stream, pieces, tail = _feed(smollm2_tokenizer, TEXT, ("STOPPED",))
+    assert "ST" not in "".join(pieces[:-1])
+    assert pieces[-1] == "STOP here" and tail == ""
+    assert not stream.stopped
+
+
+def test_flush_releases_a_held_tail_when_the_text_ends(smollm2_tokenizer) -> None:
+    stream, pieces, tail = _feed(smollm2_tokenizer, "Hello world. ST", ("STOP",))
+    assert "".join(pieces) == "Hello world. " and tail == "ST" and not stream.stopped
+
+
+# complete() on the real SmolLM2
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm2_tokenizer) -> list[int]:
+    messages = [{"role": "user", "content": QUESTION}]
+    return list(smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def eos(smollm2_local, smollm2_tokenizer) -> frozenset[int]:
+    ids = smollm2_local.generation_config.eos_token_id
+    return frozenset([*(ids if isinstance(ids, list) else [ids]), smollm2_tokenizer.eos_token_id])
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(smollm2_local, prompt) -> list[int]:
+    """transformers' greedy tokens for the prompt, ending with the EOS token it stopped at."""
+    with torch.inference_mode():
+        out = smollm2_local.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_equals_transformers_generate(smollm2_local, smollm2_tokenizer, prompt, eos, greedy_reference) -> None:
+    assert greedy_reference[-1] in eos and len(greedy_reference) < 16  # it ended by itself
+    pieces: list[str] = []
+    c = complete(smollm2_local, smollm2_tokenizer, prompt, Sampling(max_tokens=16, temperature=0), eos,
+                 emit=pieces.append)
+    assert c.token_ids == greedy_reference[:-1]  # the EOS is not part of the text...
+    assert c.completion_tokens == len(greedy_reference)  # ...but was generated, so it is counted
+    assert c.finish_reason == "stop" and c.prompt_tokens == len(prompt)
+    assert c.text == smollm2_tokenizer.decode(greedy_reference, skip_special_tokens=True) == "".join(pieces)
+
+
+def test_the_token_budget_ends_with_length(smollm2_local, smollm2_tokenizer, prompt, eos, greedy_reference) -> None:
+    c = complete(smollm2_local, smollm2_tokenizer, prompt, Sampling(max_tokens=3, temperature=0), eos)
+    assert c.finish_reason == "length"
+    assert c.token_ids == greedy_reference[:3] and c.completion_tokens == 3
+
+
+def test_a_stop_string_ends_the_completion(smollm2_local, smollm2_tokenizer, prompt, eos) -> None:
+    pieces: list[str] = []
+    c = complete(smollm2_local, smollm2_tokenizer, prompt, Sampling(max_tokens=16, temperature=0, stop=(" Paris",)),
+                 eos, emit=pieces.append)
+    assert c.finish_reason == "stop"
+    assert c.text == "".join(pieces) == "The capital of France is"
+
+
+def test_cancel_stops_at_the_next_token(smollm2_local, smollm2_tokenizer, prompt, eos) -> None:
+    cancel = threading.Event()
+    pieces: list[str] = []
+
+    def emit(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            cancel.set()
+
+    c = complete(smollm2_local, smollm2_tokenizer, prompt, Sampling(max_tokens=16, temperature=0), eos, cancel, emit)
+    assert c.finish_reason == "cancelled"
+    assert len(pieces) == 3  # nothing is flushed after a cancel
+    assert c.completion_tokens == len(c.token_ids) == 3
+
+
+def test_a_seed_reproduces_a_sample(smollm2_local, smollm2_tokenizer, prompt, eos) -> None:
+    sampling = Sampling(max_tokens=6, temperature=0.9, seed=1234)
+    first = complete(smollm2_local, smollm2_tokenizer, prompt, sampling, eos)
+    second = complete(smollm2_local, smollm2_tokenizer, prompt, sampling, eos)
+    assert first.text == second.text and first.token_ids == second.token_ids
+    assert first.completion_tokens >= 1
