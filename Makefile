@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python bench/quant.py
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/trust.py
+	$(BIN)/python bench/api.py
 	$(BIN)/python bench/wan.py
 	$(BIN)/python bench/chart.py
 

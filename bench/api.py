@@ -1,0 +1,128 @@
+"""What the HTTP API costs, and what concurrent requests gain, on a loopback swarm of SmolLM2.
+
+One swarm (2 servers, 15 blocks each), one distributed model in this process, and the API app over it on
+a free port. Measured in the same run:
+- direct: `model.generate()` greedy, N new tokens (the baseline);
+- api: the same completion through the official `openai` client, streamed (tokens/s and time to first
+  token), as a ratio to direct; its text must equal direct's (exit 1 otherwise);
+- concurrency: K requests at once through the API, total tokens/s as a ratio to one request at a time
+  (the servers batch the concurrent sessions' steps).
+
+Usage: python bench/api.py [--new-tokens 32] [--concurrent 4] [--threads 1] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from _process import prepare  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+PROMPT = "The history of the printing press begins"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--concurrent", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the median is reported")
+    return p.parse_args()
+
+
+def run(args: argparse.Namespace) -> dict:
+    import openai
+    import torch
+    from transformers import AutoTokenizer
+
+    from swarmllm import AutoDistributedModelForCausalLM
+    from swarmllm.api.config import ApiConfig
+    from swarmllm.api.serve import ApiServer, swarm_engine
+    from swarmllm.launcher import LocalSwarm, ServerSpec
+    from swarmllm.models.source import resolve_model
+
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    n = args.new_tokens
+    with LocalSwarm(str(model_dir), [ServerSpec("0:15"), ServerSpec("15:30")], threads=args.threads) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(str(model_dir), initial_peers=swarm.initial_peers,
+                                                                num_threads=args.threads)
+        engine = swarm_engine(ApiConfig(model=str(model_dir), port=0), model.sequence_manager.config, model=model)
+        api = ApiServer(engine).start()
+        client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+        model_id = api.engine.model_id
+        try:
+            model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: connections
+            direct, api_times, first_token = [], [], []
+            text_direct = text_api = ""
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                direct.append(time.perf_counter() - t0)
+                text_direct = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+                t0, first, text_api = time.perf_counter(), None, ""
+                for chunk in client.completions.create(model=model_id, prompt=PROMPT, max_tokens=n, temperature=0,
+                                                       stream=True):
+                    if chunk.choices and chunk.choices[0].text:
+                        first = first or time.perf_counter() - t0
+                        text_api += chunk.choices[0].text
+                api_times.append(time.perf_counter() - t0)
+                first_token.append(first)
+                print(f"  direct {n / direct[-1]:.2f} tok/s, api {n / api_times[-1]:.2f} tok/s", file=sys.stderr)
+
+            def one(results: list) -> None:
+                reply = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=n, temperature=0)
+                results.append(reply.usage.completion_tokens)
+
+            together = []
+            for _ in range(args.repeats):
+                done: list[int] = []
+                threads = [threading.Thread(target=one, args=(done,)) for _ in range(args.concurrent)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                together.append(sum(done) / (time.perf_counter() - t0))
+                print(f"  {args.concurrent} at once: {together[-1]:.2f} tok/s in total", file=sys.stderr)
+        finally:
+            api.stop()
+            model.sequence_manager.shutdown()
+    direct_tps, api_tps = n / statistics.median(direct), n / statistics.median(api_times)
+    single = api_tps
+    return {
+        "direct_tok_s": round(direct_tps, 3), "api_tok_s": round(api_tps, 3),
+        "api_ratio_to_direct": round(api_tps / direct_tps, 3),
+        "api_first_token_s": round(statistics.median(first_token), 3),
+        "concurrent": args.concurrent, "concurrent_total_tok_s": round(statistics.median(together), 3),
+        "concurrent_ratio_to_one": round(statistics.median(together) / single, 3),
+        "text_matches": text_api == text_direct,
+        "new_tokens": n, "threads": args.threads, "repeats": args.repeats,
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    prepare()
+    r = run(args)
+    print(f"api: {r['api_tok_s']:.2f} tok/s, {r['api_ratio_to_direct']:.2f}x direct generate() "
+          f"({r['direct_tok_s']:.2f}); first token after {r['api_first_token_s'] * 1e3:.0f} ms; "
+          f"text {'matches' if r['text_matches'] else 'DIFFERS from'} direct")
+    print(f"{r['concurrent']} concurrent requests: {r['concurrent_total_tok_s']:.2f} tok/s in total, "
+          f"{r['concurrent_ratio_to_one']:.2f}x one request")
+    merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    RESULTS.write_text(json.dumps({**merged, "api": r}, indent=2) + "\n")
+    return 0 if r["text_matches"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
