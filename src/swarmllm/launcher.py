@@ -150,8 +150,9 @@ class LocalSwarm:
         return child
 
     def metrics_urls(self) -> dict[str, str]:
-        """Server name -> its Prometheus URL, for servers started with --metrics-port (printed before ready)."""
-        return {name: line.split()[1] for name, child in self.servers.items()
+        """Server name -> its Prometheus URL, for running servers started with --metrics-port (printed before
+        ready)."""
+        return {name: line.split()[1] for name, child in self.servers.items() if child.proc.poll() is None
                 for line in child.log if line.startswith("metrics: ")}
 
     def _spawn(self, name: str, args: list[str]) -> Child:

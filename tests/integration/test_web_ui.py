@@ -89,11 +89,20 @@ def test_chat_streams_the_same_answer_as_the_api(api_url, page) -> None:
 
 
 def test_monitor_maps_every_server_without_gaps(api_url, smollm2_swarm, page) -> None:
-    peers = [line.split(" peer ")[1].split()[0] for line in smollm2_swarm.server_lines.values()]
+    # Servers still running: other tests may have added a server to the shared swarm and stopped it.
+    peers = [line.split(" peer ")[1].split()[0] for name, line in smollm2_swarm.server_lines.items()
+             if smollm2_swarm.servers[name].proc.poll() is None]
+    with urllib.request.urlopen(f"{api_url}/api/swarm", timeout=60) as response:  # what the page will draw
+        listed = {s["peer_id"] for m in json.load(response)["models"] for s in m["servers"]}
+    assert set(peers) <= listed, f"/api/swarm lists {listed}, not every server of {peers}"
     page.goto(f"{api_url}/monitor")
     for peer in peers:
-        page.wait_for_selector(f'.server-row[data-peer-id="{peer}"]')
-        page.wait_for_selector(f'.map-row[data-peer-id="{peer}"]')
+        try:
+            page.wait_for_selector(f'.server-row[data-peer-id="{peer}"]')
+            page.wait_for_selector(f'.map-row[data-peer-id="{peer}"]')
+        except Exception:
+            raise AssertionError(f"the monitor never showed {peer}; its error banner: "
+                                 f"{page.text_content('#error')!r}") from None
     # All three servers are ready before the fixture yields, so the very first full snapshot has no gap.
     page.wait_for_selector('.model[data-complete="true"]')
     model = page.locator(".model", has=page.locator(f'.server-row[data-peer-id="{peers[0]}"]'))
