@@ -149,6 +149,15 @@ class LocalSwarm:
             self.server_lines[name] = child.wait_for("server ready:", self.ready_timeout).strip()
         return child
 
+    def running_servers(self) -> dict[str, str]:
+        """Peer id -> blocks (START:END) of the servers started here that still run."""
+        out = {}
+        for name, line in self.server_lines.items():
+            child = self.servers.get(name)
+            if child is not None and child.proc.poll() is None:
+                out[line.split(" peer ")[1].split()[0]] = line.split(" blocks ")[1].split()[0]
+        return out
+
     def metrics_urls(self) -> dict[str, str]:
         """Server name -> its Prometheus URL, for running servers started with --metrics-port (printed before
         ready)."""

@@ -90,8 +90,7 @@ def test_chat_streams_the_same_answer_as_the_api(api_url, page) -> None:
 
 def test_monitor_maps_every_server_without_gaps(api_url, smollm2_swarm, page) -> None:
     # Servers still running: other tests may have added a server to the shared swarm and stopped it.
-    peers = [line.split(" peer ")[1].split()[0] for name, line in smollm2_swarm.server_lines.items()
-             if smollm2_swarm.servers[name].proc.poll() is None]
+    peers = list(smollm2_swarm.running_servers())
     with urllib.request.urlopen(f"{api_url}/api/swarm", timeout=60) as response:  # what the page will draw
         listed = {s["peer_id"] for m in json.load(response)["models"] for s in m["servers"]}
     assert set(peers) <= listed, f"/api/swarm lists {listed}, not every server of {peers}"
