@@ -199,8 +199,13 @@ def test_status_shows_the_swarm(smollm2_swarm) -> None:
         assert blocks in row and "online" in row
 
 
-def test_disconnect_mid_stream_cancels_and_frees_the_session(api_url, model_id, smollm2_swarm) -> None:
-    """A client that hangs up after a few tokens: decoding stops and every server closes the session."""
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_hanging_up_cancels_and_frees_the_session(api_url, model_id, smollm2_swarm, stream) -> None:
+    """A client that hangs up mid-answer, streaming or waiting for the whole answer: decoding stops and every
+    server closes the session (watched through the servers' Prometheus metrics)."""
+    import http.client
+    from urllib.parse import urlparse
+
     from prometheus_client.parser import text_string_to_metric_families
 
     def sample(url: str, name: str, **labels: str) -> float:
@@ -208,19 +213,27 @@ def test_disconnect_mid_stream_cancels_and_frees_the_session(api_url, model_id, 
         return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
                     if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
+    def sessions_open() -> bool:
+        return all(sample(u, "swarmllm_active_sessions") >= 1 for u in urls)
+
     urls = list(smollm2_swarm.metrics_urls().values())
     before = sample(urls[-1], "swarmllm_tokens_total", kind="inference")
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Tell me a very long story."}],
-                       "temperature": 0, "max_tokens": 400, "stream": True}).encode()
-    request = urllib.request.Request(f"{api_url}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-    reply = urllib.request.urlopen(request, timeout=120)
-    events = 0
-    while events < 5:  # a few tokens in: the session is open on every server
-        if reply.readline().startswith(b"data: "):
-            events += 1
-    assert all(sample(u, "swarmllm_active_sessions") >= 1 for u in urls)
-    reply.close()  # hang up mid-stream
+                       "temperature": 0, "max_tokens": 400, "stream": stream})
+    address = urlparse(api_url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    if stream:
+        reply, events = connection.getresponse(), 0
+        while events < 5:  # a few tokens in: the session is open on every server
+            if reply.readline().startswith(b"data: "):
+                events += 1
+    deadline = time.monotonic() + 30
+    while not sessions_open() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sessions_open()
+    connection.sock.shutdown(2)  # hang up mid-answer
+    connection.close()
 
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(sample(u, "swarmllm_active_sessions") for u in urls):
