@@ -218,6 +218,7 @@ def test_a_client_hanging_up_cancels_and_frees_the_session(api_url, model_id, sm
 
     urls = list(smollm2_swarm.metrics_urls().values())
     before = sample(urls[-1], "swarmllm_tokens_total", kind="inference")
+    cancelled = sample(f"{api_url}/metrics", "swarmllm_api_cancelled_total")
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Tell me a very long story."}],
                        "temperature": 0, "max_tokens": 400, "stream": stream})
     address = urlparse(api_url)
@@ -243,3 +244,4 @@ def test_a_client_hanging_up_cancels_and_frees_the_session(api_url, model_id, sm
     time.sleep(1.0)
     assert sample(urls[-1], "swarmllm_tokens_total", kind="inference") - before == served, "decoding went on"
     assert served < 400, "all the requested tokens were decoded for nobody"
+    assert sample(f"{api_url}/metrics", "swarmllm_api_cancelled_total") == cancelled + 1

@@ -251,3 +251,29 @@ def test_a_request_past_the_admission_limit_gets_429(smollm2_local, smollm2_toke
             assert client.post(CHAT, json=_chat(temperature=0, max_tokens=1)).status_code == 200
     finally:
         engine.shutdown()
+
+
+def test_metrics_count_requests_tokens_and_latency(client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict:
+        text = client.get("/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    before = samples()
+    answer = client.post(CHAT, json=_chat(temperature=0, max_tokens=4)).json()
+    assert client.post(CHAT, json=_chat(max_tokens=-1)).status_code == 400
+    after = samples()
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("swarmllm_api_requests_total", endpoint=CHAT, status="200") == 1
+    assert grew("swarmllm_api_requests_total", endpoint=CHAT, status="400") == 1
+    assert grew("swarmllm_api_completion_tokens_total") == answer["usage"]["completion_tokens"]
+    assert grew("swarmllm_api_prompt_tokens_total") == answer["usage"]["prompt_tokens"]
+    assert grew("swarmllm_api_first_token_seconds_count") == 1
+    assert grew("swarmllm_api_request_seconds_count", endpoint=CHAT) == 1
+    assert after[("swarmllm_api_requests_in_progress", ())] == 0

@@ -3,6 +3,7 @@
 Routes:
 - `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (streaming as server-sent events);
 - `GET /api/swarm`: the swarm snapshot (observe/snapshot.py) that the monitor page draws;
+- `GET /metrics`: the API host's Prometheus metrics (api/metrics.py);
 - `GET /` the chat page, `GET /monitor` the swarm monitor, `/static/*` their scripts and styles.
 
 Every error, ours or a malformed request's, is answered in OpenAI's format; nothing a request sends can
@@ -39,7 +40,7 @@ WEB = Path(__file__).parent / "web"
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
-def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = None, refresh: float = 2.0) -> Starlette:
+def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = None, refresh: float = 2.0):
     """`snapshot`: reads the swarm (blocking); None where there is no swarm (a local model)."""
     cached = _Cached(snapshot, refresh) if snapshot is not None else None
 
@@ -66,6 +67,9 @@ def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = No
             raise ApiError(503, f"could not read the swarm: {type(e).__name__}: {e}", code="swarm_unreadable") from None
         return JSONResponse(snap.model_dump(mode="json"))
 
+    async def metrics(request: Request) -> Response:
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
     def page(name: str):
         async def serve(request: Request) -> Response:
             return FileResponse(WEB / name, headers={"Cache-Control": "no-cache"})
@@ -76,6 +80,7 @@ def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = No
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/api/swarm", swarm, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/", page("chat.html"), methods=["GET"]),
         Route("/monitor", page("monitor.html"), methods=["GET"]),
         Mount("/static", StaticFiles(directory=WEB), name="static"),
@@ -96,7 +101,27 @@ def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = No
     app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
                                                        Exception: internal_error})
     app.state.engine = engine
-    return app
+    return _CountResponses(app, engine.metrics, {r.path for r in routes if isinstance(r, Route)})
+
+
+class _CountResponses:
+    """ASGI wrapper that counts every response by route and status (`swarmllm_api_requests_total`)."""
+
+    def __init__(self, app, metrics, paths: set[str]):
+        self.app, self.metrics, self.paths = app, metrics, paths
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in self.paths else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 async def _parse(request: Request, schema: type[schemas.Request], engine: Engine) -> schemas.Request:
@@ -133,7 +158,7 @@ async def _complete(request: Request, engine: Engine, body: schemas.Request, pro
     await asyncio.get_running_loop().run_in_executor(None, engine.check_swarm)
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     echo = engine.tokenizer.decode(prompt, skip_special_tokens=True) if not chat and body.echo else ""
-    pieces = engine.stream(prompt, sampling)
+    pieces = engine.stream(prompt, sampling, endpoint=request.url.path)
     if body.stream:
         # Fail before the 200 if the request cannot even start (full, swarm gone): the first item of the
         # stream is only produced once decoding runs, so admission errors surface here.

@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from swarmllm.api.config import ApiConfig
 from swarmllm.api.errors import ApiError
 from swarmllm.api.generation import Completion, Sampling, complete
+from swarmllm.api.metrics import ApiMetrics
 from swarmllm.models.span import text_config
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Engine:
         self.executor = ThreadPoolExecutor(config.max_concurrent_requests, thread_name_prefix="swarmllm-api")
         self._admitted = 0
         self._lock = threading.Lock()
+        self.metrics = ApiMetrics()
 
     # Prompts
 
@@ -100,7 +103,7 @@ class Engine:
             with self._lock:
                 self._admitted -= 1
 
-    async def stream(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[str | Completion]:
+    async def stream(self, prompt: list[int], sampling: Sampling, endpoint: str = "") -> AsyncIterator[str | Completion]:
         """Text pieces as they become final, then the Completion. Closing the iterator early (the client went
         away) cancels the decoding; its thread then closes the session."""
         loop = asyncio.get_running_loop()
@@ -121,18 +124,32 @@ class Engine:
             except BaseException as e:  # delivered to the request, which answers with an error
                 put(e)
 
+        m, began, first, finished = self.metrics, time.monotonic(), True, False
         with self.admitted():
             self.executor.submit(work)
+            m.in_progress.inc()
             try:
                 while True:
                     item = await queue.get()
                     if isinstance(item, BaseException):
+                        finished = True  # failed, not cancelled
                         raise as_api_error(item)
+                    if first:
+                        m.first_token.observe(time.monotonic() - began)
+                        first = False
+                    if isinstance(item, Completion):
+                        finished = True
+                        m.prompt_tokens.inc(item.prompt_tokens)
+                        m.completion_tokens.inc(item.completion_tokens)
+                        m.duration.labels(endpoint).observe(time.monotonic() - began)
                     yield item
                     if isinstance(item, Completion):
                         return
             finally:
                 cancel.set()
+                m.in_progress.dec()
+                if not finished:  # closed early: the client went away
+                    m.cancelled.inc()
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
