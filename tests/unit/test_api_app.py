@@ -14,22 +14,13 @@ from swarmllm.api.app import create_app
 from swarmllm.api.config import ApiConfig
 from swarmllm.api.engine import Engine
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
 
 MODEL = "smol"
 QUESTION = "What is the capital of France?"
 CHAT = "/v1/chat/completions"
 TEXT_PROMPT = "The capital of France is"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Decoding a 135M model one token at a time gains nothing from a second thread, and on a busy machine
-    (the rest of a parallel test run) two threads waiting on each other at every op are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _chat(**kw) -> dict:

@@ -11,20 +11,11 @@ import torch
 
 from swarmllm.api.generation import Sampling, TextStream, complete, pick
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
 
 QUESTION = "What is the capital of France?"
 TEXT = "Hello world. STOP here"  # tokens: 'Hello' ' world' '.' ' ST' 'OP' ' here'
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Decoding a 135M model one token at a time gains nothing from a second thread, and on a busy machine
-    (the rest of a parallel test run) two threads waiting on each other at every op are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # pick
