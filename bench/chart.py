@@ -38,6 +38,8 @@ def figures(results: dict) -> list[tuple[str, str, float, float | None, bool]]:
     add("speed vs baseline", "TTFT 512: swarm / local time", _get(results, "serving", "batched", "ttft", "ratio"), None, False)
     add("serving many clients", "8 clients / 1 client", _get(results, "serving", "batched", "ratio"), 4.0)
     add("serving many clients", "batched / unbatched servers", _get(results, "serving", "batched_over_unbatched"), None)
+    add("serving many clients", "API: 4 requests / 1", _get(results, "api", "concurrent_ratio_to_one"), None)
+    add("speed vs baseline", "API stream / direct generate", _get(results, "api", "api_ratio_to_direct"), None)
     for key, cond in (_get(results, "wan") or {}).items():
         for side in ("push", "nopush"):
             add("WAN: steps/s / limit", f"{key} {side}", _get(cond, f"{side}_vs_limit") if isinstance(cond, dict) else None)
