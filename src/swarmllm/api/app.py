@@ -100,7 +100,6 @@ def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = No
 
     app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
                                                        Exception: internal_error})
-    app.state.engine = engine
     return _CountResponses(app, engine.metrics, {r.path for r in routes if isinstance(r, Route)})
 
 
@@ -109,7 +108,6 @@ class _CountResponses:
 
     def __init__(self, app, metrics, paths: set[str]):
         self.app, self.metrics, self.paths = app, metrics, paths
-        self.state = app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -21,7 +21,7 @@ def even_spans(num_blocks: int, servers: int) -> list[str]:
 
 def run_local(args: argparse.Namespace) -> None:
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
     from swarmllm.models.distributed import AutoDistributedModelForCausalLM
     from swarmllm.models.source import resolve_model
@@ -41,11 +41,11 @@ def run_local(args: argparse.Namespace) -> None:
             peer = line.split(" peer ")[1].split()[0]
             print(f"  {name}: blocks {blocks}  peer ...{peer[-12:]}")
         torch.set_num_threads(threads)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
         api = None
         try:
             api = _start_api(args, model)
+            tokenizer = api.engine.tokenizer  # the API loaded it; the prompt below uses the same one
             print(f"web chat: {api.url}/   swarm monitor: {api.url}/monitor   OpenAI API: {api.url}/v1")
             messages = [{"role": "user", "content": args.prompt}]
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
