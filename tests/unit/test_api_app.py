@@ -5,6 +5,8 @@ and admission that refuses with 429 instead of queueing without bound."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from starlette.testclient import TestClient
 from swarmllm.api.app import create_app
 from swarmllm.api.config import ApiConfig
 from swarmllm.api.engine import Engine
+from swarmllm.api.serve import ApiServer
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -153,6 +156,33 @@ def test_a_body_without_a_length_is_cut_off_past_the_limit(client) -> None:
     response = client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert "content-length" not in response.request.headers  # the streamed check, not the header's
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_slow_oversized_upload_still_reads_the_413(smollm2_local, smollm2_tokenizer, chunked) -> None:
+    """Over a real socket: the client is still writing its body when the app decides to refuse it. With
+    `connection: close` (urllib sends it) uvicorn closes right after the answer, and unread bytes make the
+    kernel reset the connection under the client's write (a CI failure); so the app reads the rest first."""
+    engine = Engine(smollm2_local, smollm2_tokenizer, MODEL, ApiConfig(model=MODEL, max_body_bytes=4096))
+    server = ApiServer(engine, port=0).start()
+    try:
+        host, port = server.socket.getsockname()[:2]
+        body = json.dumps(_chat(extra="x" * 200_000)).encode()
+        framing = b"transfer-encoding: chunked" if chunked else b"content-length: %d" % len(body)
+        with socket.create_connection((host, port), timeout=30) as conn:
+            conn.sendall(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+                         b"content-type: application/json\r\n"
+                         + framing + b"\r\n\r\n")
+            for i in range(0, len(body), 16_384):
+                piece = body[i:i + 16_384]
+                conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                time.sleep(0.01)  # the app has answered (or would have) long before the last piece
+            if chunked:
+                conn.sendall(b"0\r\n\r\n")
+            reply = conn.recv(65_536)
+    finally:
+        server.stop()
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
 
 
 @pytest.mark.parametrize(("method", "path", "status", "code"), [

@@ -122,15 +122,35 @@ class _CountResponses:
         await self.app(scope, receive, counting_send)
 
 
+_DRAIN_BYTES = 64 << 20
+
+
+async def _drain(request: Request, read: int) -> None:
+    """Read and drop the rest of an oversized body before answering 413. A client still writing its body
+    when we close the connection gets a reset instead of our answer (seen in CI with a 3 MB prompt).
+    Past _DRAIN_BYTES the client gets the reset: reading a huge body costs more than a clear error is worth.
+    `read`: bytes of the body already read."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > _DRAIN_BYTES:
+        return
+    async for chunk in request.stream():
+        read += len(chunk)
+        if read > _DRAIN_BYTES:
+            return
+
+
 async def _parse(request: Request, schema: type[schemas.Request], engine: Engine) -> schemas.Request:
+    limit = engine.config.max_body_bytes
     size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > engine.config.max_body_bytes:
-        raise ApiError(413, f"the request body is {size} bytes; this server accepts at most {engine.config.max_body_bytes}")
+    if size is not None and size.isdigit() and int(size) > limit:
+        await _drain(request, 0)
+        raise ApiError(413, f"the request body is {size} bytes; this server accepts at most {limit}")
     raw = b""
     async for chunk in request.stream():
         raw += chunk
-        if len(raw) > engine.config.max_body_bytes:
-            raise ApiError(413, f"the request body exceeds {engine.config.max_body_bytes} bytes")
+        if len(raw) > limit:
+            await _drain(request, len(raw))
+            raise ApiError(413, f"the request body exceeds {limit} bytes")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
