@@ -78,6 +78,25 @@ def smollm2_tokenizer(smollm2_dir):
 
 
 @pytest.fixture(scope="session")
+def keyed_api(smollm2_swarm, smollm2_dir, tmp_path_factory):
+    """`swarmllm api --api-keys-file` over `smollm2_swarm`; yields (base URL, keys file, the key in it).
+    A test that rewrites the file puts this key back."""
+    from swarmllm.launcher import spawn
+
+    keys = tmp_path_factory.mktemp("api-keys") / "keys"
+    keys.write_text("# the tests' key\nswarm-test-key-1\n")
+    keys.chmod(0o600)
+    child = spawn("api-keyed", ["api", str(smollm2_dir), "--initial-peers", *smollm2_swarm.initial_peers,
+                                "--port", "0", "--num-threads", "1", "--api-keys-file", str(keys)],
+                  env={"OMP_NUM_THREADS": "1"})
+    try:
+        line = child.wait_for("api ready:", 180)
+        yield line.split()[2], keys, "swarm-test-key-1"
+    finally:
+        child.stop()
+
+
+@pytest.fixture(scope="session")
 def api_url(smollm2_swarm, smollm2_dir):
     """`swarmllm api` as a real process over `smollm2_swarm`; yields its base URL (http://127.0.0.1:PORT)."""
     from swarmllm.launcher import spawn

@@ -8,6 +8,7 @@ swarm as it is.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -175,6 +176,37 @@ def test_bad_input_gets_openai_errors_and_the_app_stays_up(api_url, client, mode
     reply = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}],
                                            temperature=0, max_tokens=8)
     assert reply.choices[0].message.content
+
+
+def test_api_keys_guard_the_api_and_rotate_without_a_restart(keyed_api, smollm2_local, smollm2_tokenizer) -> None:
+    url, keys, key = keyed_api
+
+    def client(api_key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    for api_key in ("wrong", key + "x"):
+        with pytest.raises(openai.AuthenticationError) as refused:
+            client(api_key).models.list()
+        assert refused.value.code == "invalid_api_key"
+    status, body = _post(f"{url}/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"  # checked before the body is even read
+
+    model = client(key).models.list().data[0].id
+    reply = client(key).chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
+                                                temperature=0, max_tokens=12)
+    ids = _chat_ids(smollm2_tokenizer, QUESTION)
+    assert reply.choices[0].message.content == _local_greedy(smollm2_local, smollm2_tokenizer, ids, 12)
+
+    try:  # rotation: the running process rereads the file; the old key is refused from then on
+        keys.write_text("rotated-key-2\n")
+        os.utime(keys, ns=(time.time_ns(), time.time_ns() + 10**9))  # a distinct mtime even on coarse clocks
+        assert client("rotated-key-2").models.list().data[0].id == model
+        with pytest.raises(openai.AuthenticationError):
+            client(key).models.list()
+    finally:
+        keys.write_text(f"{key}\n")
+        os.utime(keys, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    assert client(key).models.list().data[0].id == model
 
 
 def test_status_shows_the_swarm(smollm2_swarm) -> None:

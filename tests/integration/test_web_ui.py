@@ -53,15 +53,17 @@ def page(browser):
     context.close()
 
 
-def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def _post(url: str, body: dict, key: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.load(response)
 
 
-def _model_id(api_url: str) -> str:
-    with urllib.request.urlopen(f"{api_url}/v1/models", timeout=30) as response:
-        return json.load(response)["data"][0]["id"]
+def _model_id(api_url: str, key: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with urllib.request.urlopen(urllib.request.Request(f"{api_url}/v1/models", headers=headers), timeout=30) as r:
+        return json.load(r)["data"][0]["id"]
 
 
 def test_chat_streams_the_same_answer_as_the_api(api_url, page) -> None:
@@ -86,6 +88,35 @@ def test_chat_streams_the_same_answer_as_the_api(api_url, page) -> None:
         "model": model, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 24,
     })["choices"][0]["message"]["content"]
     assert final and final == want
+
+
+def test_pages_ask_for_the_api_key_and_then_work(keyed_api, page) -> None:
+    url, _, key = keyed_api
+    model = _model_id(url, key)
+    page.goto(f"{url}/")
+    page.wait_for_selector("#api-key-form:not([hidden])")  # the page loads; the API behind it answers 401
+    assert "needs a key" in page.text_content("#api-key-message")
+    page.fill("#api-key", "not-the-key")
+    page.click("#api-key-save")
+    page.wait_for_function("() => document.getElementById('api-key-message').textContent.includes('refused')")
+    page.fill("#api-key", key)
+    page.click("#api-key-save")
+    page.wait_for_function("id => document.getElementById('model').textContent === id", arg=model)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "12")
+    page.fill("#prompt", QUESTION)
+    page.click("#send")
+    page.wait_for_selector('.message.assistant[data-streaming="false"]')
+    want = _post(f"{url}/v1/chat/completions", {
+        "model": model, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 12,
+    }, key)["choices"][0]["message"]["content"]
+    assert page.text_content(".message.assistant") == want
+    assert page.is_hidden("#api-key-form")
+
+    # The monitor, in the same tab's session, uses the key it was given.
+    page.goto(f"{url}/monitor")
+    page.wait_for_selector(".server-row")
+    assert page.locator("#api-key-form:not([hidden])").count() == 0
 
 
 def test_monitor_maps_every_server_without_gaps(api_url, smollm2_swarm, page) -> None:

@@ -158,12 +158,16 @@ def test_a_body_without_a_length_is_cut_off_past_the_limit(client) -> None:
     assert "content-length" not in response.request.headers  # the streamed check, not the header's
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_a_slow_oversized_upload_still_reads_the_413(smollm2_local, smollm2_tokenizer, chunked) -> None:
-    """Over a real socket: the client is still writing its body when the app decides to refuse it. With
-    `connection: close` (urllib sends it) uvicorn closes right after the answer, and unread bytes make the
-    kernel reset the connection under the client's write (a CI failure); so the app reads the rest first."""
-    engine = Engine(smollm2_local, smollm2_tokenizer, MODEL, ApiConfig(model=MODEL, max_body_bytes=4096))
+@pytest.mark.parametrize(("chunked", "keyed", "status"), [(False, False, 413), (True, False, 413), (False, True, 401)])
+def test_a_refused_slow_upload_still_reads_its_answer(smollm2_local, smollm2_tokenizer, tmp_path, chunked, keyed,
+                                                      status) -> None:
+    """Over a real socket: the client is still writing its body when the app decides to refuse it (too large,
+    or no API key). With `connection: close` (urllib sends it) uvicorn closes right after the answer, and
+    unread bytes make the kernel reset the connection under the client's write (a CI failure); so the app
+    reads the rest first."""
+    (tmp_path / "keys").write_text("k\n")
+    engine = Engine(smollm2_local, smollm2_tokenizer, MODEL, ApiConfig(
+        model=MODEL, max_body_bytes=4096, api_keys_file=tmp_path / "keys" if keyed else None))
     server = ApiServer(engine, port=0).start()
     try:
         host, port = server.socket.getsockname()[:2]
@@ -182,7 +186,7 @@ def test_a_slow_oversized_upload_still_reads_the_413(smollm2_local, smollm2_toke
             reply = conn.recv(65_536)
     finally:
         server.stop()
-    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert reply.startswith(b"HTTP/1.1 %d" % status), reply[:200]
 
 
 @pytest.mark.parametrize(("method", "path", "status", "code"), [

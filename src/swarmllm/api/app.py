@@ -6,6 +6,8 @@ Routes:
 - `GET /metrics`: the API host's Prometheus metrics (api/metrics.py);
 - `GET /` the chat page, `GET /monitor` the swarm monitor, `/static/*` their scripts and styles.
 
+With ApiConfig.api_keys_file set, every route but the pages needs `Authorization: Bearer KEY` (api/auth.py).
+
 Every error, ours or a malformed request's, is answered in OpenAI's format; nothing a request sends can
 stop the app. Bodies are parsed here rather than by a framework, so each kind of bad input gets its own
 status and message.
@@ -29,6 +31,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from swarmllm.api import schemas
+from swarmllm.api.auth import ApiKeys, guarded
 from swarmllm.api.engine import Engine, as_api_error
 from swarmllm.api.errors import ApiError
 from swarmllm.api.generation import Completion
@@ -100,7 +103,28 @@ def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = No
 
     app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
                                                        Exception: internal_error})
+    if engine.config.api_keys_file is not None:
+        app = _RequireKey(app, ApiKeys(engine.config.api_keys_file))
     return _CountResponses(app, engine.metrics, {r.path for r in routes if isinstance(r, Route)})
+
+
+class _RequireKey:
+    """ASGI wrapper that answers 401 (OpenAI's `invalid_api_key`) to a guarded route without a valid key."""
+
+    def __init__(self, app, keys: ApiKeys):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and guarded(scope["path"]):
+            headers = dict(scope["headers"])
+            if not self.keys.allows(headers.get(b"authorization", b"").decode("latin-1")):
+                error = ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key")
+                response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await _discard_body(receive)  # answering mid-upload would reset the connection (see _drain)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _CountResponses:
@@ -125,17 +149,29 @@ class _CountResponses:
 _DRAIN_BYTES = 64 << 20
 
 
-async def _drain(request: Request, read: int) -> None:
+async def _drain(request: Request, chunks: AsyncIterator[bytes], read: int) -> None:
     """Read and drop the rest of an oversized body before answering 413. A client still writing its body
     when we close the connection gets a reset instead of our answer (seen in CI with a 3 MB prompt).
     Past _DRAIN_BYTES the client gets the reset: reading a huge body costs more than a clear error is worth.
-    `read`: bytes of the body already read."""
+    `chunks`: the body's stream, `read` bytes of it already read."""
     size = request.headers.get("content-length", "")
     if size.isdigit() and int(size) > _DRAIN_BYTES:
         return
-    async for chunk in request.stream():
+    async for chunk in chunks:
         read += len(chunk)
         if read > _DRAIN_BYTES:
+            return
+
+
+async def _discard_body(receive) -> None:
+    """_drain at the ASGI level, for answers given before a Request exists."""
+    read = 0
+    while read <= _DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
             return
 
 
@@ -143,13 +179,14 @@ async def _parse(request: Request, schema: type[schemas.Request], engine: Engine
     limit = engine.config.max_body_bytes
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > limit:
-        await _drain(request, 0)
+        await _drain(request, request.stream(), 0)
         raise ApiError(413, f"the request body is {size} bytes; this server accepts at most {limit}")
     raw = b""
-    async for chunk in request.stream():
+    chunks = request.stream()
+    async for chunk in chunks:
         raw += chunk
         if len(raw) > limit:
-            await _drain(request, len(raw))
+            await _drain(request, chunks, len(raw))
             raise ApiError(413, f"the request body exceeds {limit} bytes")
     try:
         data = json.loads(raw)

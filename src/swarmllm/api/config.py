@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -23,6 +25,11 @@ class ApiConfig(BaseModel):
     )
     default_max_tokens: int = Field(
         default=512, ge=1, description="tokens to generate when a request gives no max_tokens (less if the context ends first)"
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="file of API keys, one per line (# comments); then every route but the web pages needs "
+        "'Authorization: Bearer KEY' (401 otherwise). Reread when it changes. Default: no keys (bind to localhost)",
     )
     max_body_bytes: int = Field(default=2**20, ge=1024, description="largest request body, in bytes (413 beyond)")
     monitor_refresh: float = Field(

@@ -7,7 +7,7 @@ RateLimitError, 503 InternalServerError...), so the status matters as much as th
 from __future__ import annotations
 
 TYPES = {
-    400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+    400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
     413: "invalid_request_error", 429: "rate_limit_exceeded", 500: "server_error", 502: "server_error",
     503: "service_unavailable",
 }

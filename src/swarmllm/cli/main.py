@@ -134,6 +134,13 @@ def cmd_api(args: argparse.Namespace) -> None:
     from swarmllm.api.serve import ApiServer, ready_line, swarm_engine
 
     config = config_from_args(ApiConfig, args)
+    if config.api_keys_file is not None:  # a bad keys file fails here, before minutes of model loading
+        from swarmllm.api.auth import ApiKeys
+
+        try:
+            ApiKeys(config.api_keys_file)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     server = ApiServer(swarm_engine(config, config_from_args(ClientConfig, args))).start()
     print(ready_line(server.url, server.engine.model_id), flush=True)
     stop = threading.Event()

@@ -32,7 +32,7 @@ function errorText(body, response) {
 
 async function loadModel() {
   try {
-    const response = await fetch("/v1/models");
+    const response = await apiKey.fetch("/v1/models");
     const body = await readJson(response);
     if (!response.ok || body.error) throw new Error(errorText(body, response));
     if (!body.data || !body.data.length) throw new Error("the API serves no model");
@@ -108,7 +108,7 @@ function setBusy(busy) {
 /** Streams one answer into `bubble`; returns an error message, or null when it ended normally. */
 async function streamAnswer(messages, bubble, stats) {
   if (!modelId) await loadModel();
-  const response = await fetch("/v1/chat/completions", {
+  const response = await apiKey.fetch("/v1/chat/completions", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({
@@ -211,3 +211,4 @@ ui.stop.addEventListener("click", () => controller?.abort());
 ui.clear.addEventListener("click", newChat);
 
 loadModel().catch((err) => addTurn("error", `Error: cannot list models: ${err.message}`));
+window.addEventListener("apikey", () => loadModel().catch((err) => addTurn("error", `Error: cannot list models: ${err.message}`)));

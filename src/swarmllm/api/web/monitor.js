@@ -159,7 +159,7 @@ function showStatus() {
 
 async function poll() {
   try {
-    const response = await fetch("/api/swarm", { cache: "no-store", signal: AbortSignal.timeout(TIMEOUT_MS) });
+    const response = await apiKey.fetch("/api/swarm", { cache: "no-store", signal: AbortSignal.timeout(TIMEOUT_MS) });
     let body = null;
     try {
       body = await response.json();
