@@ -103,6 +103,33 @@ def test_completions_equal_local_greedy_and_stop_at_length(client, model_id, smo
     assert streamed == reply.choices[0].text
 
 
+def test_logprobs_through_the_swarm_equal_local_transformers(client, model_id, smollm2_local, smollm2_tokenizer) -> None:
+    ids = _chat_ids(smollm2_tokenizer, QUESTION)
+    reply = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}],
+                                           temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    with torch.inference_mode():
+        out = smollm2_local.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        generated = [t for t in out if t != smollm2_tokenizer.eos_token_id]  # the end of turn has no entry
+        ref = torch.log_softmax(smollm2_local(torch.tensor([ids + generated])).logits[0].float(), dim=-1)
+    assert [e.token for e in content] == [smollm2_tokenizer.decode([t]) for t in generated]
+    for i, (token, entry) in enumerate(zip(generated, content)):
+        assert entry.logprob == pytest.approx(float(ref[len(ids) - 1 + i, token]), abs=1e-3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(ref[len(ids) - 1 + i].topk(3).values.tolist(),
+                                                                         abs=1e-3)
+
+    # Scoring a text, the way evaluation harnesses ask for log-likelihoods: echo, logprobs, max_tokens 0.
+    text = "The capital of France is Paris."
+    text_ids = smollm2_tokenizer(text).input_ids
+    scored = client.completions.create(model=model_id, prompt=text, echo=True, logprobs=1, max_tokens=0)
+    with torch.inference_mode():
+        ref = torch.log_softmax(smollm2_local(torch.tensor([text_ids])).logits[0].float(), dim=-1)
+    assert scored.choices[0].text == text and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs[0] is None
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        [float(ref[i - 1, text_ids[i]]) for i in range(1, len(text_ids))], abs=1e-3)
+
+
 def test_stop_strings_seed_and_sampling_options(client, model_id) -> None:
     messages = [{"role": "user", "content": QUESTION}]
     full = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=24)

@@ -127,7 +127,8 @@ def _too_long_message() -> str:
     ({"json": _chat(temperature=3)}, 400, "temperature", None),
     ({"json": _chat(top_p=0)}, 400, "top_p", None),
     ({"json": _chat(n=2)}, 400, "n", None),
-    ({"json": _chat(logprobs=True)}, 400, "logprobs", None),
+    ({"json": _chat(top_logprobs=2)}, 400, "top_logprobs", None),  # without logprobs: true
+    ({"json": _chat(logprobs=True, top_logprobs=21)}, 400, "top_logprobs", None),
     ({"json": _chat(stop=["a", "b", "c", "d", "e"])}, 400, "stop", None),
     ({"json": _chat(stop=5)}, 400, "stop", None),  # param names the field, not pydantic's union member
     ({"json": {"model": MODEL, "messages": [{"role": "user", "content": 5}]}}, 400, "messages.0.content", None),
@@ -241,6 +242,64 @@ def test_echo_prepends_the_prompt(client) -> None:
     assert chunks[0]["choices"][0]["text"] == TEXT_PROMPT
     assert "".join(c["choices"][0]["text"] for c in chunks) == TEXT_PROMPT + plain
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_logprobs_streamed_equal_plain(client) -> None:
+    plain = client.post(CHAT, json=_chat(temperature=0, max_tokens=6, logprobs=True, top_logprobs=2)).json()
+    content = plain["choices"][0]["logprobs"]["content"]
+    assert plain["choices"][0]["logprobs"]["refusal"] is None
+    assert "".join(e["token"] for e in content) == plain["choices"][0]["message"]["content"]
+    for e in content:
+        assert e["logprob"] <= 0 and e["bytes"] == list(e["token"].encode())
+        assert len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["token"] == e["token"]  # greedy: the best
+        assert e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"]
+    with client.stream("POST", CHAT, json=_chat(temperature=0, max_tokens=6, logprobs=True, top_logprobs=2,
+                                                  stream=True)) as response:
+        *chunks, _ = _events(response.iter_lines())
+    streamed = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == content
+    # Not asked for: null, streamed or not.
+    assert all(c["choices"][0]["logprobs"] is None for c in _stream_chunks(client, CHAT, _chat(max_tokens=2)))
+
+
+def _stream_chunks(client, path: str, body: dict) -> list[dict]:
+    with client.stream("POST", path, json={**body, "stream": True}) as response:
+        *chunks, done = _events(response.iter_lines())
+    assert done == "[DONE]"
+    return chunks
+
+
+def test_completions_score_a_text_with_echo_and_max_tokens_0(client, smollm2_local, smollm2_tokenizer) -> None:
+    ids = smollm2_tokenizer(TEXT_PROMPT).input_ids
+    scored = _complete(client, prompt=TEXT_PROMPT, echo=True, logprobs=1, max_tokens=0)
+    choice = scored["choices"][0]
+    assert choice["text"] == TEXT_PROMPT and scored["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [smollm2_tokenizer.decode([t]) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with torch.inference_mode():
+        ref = torch.log_softmax(smollm2_local(torch.tensor([ids])).logits[0].float(), dim=-1)
+    want = [float(ref[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    assert all(len(top) == 1 for top in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids))]
+    # Echo plus generated tokens: one list, the prompt's entries first; streamed the same.
+    both = _complete(client, prompt=TEXT_PROMPT, echo=True, logprobs=0, max_tokens=3)["choices"][0]
+    assert both["logprobs"]["token_logprobs"][:len(ids)] == pytest.approx(lp["token_logprobs"])
+    assert len(both["logprobs"]["tokens"]) == len(ids) + 3
+    assert "".join(both["logprobs"]["tokens"]) == both["text"]
+    chunks = _stream_chunks(client, "/v1/completions", {"model": MODEL, "prompt": TEXT_PROMPT, "temperature": 0,
+                                                        "max_tokens": 3, "echo": True, "logprobs": 0})
+    assert chunks[0]["choices"][0]["text"] == TEXT_PROMPT  # the echo comes first, with the prompt's logprobs
+    merged = {k: [x for c in chunks if c["choices"][0]["logprobs"] for x in c["choices"][0]["logprobs"][k]]
+              for k in ("tokens", "token_logprobs", "text_offset")}
+    assert merged == {k: both["logprobs"][k] for k in merged}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == both["text"]
+
+
+def test_completions_logprobs_are_bounded(client) -> None:
+    response = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 6})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
 
 
 @pytest.mark.parametrize(("prompt", "param"), [

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from swarmllm.api.generation import Sampling, TextStream, complete, pick
+from swarmllm.api.generation import Piece, Sampling, TextStream, complete, pick
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -163,6 +163,10 @@ def eos(smollm2_local, smollm2_tokenizer) -> frozenset[int]:
     return frozenset([*(ids if isinstance(ids, list) else [ids]), smollm2_tokenizer.eos_token_id])
 
 
+def _join(pieces: list[Piece]) -> str:
+    return "".join(p.text for p in pieces)
+
+
 @pytest.fixture(scope="module")
 def greedy_reference(smollm2_local, prompt) -> list[int]:
     """transformers' greedy tokens for the prompt, ending with the EOS token it stopped at."""
@@ -173,13 +177,14 @@ def greedy_reference(smollm2_local, prompt) -> list[int]:
 
 def test_greedy_equals_transformers_generate(smollm2_local, smollm2_tokenizer, prompt, eos, greedy_reference) -> None:
     assert greedy_reference[-1] in eos and len(greedy_reference) < 16  # it ended by itself
-    pieces: list[str] = []
+    pieces: list[Piece] = []
     c = complete(smollm2_local, smollm2_tokenizer, prompt, Sampling(max_tokens=16, temperature=0), eos,
                  emit=pieces.append)
     assert c.token_ids == greedy_reference[:-1]  # the EOS is not part of the text...
     assert c.completion_tokens == len(greedy_reference)  # ...but was generated, so it is counted
     assert c.finish_reason == "stop" and c.prompt_tokens == len(prompt)
-    assert c.text == smollm2_tokenizer.decode(greedy_reference, skip_special_tokens=True) == "".join(pieces)
+    assert c.text == smollm2_tokenizer.decode(greedy_reference, skip_special_tokens=True) == _join(pieces)
+    assert c.logprobs is None and all(not p.logprobs for p in pieces)  # not asked for
 
 
 def test_the_token_budget_ends_with_length(smollm2_local, smollm2_tokenizer, prompt, eos, greedy_reference) -> None:
@@ -189,18 +194,18 @@ def test_the_token_budget_ends_with_length(smollm2_local, smollm2_tokenizer, pro
 
 
 def test_a_stop_string_ends_the_completion(smollm2_local, smollm2_tokenizer, prompt, eos) -> None:
-    pieces: list[str] = []
+    pieces: list[Piece] = []
     c = complete(smollm2_local, smollm2_tokenizer, prompt, Sampling(max_tokens=16, temperature=0, stop=(" Paris",)),
                  eos, emit=pieces.append)
     assert c.finish_reason == "stop"
-    assert c.text == "".join(pieces) == "The capital of France is"
+    assert c.text == _join(pieces) == "The capital of France is"
 
 
 def test_cancel_stops_at_the_next_token(smollm2_local, smollm2_tokenizer, prompt, eos) -> None:
     cancel = threading.Event()
-    pieces: list[str] = []
+    pieces: list[Piece] = []
 
-    def emit(piece: str) -> None:
+    def emit(piece: Piece) -> None:
         pieces.append(piece)
         if len(pieces) == 3:
             cancel.set()
@@ -217,3 +222,47 @@ def test_a_seed_reproduces_a_sample(smollm2_local, smollm2_tokenizer, prompt, eo
     second = complete(smollm2_local, smollm2_tokenizer, prompt, sampling, eos)
     assert first.text == second.text and first.token_ids == second.token_ids
     assert first.completion_tokens >= 1
+
+
+def _reference_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log-softmax at every position of one full forward over `ids` (positions, vocab)."""
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_logprobs_are_the_models_and_travel_with_their_text(smollm2_local, smollm2_tokenizer, prompt, eos,
+                                                             greedy_reference) -> None:
+    pieces: list[Piece] = []
+    c = complete(smollm2_local, smollm2_tokenizer, prompt, Sampling(max_tokens=16, temperature=0, logprobs=3), eos,
+                 emit=pieces.append)
+    assert c.token_ids == greedy_reference[:-1] and len(c.logprobs) == len(c.token_ids)  # EOS has no entry
+    assert [lp for p in pieces for lp in p.logprobs] == c.logprobs  # each streamed piece carries its tokens'
+    ref = _reference_logprobs(smollm2_local, prompt + c.token_ids)
+    for i, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+        want = ref[len(prompt) - 1 + i]
+        assert entry.token == smollm2_tokenizer.decode([token])
+        assert entry.logprob == pytest.approx(float(want[token]), abs=1e-4)
+        assert len(entry.top) == 3 and entry.top[0] == (entry.token, entry.logprob)  # greedy: the best one
+        best = want.topk(3)
+        assert [v for _, v in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert [t for t, _ in entry.top] == [smollm2_tokenizer.decode([t]) for t in best.indices.tolist()]
+
+
+def test_max_tokens_0_scores_the_prompt_alone(smollm2_local, smollm2_tokenizer, prompt, eos) -> None:
+    c = complete(smollm2_local, smollm2_tokenizer, prompt,
+                 Sampling(max_tokens=0, temperature=0, logprobs=1, prompt_logprobs=True), eos)
+    assert c.text == "" and c.completion_tokens == 0 and c.logprobs == [] and c.finish_reason == "length"
+    assert len(c.prompt_logprobs) == len(prompt)
+    assert c.prompt_logprobs[0].logprob is None and c.prompt_logprobs[0].token == smollm2_tokenizer.decode(prompt[:1])
+    ref = _reference_logprobs(smollm2_local, prompt)
+    for i, entry in enumerate(c.prompt_logprobs[1:], 1):
+        assert entry.token == smollm2_tokenizer.decode([prompt[i]])
+        assert entry.logprob == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4)
+        assert entry.top[0][1] == pytest.approx(float(ref[i - 1].max()), abs=1e-4)
+    # Scoring the prompt in the prefill does not change what is generated after it.
+    both = complete(smollm2_local, smollm2_tokenizer, prompt,
+                    Sampling(max_tokens=4, temperature=0, logprobs=0, prompt_logprobs=True), eos)
+    plain = complete(smollm2_local, smollm2_tokenizer, prompt, Sampling(max_tokens=4, temperature=0), eos)
+    assert both.token_ids == plain.token_ids
+    assert [e.logprob for e in both.prompt_logprobs[1:]] == pytest.approx([e.logprob for e in c.prompt_logprobs[1:]])
+    assert all(e.top == () for e in both.prompt_logprobs[1:])  # logprobs=0: no alternatives

@@ -34,7 +34,7 @@ from swarmllm.api import schemas
 from swarmllm.api.auth import ApiKeys, guarded
 from swarmllm.api.engine import Engine, as_api_error
 from swarmllm.api.errors import ApiError
-from swarmllm.api.generation import Completion
+from swarmllm.api.generation import Completion, Piece, Sampling
 from swarmllm.observe.snapshot import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ async def _complete(request: Request, engine: Engine, body: schemas.Request, pro
         # Fail before the 200 if the request cannot even start (full, swarm gone): the first item of the
         # stream is only produced once decoding runs, so admission errors surface here.
         first = await _first(pieces)
-        return StreamingResponse(_events(pieces, first, rid, engine.model_id, chat, body.include_usage, echo),
+        return StreamingResponse(_events(pieces, first, rid, engine.model_id, chat, body.include_usage, echo, sampling),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     result = await _until_done(request, pieces)
@@ -226,7 +226,7 @@ async def _complete(request: Request, engine: Engine, body: schemas.Request, pro
                         else schemas.text_response(rid, engine.model_id, result, echo))
 
 
-async def _first(pieces: AsyncIterator[str | Completion]) -> str | Completion:
+async def _first(pieces: AsyncIterator[Piece | Completion]) -> Piece | Completion:
     try:
         return await anext(pieces)
     except BaseException:
@@ -234,7 +234,7 @@ async def _first(pieces: AsyncIterator[str | Completion]) -> str | Completion:
         raise
 
 
-async def _until_done(request: Request, pieces: AsyncIterator[str | Completion]) -> Completion:
+async def _until_done(request: Request, pieces: AsyncIterator[Piece | Completion]) -> Completion:
     """Consume the stream; stop decoding if the client hangs up while waiting (nobody reads the answer)."""
 
     async def consume() -> Completion:
@@ -258,25 +258,30 @@ async def _until_done(request: Request, pieces: AsyncIterator[str | Completion])
         await pieces.aclose()
 
 
-async def _events(pieces: AsyncIterator[str | Completion], first: str | Completion, rid: str, model: str, chat: bool,
-                  include_usage: bool, echo: str) -> AsyncIterator[str]:
+async def _events(pieces: AsyncIterator[Piece | Completion], first: Piece | Completion, rid: str, model: str,
+                  chat: bool, include_usage: bool, echo: str, sampling: Sampling) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's shape. When the client disconnects, Starlette cancels this generator;
     closing `pieces` then cancels the decoding."""
     created = int(time.time())
+    offset = 0  # completions' text_offset: where the next token's text starts (see schemas.text_logprobs)
 
-    def chunk(text: str | None = None, finish: str | None = None, role: bool = False) -> str:
+    def chunk(text: str | None = None, finish: str | None = None, role: bool = False, entries=None) -> str:
+        nonlocal offset
+        scored = sampling.logprobs is not None and entries is not None
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            data = schemas.chat_chunk(rid, model, created, delta, finish)
+            data = schemas.chat_chunk(rid, model, created, delta, finish, schemas.chat_logprobs(entries) if scored else None)
         else:
-            data = schemas.text_chunk(rid, model, created, text or "", finish)
+            data = schemas.text_chunk(rid, model, created, text or "", finish,
+                                      schemas.text_logprobs(entries, offset) if scored else None)
+            offset += sum(len(e.token) for e in entries) if scored else 0
         return f"data: {json.dumps(data)}\n\n"
 
     try:
         if chat:
             yield chunk(role=True)
-        elif echo:
-            yield chunk(echo)
+        elif echo and not sampling.prompt_logprobs:
+            yield chunk(echo)  # else it goes out with the prompt's logprobs, once the prefill computed them
         item = first
         while True:
             if isinstance(item, Completion):
@@ -285,7 +290,10 @@ async def _events(pieces: AsyncIterator[str | Completion], first: str | Completi
                     obj = "chat.completion.chunk" if chat else "text_completion"
                     yield f"data: {json.dumps(schemas.usage_chunk(rid, model, created, obj, item))}\n\n"
                 break
-            yield chunk(item)
+            if item.prompt_logprobs is not None:
+                yield chunk(echo, entries=item.prompt_logprobs)
+            elif item.text or item.logprobs:
+                yield chunk(item.text, entries=item.logprobs)
             try:
                 item = await anext(pieces)
             except ApiError as e:  # the status line is gone: OpenAI clients raise on an error event

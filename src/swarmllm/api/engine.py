@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from swarmllm.api.config import ApiConfig
 from swarmllm.api.errors import ApiError
-from swarmllm.api.generation import Completion, Sampling, complete
+from swarmllm.api.generation import Completion, Piece, Sampling, complete
 from swarmllm.api.metrics import ApiMetrics
 from swarmllm.models.span import text_config
 
@@ -103,9 +103,9 @@ class Engine:
             with self._lock:
                 self._admitted -= 1
 
-    async def stream(self, prompt: list[int], sampling: Sampling, endpoint: str = "") -> AsyncIterator[str | Completion]:
-        """Text pieces as they become final, then the Completion. Closing the iterator early (the client went
-        away) cancels the decoding; its thread then closes the session."""
+    async def stream(self, prompt: list[int], sampling: Sampling, endpoint: str = "") -> AsyncIterator[Piece | Completion]:
+        """Pieces of text (with their logprobs) as they become final, then the Completion. Closing the
+        iterator early (the client went away) cancels the decoding; its thread then closes the session."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()

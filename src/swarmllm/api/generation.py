@@ -35,6 +35,27 @@ class Sampling:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely tokens there
+    prompt_logprobs: bool = False  # also score the prompt's tokens (completions' echo), in the same prefill
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (its raw distribution: before temperature, top_p and
+    penalties, as OpenAI reports it), and the most likely tokens at that position, best first."""
+
+    token: str  # the token decoded alone (a character split across tokens shows as U+FFFD)
+    logprob: float | None  # None only for a prompt's first token: nothing comes before it
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass
+class Piece:
+    """Text that became final, with the logprobs of the tokens generated since the previous piece."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # only on the piece sent right after the prefill
 
 
 @dataclass
@@ -44,6 +65,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # generated tokens, end-of-sequence excluded
+    prompt_logprobs: list[TokenLogprob] | None = None  # every prompt token, the first with logprob None
 
 
 def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
@@ -129,38 +152,78 @@ def _cache(model, max_length: int) -> Iterator[DynamicCache]:
 
 
 def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: frozenset[int],
-             cancel: threading.Event | None = None, emit: Callable[[str], None] | None = None) -> Completion:
+             cancel: threading.Event | None = None, emit: Callable[[Piece], None] | None = None) -> Completion:
     """Decode up to `sampling.max_tokens` tokens after `prompt`, calling `emit` with each piece of final text.
-    Stops at an end-of-sequence token, a stop string, the token budget, or when `cancel` is set."""
+    Stops at an end-of-sequence token, a stop string, the token budget, or when `cancel` is set.
+    `max_tokens` may be 0: with `prompt_logprobs`, that scores the prompt alone."""
+    if sampling.max_tokens == 0 and not sampling.prompt_logprobs:  # nothing to compute: open no session
+        return Completion("", "length", len(prompt), 0, logprobs=[] if sampling.logprobs is not None else None)
     cancel = cancel or threading.Event()
     generator = None
     if sampling.temperature > 0:
         generator = torch.Generator()
         generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
     stream = TextStream(tokenizer, sampling.stop)
+    k = sampling.logprobs
     counts: dict[int, int] = {}
+    produced: list[TokenLogprob] = []
+    pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not released yet
+    prompt_logprobs = None
     finish: FinishReason = "length"
     ids = torch.tensor([prompt], dtype=torch.long)
     with _cache(model, len(prompt) + sampling.max_tokens) as cache, torch.inference_mode():
+        ahead = None  # logits for the next position, when the prefill already gave them
+        if sampling.prompt_logprobs and not cancel.is_set():
+            logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=0).logits[0]  # (prompt, vocab)
+            first = TokenLogprob(tokenizer.decode(prompt[:1]), None)
+            prompt_logprobs = [first, *score(tokenizer, logits[:-1], prompt[1:], k or 0)]
+            ahead = logits[-1]
+            if emit is not None:  # a stream echoes the prompt first, with these
+                emit(Piece("", prompt_logprobs=prompt_logprobs))
         for _ in range(sampling.max_tokens):
             if cancel.is_set():
                 finish = "cancelled"
                 break
-            logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            if ahead is None:
+                logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            else:
+                logits, ahead = ahead, None
             token = pick(logits, sampling, generator, counts)
             counts[token] = counts.get(token, 0) + 1
             if token in eos:
                 finish = "stop"
                 break
+            if k is not None:
+                pending.extend(score(tokenizer, logits[None], [token], k))
             piece = stream.add(token)
-            if piece and emit is not None:
-                emit(piece)
+            if piece:
+                produced.extend(pending)
+                if emit is not None:
+                    emit(Piece(piece, pending))
+                pending = []
             if stream.stopped:
                 finish = "stop"
                 break
             ids = torch.tensor([[token]], dtype=torch.long)
     rest = stream.flush() if finish != "cancelled" else ""
-    if rest and emit is not None:
-        emit(rest)
+    produced.extend(pending)
+    if (rest or pending) and emit is not None and finish != "cancelled":
+        emit(Piece(rest, pending))
     generated = sum(counts.values())
-    return Completion(stream.text, finish, len(prompt), generated, stream.ids)
+    return Completion(stream.text, finish, len(prompt), generated, stream.ids,
+                      logprobs=produced if k is not None else None, prompt_logprobs=prompt_logprobs)
+
+
+def score(tokenizer, logits: torch.Tensor, tokens: list[int], k: int, rows: int = 256) -> list[TokenLogprob]:
+    """Each of `tokens` scored by the logits of its position (positions, vocab), with the `k` best there.
+    In slices of `rows` positions: a long prompt's log-softmax at once would take gigabytes."""
+    out = []
+    for start in range(0, len(tokens), rows):
+        lp = torch.log_softmax(logits[start:start + rows].float(), dim=-1)  # (rows, vocab)
+        chosen = lp.gather(1, torch.tensor(tokens[start:start + rows])[:, None])[:, 0].tolist()
+        top_values, top_ids = lp.topk(k, dim=-1) if k else (None, None)
+        for i, token in enumerate(tokens[start:start + rows]):
+            top = () if not k else tuple(
+                (tokenizer.decode([t]), v) for t, v in zip(top_ids[i].tolist(), top_values[i].tolist()))
+            out.append(TokenLogprob(tokenizer.decode([token]), chosen[i], top))
+    return out

@@ -1,7 +1,11 @@
 """The OpenAI API's request and response records, as far as swarmllm serves them.
 
 Requests ignore fields we do not know (clients send many), but a field we know and cannot honour (n > 1,
-logprobs, tools, suffix) is refused with a clear error rather than silently dropped.
+tools, suffix) is refused with a clear error rather than silently dropped.
+
+Logprobs come in OpenAI's two shapes: chat's `{"content": [{token, logprob, bytes, top_logprobs}]}` and the
+legacy completions' `{tokens, token_logprobs, top_logprobs, text_offset}`. `/v1/completions` with `echo`,
+`logprobs` and `max_tokens: 0` scores a text (how evaluation harnesses ask for log-likelihoods).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from swarmllm.api.errors import ApiError
-from swarmllm.api.generation import Completion, Sampling
+from swarmllm.api.generation import Completion, Sampling, TokenLogprob
 
 MAX_STOPS = 4  # as OpenAI
 
@@ -49,13 +53,19 @@ class Request(BaseModel):
 
     def sampling(self, max_tokens: int) -> Sampling:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        top, prompt = self.logprob_request()
         return Sampling(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,  # OpenAI's defaults
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed, stop=stops,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            logprobs=top, prompt_logprobs=prompt,
         )
+
+    def logprob_request(self) -> tuple[int | None, bool]:
+        """(alternatives per token, or None for no logprobs; whether to score the prompt too)."""
+        return None, False
 
     @property
     def include_usage(self) -> bool:
@@ -91,15 +101,21 @@ class ChatRequest(Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list | None = None
 
     @model_validator(mode="after")
     def _chat_supported(self):
-        if self.logprobs:
-            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if self.tools:
             raise ApiError(400, "tools are not supported", param="tools")
         return self
+
+    def logprob_request(self) -> tuple[int | None, bool]:
+        if not self.logprobs:
+            return None, False
+        return self.top_logprobs or 0, False
 
     def chat(self) -> list[dict[str, str]]:
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
@@ -112,17 +128,16 @@ class ChatRequest(Request):
 
 class CompletionRequest(Request):
     prompt: str | list[str] | list[int]
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: no completion (with echo and logprobs: scoring)
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # OpenAI's bound for this endpoint
     best_of: int | None = None
 
     @model_validator(mode="after")
     def _completion_supported(self):
         if self.suffix:
             raise ApiError(400, "suffix is not supported", param="suffix")
-        if self.logprobs is not None:
-            raise ApiError(400, "logprobs are not supported", param="logprobs")
         if self.best_of not in (None, 1):
             raise ApiError(400, "best_of > 1 is not supported", param="best_of")
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
@@ -132,6 +147,9 @@ class CompletionRequest(Request):
     @property
     def requested_tokens(self) -> int | None:
         return self.max_tokens
+
+    def logprob_request(self) -> tuple[int | None, bool]:
+        return self.logprobs, self.logprobs is not None and self.echo
 
 
 def new_id(prefix: str) -> str:
@@ -143,27 +161,55 @@ def usage(c: Completion) -> dict:
             "total_tokens": c.prompt_tokens + c.completion_tokens}
 
 
+def chat_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    def one(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    if entries is None:
+        return None
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]} for e in entries],
+            "refusal": None}
+
+
+def text_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    """The legacy completions shape. `text_offset`: where each token's text starts in the choice's text
+    (echoed prompt included), counted from `offset` and the lengths of the tokens decoded alone."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) if e.logprob is not None else None for e in entries],
+            "text_offset": offsets}
+
+
 def chat_response(rid: str, model: str, c: Completion) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": None, "finish_reason": c.finish_reason}],
+                         "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}],
             "usage": usage(c)}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def text_response(rid: str, model: str, c: Completion, prefix: str = "") -> dict:
+    entries = None if c.logprobs is None else [*(c.prompt_logprobs or []), *c.logprobs]
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": prefix + c.text, "logprobs": None, "finish_reason": c.finish_reason}],
+            "choices": [{"index": 0, "text": prefix + c.text, "logprobs": text_logprobs(entries),
+                         "finish_reason": c.finish_reason}],
             "usage": usage(c)}
 
 
-def text_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None) -> dict:
+def text_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, c: Completion) -> dict:
