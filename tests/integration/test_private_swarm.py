@@ -17,6 +17,7 @@ from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.dht.records import get_servers
 from swarmllm.launcher import LocalSwarm, ServerSpec
 from swarmllm.trust.swarm_key import SwarmKey
+from tests.integration.test_metrics import scrape
 
 pytestmark = pytest.mark.swarm
 
@@ -25,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_outsider_can_neither_announce_nor_call(tiny_llama_dir, tmp_path) -> None:
     key, audit = tmp_path / "swarm.key", tmp_path / "audit.jsonl"
-    with LocalSwarm(str(tiny_llama_dir), [ServerSpec("0:4", ("--audit-log", str(audit)))], swarm_key=str(key)) as swarm:
+    spec = ServerSpec("0:4", ("--audit-log", str(audit), "--metrics-port", "0"))
+    with LocalSwarm(str(tiny_llama_dir), [spec], swarm_key=str(key)) as swarm:
         server_id = swarm.server_lines["server0"].split(" peer ")[1].split()[0]
+        metrics_url = swarm.metrics_urls()["server0"]
         model = AutoDistributedModelForCausalLM.from_pretrained(
             str(tiny_llama_dir), initial_peers=swarm.initial_peers, swarm_key=str(key))
         try:
@@ -46,6 +49,9 @@ def test_outsider_can_neither_announce_nor_call(tiny_llama_dir, tmp_path) -> Non
             # Every RPC refused, whatever proof it tried: none, forged, or a member's (bound to that member).
             for attempt, calls in report["calls"].items():
                 assert calls == dict.fromkeys(("info", "forward", "inference", "lora_put", "push"), "not_member"), attempt
+            # ...and each refusal counted in the server's metrics, so operators see outsiders knocking.
+            refused = sum(len(calls) for calls in report["calls"].values())
+            assert scrape(metrics_url)[("swarmllm_errors_total", frozenset({("code", "not_member")}))] == refused
 
             # Members are served as usual, with exact results.
             ids = torch.randint(1, 90, (1, 6))

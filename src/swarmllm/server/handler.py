@@ -95,7 +95,9 @@ class Handler:
 
     async def register(self, p2p: P2P) -> None:
         # In a private swarm every handler is gated: a non-member's request is refused before it is parsed.
-        unary, stream = partial(gate_unary, self.membership), partial(gate_stream, self.membership)
+        refused = partial(self.metrics.error, ErrorCode.NOT_MEMBER)
+        unary = partial(gate_unary, self.membership, on_refuse=refused)
+        stream = partial(gate_stream, self.membership, on_refuse=refused)
         await p2p.add_protobuf_handler(RPC_INFO, unary(self.rpc_info), runtime_pb2.ExpertRequest)
         for name, rpc, fn in ((RPC_FORWARD, "forward", self.forward), (RPC_BACKWARD, "backward", self.backward)):
             await p2p.add_protobuf_handler(

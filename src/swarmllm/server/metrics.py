@@ -16,8 +16,8 @@ Metrics and labels:
 - `swarmllm_step_seconds{kind}` histogram: seconds from handing a forward or backward request, or an inference
   step, to the compute thread until its result, waiting behind other work included; computed ones only.
 - `swarmllm_errors_total{code}` counter: error replies sent, by `ErrorCode` value (`internal`: an unexpected
-  exception). Not counted: refusals of non-members by a private swarm's gate, and refused pushed steps (the
-  pusher gets no reply; the client's own copy follows).
+  exception; `not_member`: a private swarm's gate refused an outsider). Not counted: refused pushed steps
+  (the pusher gets no reply; the client's own copy follows).
 - `swarmllm_active_sessions` gauge: inference sessions open now.
 - `swarmllm_cache_bytes_used`, `swarmllm_cache_bytes_capacity` gauges: attention-cache bytes granted to
   sessions now, and the server's budget (`--max-cache-bytes`).

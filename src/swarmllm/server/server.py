@@ -25,7 +25,7 @@ from swarmllm.dht.records import announce, get_servers
 from swarmllm.models.quant import quantize_blocks
 from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import Span, check_span, load_config, load_span
-from swarmllm.protocol import RPC_INFO, RPC_POINTS_BIND, RPC_RECEIPT, RPC_SETTLE, ServerRecord, ServerState
+from swarmllm.protocol import RPC_INFO, RPC_POINTS_BIND, RPC_RECEIPT, RPC_SETTLE, ErrorCode, ServerRecord, ServerState
 from swarmllm.server.audit import AuditLog
 from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheMemory, bytes_per_token
@@ -253,7 +253,7 @@ class Server:
         for name in self.config.adapters:
             await self.adapter(name)
         await self.handler.register(p2p)
-        gate = partial(gate_unary, self.peer.membership)
+        gate = partial(gate_unary, self.peer.membership, on_refuse=partial(self.handler.metrics.error, ErrorCode.NOT_MEMBER))
         for name, fn in ((RPC_POINTS_BIND, self.points.rpc_bind), (RPC_RECEIPT, self.points.rpc_receipt),
                          (RPC_SETTLE, self.points.rpc_settle)):
             await p2p.add_protobuf_handler(name, gate(fn), runtime_pb2.ExpertRequest)

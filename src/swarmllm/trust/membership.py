@@ -8,7 +8,7 @@ before it parses anything else, so a non-member's request costs it one HMAC and 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from hivemind.proto import runtime_pb2
 
@@ -54,21 +54,25 @@ def _refusal():
     return wire.error_response(ErrorCode.NOT_MEMBER, "this server serves members of its private swarm only")
 
 
-def gate_unary(membership: Membership, handler):
-    """`handler` for members only: others get NOT_MEMBER before the request is even parsed."""
+def gate_unary(membership: Membership, handler, on_refuse: Callable[[], None] | None = None):
+    """`handler` for members only: others get NOT_MEMBER before the request is even parsed. `on_refuse` is
+    called at each refusal (the server's metrics count them)."""
     if not membership.private:
         return handler
 
     async def gated(request, context):
         if not membership.admits(str(context.remote_id), request):
             logger.info("refused a request from non-member %s", str(context.remote_id)[-8:])
+            if on_refuse is not None:
+                on_refuse()
             return _refusal()
         return await handler(request, context)
 
     return gated
 
 
-def gate_stream(membership: Membership, handler, stream_input: bool = True):
+def gate_stream(membership: Membership, handler, stream_input: bool = True,
+                on_refuse: Callable[[], None] | None = None):
     """The same for a handler that streams its replies: the first message carries the proof."""
     if not membership.private:
         return handler
@@ -82,12 +86,16 @@ def gate_stream(membership: Membership, handler, stream_input: bool = True):
                 return
             if not membership.admits(peer, first):
                 logger.info("refused a stream from non-member %s", peer[-8:])
+                if on_refuse is not None:
+                    on_refuse()
                 yield _refusal()
                 await wire.drain(requests, 1.0, max_messages=4)  # bounded: a non-member cannot make us read much
                 return
             requests = _chain(first, requests)
         elif not membership.admits(peer, requests):
             logger.info("refused a request from non-member %s", peer[-8:])
+            if on_refuse is not None:
+                on_refuse()
             yield _refusal()
             return
         async for reply in handler(requests, context):
