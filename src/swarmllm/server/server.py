@@ -25,7 +25,15 @@ from swarmllm.dht.records import announce, get_servers
 from swarmllm.models.quant import quantize_blocks
 from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import Span, check_span, load_config, load_span
-from swarmllm.protocol import RPC_INFO, RPC_POINTS_BIND, RPC_RECEIPT, RPC_SETTLE, ErrorCode, ServerRecord, ServerState
+from swarmllm.protocol import (
+    RPC_INFO,
+    RPC_POINTS_BIND,
+    RPC_RECEIPT,
+    RPC_SETTLE,
+    ErrorCode,
+    ServerRecord,
+    ServerState,
+)
 from swarmllm.server.audit import AuditLog
 from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheMemory, bytes_per_token
