@@ -186,7 +186,7 @@ def test_bad_input_gets_openai_errors_and_the_app_stays_up(api_url, client, mode
     assert status == 400 and body["error"]["param"] == "messages"
     status, body = _post(chat, {"model": model_id, "messages": user, "temperature": "hot"})
     assert status == 400 and body["error"]["param"] == "temperature"
-    status, body = _post(chat, {"model": model_id, "messages": user, "n": 3})
+    status, body = _post(chat, {"model": model_id, "messages": user, "n": 17})
     assert status == 400 and body["error"]["param"] == "n"
     long = " ".join(["swarm"] * 9000)  # more tokens than SmolLM2's 8192-token context
     status, body = _post(chat, {"model": model_id, "messages": [{"role": "user", "content": long}]})
@@ -198,7 +198,7 @@ def test_bad_input_gets_openai_errors_and_the_app_stays_up(api_url, client, mode
     status, body = _post(f"{api_url}/v1/embeddings", {"model": model_id, "input": "x"})
     assert status == 404 and "error" in body
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=model_id, prompt="x", max_tokens=0)
+        client.completions.create(model=model_id, prompt="x", max_tokens=-1)
     # Still serving.
     reply = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}],
                                            temperature=0, max_tokens=8)

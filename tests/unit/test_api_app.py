@@ -126,7 +126,7 @@ def _too_long_message() -> str:
     ({"json": _chat(max_tokens=-1)}, 400, "max_tokens", None),
     ({"json": _chat(temperature=3)}, 400, "temperature", None),
     ({"json": _chat(top_p=0)}, 400, "top_p", None),
-    ({"json": _chat(n=2)}, 400, "n", None),
+    ({"json": _chat(n=17)}, 400, "n", None),
     ({"json": _chat(top_logprobs=2)}, 400, "top_logprobs", None),  # without logprobs: true
     ({"json": _chat(logprobs=True, top_logprobs=21)}, 400, "top_logprobs", None),
     ({"json": _chat(stop=["a", "b", "c", "d", "e"])}, 400, "stop", None),
@@ -260,6 +260,34 @@ def test_chat_logprobs_streamed_equal_plain(client) -> None:
     assert streamed == content
     # Not asked for: null, streamed or not.
     assert all(c["choices"][0]["logprobs"] is None for c in _stream_chunks(client, CHAT, _chat(max_tokens=2)))
+
+
+def test_n_choices_each_reproduce_their_own_seed(client) -> None:
+    body = _chat(temperature=1.0, max_tokens=6, seed=7)
+    several = client.post(CHAT, json={**body, "n": 3}).json()
+    assert [c["index"] for c in several["choices"]] == [0, 1, 2]
+    singles = [client.post(CHAT, json={**body, "seed": 7 + i}).json() for i in range(3)]
+    assert [c["message"]["content"] for c in several["choices"]] == \
+        [s["choices"][0]["message"]["content"] for s in singles]  # choice i samples with seed + i
+    assert len({c["message"]["content"] for c in several["choices"]}) > 1
+    assert several["usage"]["prompt_tokens"] == singles[0]["usage"]["prompt_tokens"]  # the prompt counts once
+    assert several["usage"]["completion_tokens"] == sum(s["usage"]["completion_tokens"] for s in singles)
+
+
+def test_n_choices_stream_interleaved_by_index(client, chat_answer) -> None:
+    chunks = _stream_chunks(client, CHAT, _chat(temperature=0, max_tokens=8, n=2,
+                                                 stream_options={"include_usage": True}))
+    *chunks, usage = chunks
+    texts, finishes = {0: "", 1: ""}, {}
+    for c in chunks:
+        [choice] = c["choices"]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+    want = chat_answer["choices"][0]["message"]["content"]
+    assert texts == {0: want, 1: want} and finishes == {0: "stop", 1: "stop"}  # greedy: the same twice
+    assert usage["usage"]["completion_tokens"] == 2 * chat_answer["usage"]["completion_tokens"]
+    assert usage["usage"]["prompt_tokens"] == chat_answer["usage"]["prompt_tokens"]
 
 
 def _stream_chunks(client, path: str, body: dict) -> list[dict]:

@@ -209,99 +209,130 @@ async def _parse(request: Request, schema: type[schemas.Request], engine: Engine
 
 
 async def _complete(request: Request, engine: Engine, body: schemas.Request, prompt: list[int], chat: bool) -> Response:
-    sampling = body.sampling(engine.budget(prompt, body.requested_tokens))
+    samplings = body.samplings(engine.budget(prompt, body.requested_tokens))
     await asyncio.get_running_loop().run_in_executor(None, engine.check_swarm)
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     echo = engine.tokenizer.decode(prompt, skip_special_tokens=True) if not chat and body.echo else ""
-    pieces = engine.stream(prompt, sampling, endpoint=request.url.path)
+    streams = [engine.stream(prompt, s, endpoint=request.url.path) for s in samplings]  # one per choice
     if body.stream:
-        # Fail before the 200 if the request cannot even start (full, swarm gone): the first item of the
+        # Fail before the 200 if the request cannot even start (full, swarm gone): the first item of a
         # stream is only produced once decoding runs, so admission errors surface here.
-        first = await _first(pieces)
-        return StreamingResponse(_events(pieces, first, rid, engine.model_id, chat, body.include_usage, echo, sampling),
-                                 media_type="text/event-stream",
+        firsts = await _firsts(streams)
+        events = _events(streams, firsts, rid, engine.model_id, chat, body.include_usage, echo, samplings[0])
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    result = await _until_done(request, pieces)
-    return JSONResponse(schemas.chat_response(rid, engine.model_id, result) if chat
-                        else schemas.text_response(rid, engine.model_id, result, echo))
+    choices = await _until_done(request, streams)
+    return JSONResponse(schemas.chat_response(rid, engine.model_id, choices) if chat
+                        else schemas.text_response(rid, engine.model_id, choices, echo))
 
 
-async def _first(pieces: AsyncIterator[Piece | Completion]) -> Piece | Completion:
-    try:
-        return await anext(pieces)
-    except BaseException:
-        await pieces.aclose()
-        raise
+Stream = AsyncIterator[Piece | Completion]
 
 
-async def _until_done(request: Request, pieces: AsyncIterator[Piece | Completion]) -> Completion:
-    """Consume the stream; stop decoding if the client hangs up while waiting (nobody reads the answer)."""
+async def _firsts(streams: list[Stream]) -> list[Piece | Completion]:
+    """The first item of every stream, awaited together (each starts its own decoding); if any fails, all
+    are closed and its error raised."""
+    firsts = await asyncio.gather(*(anext(p) for p in streams), return_exceptions=True)
+    failed = [f for f in firsts if isinstance(f, BaseException)]
+    if failed:
+        await _close(streams)
+        raise failed[0]
+    return firsts
 
-    async def consume() -> Completion:
+
+async def _close(streams: list[Stream], tasks: list[asyncio.Task] = ()) -> None:
+    """Stop the tasks iterating `streams`, then close the streams: their decoding is cancelled. (A stream
+    cannot be closed while a task is inside it.)"""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for p in streams:
+        await p.aclose()
+
+
+async def _until_done(request: Request, streams: list[Stream]) -> list[Completion]:
+    """Every stream's Completion; stop decoding if the client hangs up while waiting (nobody reads the
+    answer), or at the first failure."""
+
+    async def consume(pieces: Stream) -> Completion:
         async for item in pieces:
             if isinstance(item, Completion):
                 return item
         raise ApiError(500, "the completion ended without a result")
 
-    task = asyncio.ensure_future(consume())
+    tasks = [asyncio.ensure_future(consume(p)) for p in streams]
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
+            done, pending = await asyncio.wait(tasks, timeout=0.5, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+            if not pending:
+                return [t.result() for t in tasks]
             if await request.is_disconnected():
-                task.cancel()
                 raise ApiError(499, "the client closed the connection")
     finally:
-        if not task.done():
-            task.cancel()
-        await pieces.aclose()
+        await _close(streams, [t for t in tasks if not t.done()])
 
 
-async def _events(pieces: AsyncIterator[Piece | Completion], first: Piece | Completion, rid: str, model: str,
-                  chat: bool, include_usage: bool, echo: str, sampling: Sampling) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's shape. When the client disconnects, Starlette cancels this generator;
-    closing `pieces` then cancels the decoding."""
+async def _events(streams: list[Stream], firsts: list[Piece | Completion], rid: str, model: str, chat: bool,
+                  include_usage: bool, echo: str, sampling: Sampling) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's shape, every choice's chunks as they come, each with its index. When the
+    client disconnects, Starlette cancels this generator; closing the streams then cancels the decoding."""
     created = int(time.time())
-    offset = 0  # completions' text_offset: where the next token's text starts (see schemas.text_logprobs)
+    offsets = [0] * len(streams)  # completions' text_offset per choice (see schemas.text_logprobs)
 
-    def chunk(text: str | None = None, finish: str | None = None, role: bool = False, entries=None) -> str:
-        nonlocal offset
+    def chunk(i: int, text: str | None = None, finish: str | None = None, role: bool = False, entries=None) -> str:
         scored = sampling.logprobs is not None and entries is not None
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            data = schemas.chat_chunk(rid, model, created, delta, finish, schemas.chat_logprobs(entries) if scored else None)
+            data = schemas.chat_chunk(rid, model, created, i, delta, finish,
+                                      schemas.chat_logprobs(entries) if scored else None)
         else:
-            data = schemas.text_chunk(rid, model, created, text or "", finish,
-                                      schemas.text_logprobs(entries, offset) if scored else None)
-            offset += sum(len(e.token) for e in entries) if scored else 0
+            data = schemas.text_chunk(rid, model, created, i, text or "", finish,
+                                      schemas.text_logprobs(entries, offsets[i]) if scored else None)
+            offsets[i] += sum(len(e.token) for e in entries) if scored else 0
         return f"data: {json.dumps(data)}\n\n"
 
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, pieces: Stream) -> None:
+        try:
+            async for item in pieces:
+                queue.put_nowait((i, item))
+        except Exception as e:  # delivered as an error event
+            queue.put_nowait((i, e))
+
+    for i, first in enumerate(firsts):
+        queue.put_nowait((i, first))
+    tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(streams)]
+    finished: dict[int, Completion] = {}
     try:
-        if chat:
-            yield chunk(role=True)
-        elif echo and not sampling.prompt_logprobs:
-            yield chunk(echo)  # else it goes out with the prompt's logprobs, once the prefill computed them
-        item = first
-        while True:
+        for i in range(len(streams)):
+            if chat:
+                yield chunk(i, role=True)
+            elif echo and not sampling.prompt_logprobs:
+                yield chunk(i, echo)  # else it goes out with the prompt's logprobs, once the prefill computed them
+        while len(finished) < len(streams):
+            i, item = await queue.get()
+            if isinstance(item, Exception):  # the status line is gone: OpenAI clients raise on an error event
+                yield f"data: {json.dumps(as_api_error(item).body())}\n\n"
+                break
             if isinstance(item, Completion):
-                yield chunk(finish=item.finish_reason)
-                if include_usage:
-                    obj = "chat.completion.chunk" if chat else "text_completion"
-                    yield f"data: {json.dumps(schemas.usage_chunk(rid, model, created, obj, item))}\n\n"
-                break
-            if item.prompt_logprobs is not None:
-                yield chunk(echo, entries=item.prompt_logprobs)
+                finished[i] = item
+                yield chunk(i, finish=item.finish_reason)
+            elif item.prompt_logprobs is not None:
+                yield chunk(i, echo, entries=item.prompt_logprobs)
             elif item.text or item.logprobs:
-                yield chunk(item.text, entries=item.logprobs)
-            try:
-                item = await anext(pieces)
-            except ApiError as e:  # the status line is gone: OpenAI clients raise on an error event
-                yield f"data: {json.dumps(e.body())}\n\n"
-                break
+                yield chunk(i, item.text, entries=item.logprobs)
+        else:
+            if include_usage:
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                choices = [finished[i] for i in range(len(streams))]
+                yield f"data: {json.dumps(schemas.usage_chunk(rid, model, created, obj, choices))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        await pieces.aclose()
+        await _close(streams, tasks)
 
 
 class _Cached:

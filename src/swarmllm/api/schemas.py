@@ -1,7 +1,11 @@
 """The OpenAI API's request and response records, as far as swarmllm serves them.
 
-Requests ignore fields we do not know (clients send many), but a field we know and cannot honour (n > 1,
-tools, suffix) is refused with a clear error rather than silently dropped.
+Requests ignore fields we do not know (clients send many), but a field we know and cannot honour (tools,
+suffix, best_of) is refused with a clear error rather than silently dropped.
+
+`n` > 1 asks for several choices of one prompt: each is its own completion (and server-side session),
+decoded concurrently; with a `seed`, choice i samples with seed + i, so every choice is reproducible and
+they differ.
 
 Logprobs come in OpenAI's two shapes: chat's `{"content": [{token, logprob, bytes, top_logprobs}]}` and the
 legacy completions' `{tokens, token_logprobs, top_logprobs, text_offset}`. `/v1/completions` with `echo`,
@@ -10,6 +14,7 @@ legacy completions' `{tokens, token_logprobs, top_logprobs, text_offset}`. `/v1/
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Annotated, Literal
@@ -20,6 +25,7 @@ from swarmllm.api.errors import ApiError
 from swarmllm.api.generation import Completion, Sampling, TokenLogprob
 
 MAX_STOPS = 4  # as OpenAI
+MAX_CHOICES = 16  # each choice is a session on every server of its route: keep one request's share bounded
 
 
 class Request(BaseModel):
@@ -35,7 +41,7 @@ class Request(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -44,12 +50,6 @@ class Request(BaseModel):
         if isinstance(v, list) and len(v) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop sequences")
         return v
-
-    @model_validator(mode="after")
-    def _supported(self):
-        if self.n not in (None, 1):
-            raise ApiError(400, "n > 1 is not supported: send one request per completion", param="n")
-        return self
 
     def sampling(self, max_tokens: int) -> Sampling:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -62,6 +62,12 @@ class Request(BaseModel):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=top, prompt_logprobs=prompt,
         )
+
+    def samplings(self, max_tokens: int) -> list[Sampling]:
+        """One Sampling per choice (`n`): the same, but for the seed (seed + i), so choices differ."""
+        first = self.sampling(max_tokens)
+        return [first if first.seed is None else dataclasses.replace(first, seed=first.seed + i)
+                for i in range(self.n or 1)]
 
     def logprob_request(self) -> tuple[int | None, bool]:
         """(alternatives per token, or None for no logprobs; whether to score the prompt too)."""
@@ -156,9 +162,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(c: Completion) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens}
+def usage(choices: list[Completion]) -> dict:
+    """The prompt counts once, however many choices were generated from it (as OpenAI counts)."""
+    prompt, completion = choices[0].prompt_tokens, sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def chat_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
@@ -185,32 +192,35 @@ def text_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict |
             "text_offset": offsets}
 
 
-def chat_response(rid: str, model: str, c: Completion) -> dict:
+def chat_response(rid: str, model: str, choices: list[Completion]) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}],
-            "usage": usage(c)}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                         "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+                        for i, c in enumerate(choices)],
+            "usage": usage(choices)}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None,
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish: str | None = None,
                logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
 
-def text_response(rid: str, model: str, c: Completion, prefix: str = "") -> dict:
-    entries = None if c.logprobs is None else [*(c.prompt_logprobs or []), *c.logprobs]
+def text_response(rid: str, model: str, choices: list[Completion], prefix: str = "") -> dict:
+    def logprobs(c: Completion) -> dict | None:
+        return None if c.logprobs is None else text_logprobs([*(c.prompt_logprobs or []), *c.logprobs])
+
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": prefix + c.text, "logprobs": text_logprobs(entries),
-                         "finish_reason": c.finish_reason}],
-            "usage": usage(c)}
+            "choices": [{"index": i, "text": prefix + c.text, "logprobs": logprobs(c), "finish_reason": c.finish_reason}
+                        for i, c in enumerate(choices)],
+            "usage": usage(choices)}
 
 
-def text_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None,
+def text_chunk(rid: str, model: str, created: int, index: int, text: str, finish: str | None = None,
                logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
 
-def usage_chunk(rid: str, model: str, created: int, obj: str, c: Completion) -> dict:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(c)}
+def usage_chunk(rid: str, model: str, created: int, obj: str, choices: list[Completion]) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(choices)}
