@@ -5,8 +5,9 @@ a free port. Measured in the same run:
 - direct: `model.generate()` greedy, N new tokens (the baseline);
 - api: the same completion through the official `openai` client, streamed (tokens/s and time to first
   token), as a ratio to direct; its text must equal direct's (exit 1 otherwise);
+- logprobs: the same streamed request with `logprobs` (top 5 per token), as a ratio to the plain one;
 - concurrency: K requests at once through the API, total tokens/s as a ratio to one request at a time
-  (the servers batch the concurrent sessions' steps).
+  (the servers batch the concurrent sessions' steps); and one request with n=K choices, the same way.
 
 Usage: python bench/api.py [--new-tokens 32] [--concurrent 4] [--threads 1] [--repeats 2]
 """
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
         model_id = api.engine.model_id
         try:
             model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: connections
-            direct, api_times, first_token = [], [], []
+            direct, api_times, first_token, logprob_times = [], [], [], []
             text_direct = text_api = ""
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
@@ -77,13 +78,22 @@ def run(args: argparse.Namespace) -> dict:
                         text_api += chunk.choices[0].text
                 api_times.append(time.perf_counter() - t0)
                 first_token.append(first)
-                print(f"  direct {n / direct[-1]:.2f} tok/s, api {n / api_times[-1]:.2f} tok/s", file=sys.stderr)
+
+                t0, scored = time.perf_counter(), 0
+                for chunk in client.completions.create(model=model_id, prompt=PROMPT, max_tokens=n, temperature=0,
+                                                       stream=True, logprobs=5):
+                    if chunk.choices and chunk.choices[0].logprobs:
+                        scored += len(chunk.choices[0].logprobs.tokens)
+                logprob_times.append(time.perf_counter() - t0)
+                assert scored == n, f"{scored} logprob entries for {n} tokens"
+                print(f"  direct {n / direct[-1]:.2f} tok/s, api {n / api_times[-1]:.2f} tok/s, "
+                      f"with logprobs {n / logprob_times[-1]:.2f} tok/s", file=sys.stderr)
 
             def one(results: list) -> None:
                 reply = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=n, temperature=0)
                 results.append(reply.usage.completion_tokens)
 
-            together = []
+            together, choices = [], []
             for _ in range(args.repeats):
                 done: list[int] = []
                 threads = [threading.Thread(target=one, args=(done,)) for _ in range(args.concurrent)]
@@ -93,7 +103,12 @@ def run(args: argparse.Namespace) -> dict:
                 for t in threads:
                     t.join()
                 together.append(sum(done) / (time.perf_counter() - t0))
-                print(f"  {args.concurrent} at once: {together[-1]:.2f} tok/s in total", file=sys.stderr)
+                t0 = time.perf_counter()
+                reply = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=n, temperature=0,
+                                                  n=args.concurrent)
+                choices.append(reply.usage.completion_tokens / (time.perf_counter() - t0))
+                print(f"  {args.concurrent} at once: {together[-1]:.2f} tok/s in total; "
+                      f"n={args.concurrent} in one request: {choices[-1]:.2f} tok/s", file=sys.stderr)
         finally:
             api.stop()
             model.sequence_manager.shutdown()
@@ -105,6 +120,10 @@ def run(args: argparse.Namespace) -> dict:
         "api_first_token_s": round(statistics.median(first_token), 3),
         "concurrent": args.concurrent, "concurrent_total_tok_s": round(statistics.median(together), 3),
         "concurrent_ratio_to_one": round(statistics.median(together) / single, 3),
+        "n_choices_total_tok_s": round(statistics.median(choices), 3),
+        "n_choices_ratio_to_one": round(statistics.median(choices) / single, 3),
+        "logprobs_tok_s": round(n / statistics.median(logprob_times), 3),
+        "logprobs_ratio_to_api": round(statistics.median(api_times) / statistics.median(logprob_times), 3),
         "text_matches": text_api == text_direct,
         "new_tokens": n, "threads": args.threads, "repeats": args.repeats,
     }
@@ -117,8 +136,11 @@ def main() -> int:
     print(f"api: {r['api_tok_s']:.2f} tok/s, {r['api_ratio_to_direct']:.2f}x direct generate() "
           f"({r['direct_tok_s']:.2f}); first token after {r['api_first_token_s'] * 1e3:.0f} ms; "
           f"text {'matches' if r['text_matches'] else 'DIFFERS from'} direct")
+    print(f"with logprobs (top 5): {r['logprobs_tok_s']:.2f} tok/s, {r['logprobs_ratio_to_api']:.2f}x the plain stream")
     print(f"{r['concurrent']} concurrent requests: {r['concurrent_total_tok_s']:.2f} tok/s in total, "
           f"{r['concurrent_ratio_to_one']:.2f}x one request")
+    print(f"one request with n={r['concurrent']}: {r['n_choices_total_tok_s']:.2f} tok/s in total, "
+          f"{r['n_choices_ratio_to_one']:.2f}x one request")
     merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**merged, "api": r}, indent=2) + "\n")
     return 0 if r["text_matches"] else 1

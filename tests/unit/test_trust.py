@@ -95,6 +95,24 @@ def test_swarm_key_file(tmp_path) -> None:
         SwarmKey.load(tmp_path / "missing")
 
 
+def test_secret_files_open_to_others_are_warned_about(tmp_path, caplog) -> None:
+    SwarmKey.create(tmp_path / "swarm.key")
+    Identity.load_or_create(tmp_path / "id.key")
+    with caplog.at_level("WARNING"):
+        SwarmKey.load(tmp_path / "swarm.key")
+        Identity.load_or_create(tmp_path / "id.key")
+    assert not caplog.records  # created owner-only: nothing to say
+    (tmp_path / "swarm.key").chmod(0o644)
+    (tmp_path / "id.key").chmod(0o640)
+    with caplog.at_level("WARNING"):
+        SwarmKey.load(tmp_path / "swarm.key")  # still loads: a warning, not a refusal
+        Identity.load_or_create(tmp_path / "id.key")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "the swarm key" in messages[0] and "mode 644" in messages[0] and "chmod 600" in messages[0]
+    assert "the identity" in messages[1] and "mode 640" in messages[1]
+
+
 def test_membership_proof_is_bound_to_the_sender(alice, bob, tmp_path) -> None:
     from hivemind.proto import runtime_pb2
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hmac
 import logging
-import stat
 from pathlib import Path
+
+from swarmllm.trust.secret_file import warn_if_exposed
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ class ApiKeys:
             logger.warning("API keys file %s unusable (%s); keeping the %d keys loaded before", self.path, e,
                            len(self._keys))
             return
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            logger.warning("API keys file %s is readable by other users (mode %o): chmod 600 it", self.path,
-                           stat.S_IMODE(st.st_mode))
+        warn_if_exposed(self.path, "the API keys file")
         if not first:
             logger.info("API keys reloaded from %s: %d keys", self.path, len(keys))
         self._keys, self._stamp = [k.encode() for k in keys], (st.st_mtime_ns, st.st_size)

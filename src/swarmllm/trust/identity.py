@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
 
+from swarmllm.trust.secret_file import warn_if_exposed
+
 _PADDING = padding.PKCS1v15()  # deterministic; what libp2p itself uses for RSA keys
 
 
@@ -47,6 +49,8 @@ class Identity:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             P2P.generate_identity(str(path))
+        else:
+            warn_if_exposed(path, "the identity")  # whoever reads it can act as this peer, and spend its points
         return cls(path)
 
     @classmethod

@@ -20,6 +20,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from swarmllm.trust.secret_file import warn_if_exposed
+
 _HEADER = "swarmllm-swarm-key-v1"
 _NONCE = 12
 
@@ -60,9 +62,11 @@ class SwarmKey:
         if len(lines) != 2 or lines[0] != _HEADER:
             raise SwarmKeyError(f"{path} is not a swarm key file (expected a '{_HEADER}' header and a hex secret)")
         try:
-            return cls(bytes.fromhex(lines[1]))
+            key = cls(bytes.fromhex(lines[1]))
         except ValueError:
             raise SwarmKeyError(f"{path}: the secret is not 64 hex digits") from None
+        warn_if_exposed(path, "the swarm key")  # whoever reads it can join the swarm
+        return key
 
     def __getstate__(self) -> dict:  # the DHT's validator travels to the DHT process by pickle
         return {"secret": self._secret}
