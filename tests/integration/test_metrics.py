@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from swarmllm import AutoDistributedModelForCausalLM, wire
 from swarmllm.client import loop
 from swarmllm.launcher import LocalSwarm, ServerSpec
+from swarmllm.observe.snapshot import collect
 from swarmllm.protocol import RPC_FORWARD, RPC_INFO, ErrorCode, ServerRecord, SpanReply, SpanRequest
 
 pytestmark = pytest.mark.swarm
@@ -76,6 +77,12 @@ def test_metrics_follow_the_servers_work(tiny_llama_dir) -> None:
                 during = scrape(url)
                 assert get(during, "swarmllm_active_sessions") == 1
                 assert get(during, "swarmllm_cache_bytes_used") > 0
+                # The swarm snapshot (status, monitor) shows it at once: the ping returns the live record,
+                # where the DHT's is up to announce_ttl/3 old.
+                manager = model.sequence_manager
+                [view] = collect(manager.peer, manager.p2p, [manager.model_name]).models
+                [server] = view.servers
+                assert server.active_sessions == 1 and server.rtt_ms is not None
             closed = wait_until(url, lambda s: get(s, "swarmllm_active_sessions") == 0)
             assert get(closed, "swarmllm_active_sessions") == 0
             assert get(closed, "swarmllm_cache_bytes_used") == 0

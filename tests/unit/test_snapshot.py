@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from swarmllm.cli.status import render
-from swarmllm.observe.snapshot import SwarmSnapshot, accounts, gaps_of, model_view
+from swarmllm.observe.snapshot import SwarmSnapshot, _live, accounts, gaps_of, model_view
 from swarmllm.protocol import ServerRecord, ServerState
 
 NOW = 1_700_000_000.0
@@ -134,3 +134,16 @@ def test_render_a_model_nobody_serves_yet() -> None:
     text = render(_snapshot(model_view("smol", 0, [], {})))
     assert "smol: no server holds any block (the number of blocks is unknown)" in text
     assert "NO SERVER for blocks" not in text and "coverage ||" in text
+
+
+def test_live_records_from_pings_replace_the_dhts_for_the_same_span() -> None:
+    dht = [_server("a", 0, 10, active_sessions=0), _server("b", 10, 20, active_sessions=0),
+           _server("c", 20, 30, active_sessions=0), _server("d", 0, 30, active_sessions=0)]
+    pings = {
+        "a": (0.001, _server("a", 0, 10, active_sessions=3)),  # live: replaces
+        "b": (0.001, _server("b", 5, 15, active_sessions=2)),  # moved since it announced: the DHT's stays
+        "c": None,  # did not answer
+        "d": (0.001, None),  # answered with no readable record
+    }
+    assert [r.active_sessions for r in _live(dht, pings)] == [3, 0, 0, 0]
+    assert [(r.start, r.end) for r in _live(dht, pings)] == [(0, 10), (10, 20), (20, 30), (0, 30)]

@@ -1,7 +1,8 @@
 """A snapshot of the swarm for people: what `swarmllm status` prints and the web monitor draws.
 
 `collect()` reads the DHT (the model index, every model's server records, reports, adapters and points
-receipts) and pings each server once; `model_view()` turns one model's records into coverage and gaps and is
+receipts) and pings each server once; the ping's reply is the server's live record, which replaces the
+DHT's (up to announce_ttl/3 old), so sessions and tokens served are current. `model_view()` turns one model's records into coverage and gaps and is
 pure, so it is unit-tested on made-up records. The snapshot is a typed, versioned record, served as JSON by
 `GET /api/swarm` and printed by `swarmllm status --json`, so scripts read one format.
 """
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from swarmllm import wire
 from swarmllm.adapters.records import get_names
 from swarmllm.client import loop
 from swarmllm.dht.node import SwarmPeer
@@ -132,20 +134,38 @@ def accounts(receipts: list[Receipt]) -> list[AccountView]:
     return [AccountView(account=a, balance=b, served=served.get(a, 0), used=used.get(a, 0)) for a, b in rows]
 
 
-async def ping_all(p2p: P2P, peer: SwarmPeer, peer_ids: Iterable[str], timeout: float) -> dict[str, float | None]:
-    """Round trip of one `info` call to each server, in seconds; None for a server that did not answer."""
+async def ping_all(p2p: P2P, peer: SwarmPeer, peer_ids: Iterable[str], timeout: float
+                   ) -> dict[str, tuple[float, ServerRecord | None] | None]:
+    """One `info` call to each server: (round trip in seconds, the record it returned, which is live where
+    the DHT's is up to announce_ttl/3 old), or None for a server that did not answer. A returned record
+    that names another peer is dropped (a server speaks for itself only)."""
 
-    async def ping(peer_id: str) -> tuple[str, float | None]:
+    async def ping(peer_id: str) -> tuple[str, tuple[float, ServerRecord | None] | None]:
         t0 = time.perf_counter()
         try:
             request = peer.membership.stamp(runtime_pb2.ExpertRequest())
-            await asyncio.wait_for(p2p.call_protobuf_handler(
+            reply = await asyncio.wait_for(p2p.call_protobuf_handler(
                 PeerID.from_base58(peer_id), RPC_INFO, request, runtime_pb2.ExpertResponse), timeout)
         except Exception:  # unreachable, refused or slow: shown as unknown, never as fast
             return peer_id, None
-        return peer_id, time.perf_counter() - t0
+        rtt = time.perf_counter() - t0
+        try:
+            live, _ = wire.parse(reply, ServerRecord, peer_id)
+        except Exception:  # an older or broken server: its round trip still counts
+            return peer_id, (rtt, None)
+        return peer_id, (rtt, live if live.peer_id == peer_id else None)
 
     return dict(await asyncio.gather(*(ping(p) for p in set(peer_ids))))
+
+
+def _live(records: list[ServerRecord], pings: dict) -> list[ServerRecord]:
+    """Each record replaced by the one its server just returned, if that covers the same span (a server
+    that just moved is shown where the DHT has it until its next announcement)."""
+    out = []
+    for r in records:
+        live = (pings.get(r.peer_id) or (None, None))[1]
+        out.append(live if live is not None and (live.start, live.end) == (r.start, r.end) else r)
+    return out
 
 
 def collect(peer: SwarmPeer, p2p: P2P | None = None, models: Iterable[str] | None = None,
@@ -161,7 +181,9 @@ def collect(peer: SwarmPeer, p2p: P2P | None = None, models: Iterable[str] | Non
     rtts: dict[str, float | None] = {}
     if p2p is not None:
         ids = [r.peer_id for rs in records.values() for r in rs if r.state != ServerState.OFFLINE]
-        rtts = loop.run(ping_all(p2p, peer, ids, ping_timeout), timeout=ping_timeout + 5)
+        pings = loop.run(ping_all(p2p, peer, ids, ping_timeout), timeout=ping_timeout + 5)
+        rtts = {p: None if ping is None else ping[0] for p, ping in pings.items()}
+        records = {name: _live(rs, pings) for name, rs in records.items()}
     views = [model_view(name, known[name], rs, rtts, reported(get_reports(dht, name), 1)) for name, rs in records.items()]
     adapters = [AdapterView(name=a.name, model=a.model, kind=a.kind, size=a.size, publisher=a.publisher)
                 for a in sorted(get_names(dht).values(), key=lambda a: a.name)]
