@@ -39,7 +39,9 @@ def figures(results: dict) -> list[tuple[str, str, float, float | None, bool]]:
     add("serving many clients", "8 clients / 1 client", _get(results, "serving", "batched", "ratio"), 4.0)
     add("serving many clients", "batched / unbatched servers", _get(results, "serving", "batched_over_unbatched"), None)
     add("serving many clients", "API: 4 requests / 1", _get(results, "api", "concurrent_ratio_to_one"), None)
+    add("serving many clients", "API: n=4 choices / 1", _get(results, "api", "n_choices_ratio_to_one"), None)
     add("speed vs baseline", "API stream / direct generate", _get(results, "api", "api_ratio_to_direct"), None)
+    add("speed vs baseline", "API with logprobs / without", _get(results, "api", "logprobs_ratio_to_api"), None)
     for key, cond in (_get(results, "wan") or {}).items():
         for side in ("push", "nopush"):
             add("WAN: steps/s / limit", f"{key} {side}", _get(cond, f"{side}_vs_limit") if isinstance(cond, dict) else None)
