@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 WEB = Path(__file__).parent / "web"
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+KEY_SCOPE = "swarmllm.api_key"  # ASGI scope entry: the name of the API key a request came with
 
 
 def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = None, refresh: float = 2.0):
@@ -104,26 +105,29 @@ def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = No
     app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
                                                        Exception: internal_error})
     if engine.config.api_keys_file is not None:
-        app = _RequireKey(app, ApiKeys(engine.config.api_keys_file))
+        app = _RequireKey(app, ApiKeys(engine.config.api_keys_file), engine.metrics)
     return _CountResponses(app, engine.metrics, {r.path for r in routes if isinstance(r, Route)})
 
 
 class _RequireKey:
     """ASGI wrapper that answers 401 (OpenAI's `invalid_api_key`) to a guarded route without a valid key."""
 
-    def __init__(self, app, keys: ApiKeys):
-        self.app, self.keys = app, keys
+    def __init__(self, app, keys: ApiKeys, metrics):
+        self.app, self.keys, self.metrics = app, keys, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and guarded(scope["path"]):
             headers = dict(scope["headers"])
-            if not self.keys.allows(headers.get(b"authorization", b"").decode("latin-1")):
+            name = self.keys.identify(headers.get(b"authorization", b"").decode("latin-1"))
+            if name is None:
                 error = ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
                                  code="invalid_api_key")
                 response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 await _discard_body(receive)  # answering mid-upload would reset the connection (see _drain)
                 await response(scope, receive, send)
                 return
+            self.metrics.key_requests.labels(name).inc()
+            scope = {**scope, KEY_SCOPE: name}  # the completion's tokens are counted under this name
         await self.app(scope, receive, send)
 
 
@@ -213,7 +217,8 @@ async def _complete(request: Request, engine: Engine, body: schemas.Request, pro
     await asyncio.get_running_loop().run_in_executor(None, engine.check_swarm)
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     echo = engine.tokenizer.decode(prompt, skip_special_tokens=True) if not chat and body.echo else ""
-    streams = [engine.stream(prompt, s, endpoint=request.url.path) for s in samplings]  # one per choice
+    key = request.scope.get(KEY_SCOPE)
+    streams = [engine.stream(prompt, s, endpoint=request.url.path, key=key) for s in samplings]  # one per choice
     if body.stream:
         # Fail before the 200 if the request cannot even start (full, swarm gone): the first item of a
         # stream is only produced once decoding runs, so admission errors surface here.

@@ -1,8 +1,11 @@
 """API keys: who may use the HTTP API.
 
-Keys live in a file (one per line, `#` comments), never on the command line, where `ps` would show them.
-The file is read again when it changes, so a key is added or revoked without a restart. Requests carry
-`Authorization: Bearer KEY`, which is what OpenAI's clients send for `api_key=`.
+Keys live in a file, never on the command line, where `ps` would show them. Each line is `KEY` or
+`NAME KEY`, and `#` starts a comment. The name (by default `key-` and the start of the key's SHA-256)
+labels the key's requests and tokens in the API's metrics, so usage can be told apart per team or
+application without the key itself ever appearing. The file is read again when it changes, so a key is
+added or revoked without a restart. Requests carry `Authorization: Bearer KEY`, which is what OpenAI's
+clients send for `api_key=`.
 
 What is guarded: every route that returns data or does work (`/v1/*`, `/api/*`, `/metrics`). The chat
 and monitor pages and their static files are not: they hold no data, and they ask for a key when the API
@@ -11,6 +14,7 @@ answers 401.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from pathlib import Path
@@ -32,20 +36,25 @@ class ApiKeys:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._stamp: tuple[int, int] | None = None
-        self._keys: list[bytes] = []
+        self._keys: list[tuple[str, bytes]] = []  # (name, key)
         self._reload(first=True)
 
-    def allows(self, authorization: str | None) -> bool:
-        """Whether an `Authorization` header value carries one of the keys (compared in constant time)."""
+    def identify(self, authorization: str | None) -> str | None:
+        """The name of the key an `Authorization` header value carries, or None if it carries none of them
+        (compared in constant time)."""
         self._reload()
         if not authorization:
-            return False
+            return None
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            return False
+            return None
         given = key.strip().encode()
+        found = None
         # Compare against every key, without stopping early, so timing says nothing about which matched.
-        return sum(hmac.compare_digest(given, k) for k in self._keys) > 0
+        for name, k in self._keys:
+            if hmac.compare_digest(given, k):
+                found = name
+        return found
 
     def _reload(self, first: bool = False) -> None:
         try:
@@ -62,20 +71,24 @@ class ApiKeys:
         warn_if_exposed(self.path, "the API keys file")
         if not first:
             logger.info("API keys reloaded from %s: %d keys", self.path, len(keys))
-        self._keys, self._stamp = [k.encode() for k in keys], (st.st_mtime_ns, st.st_size)
+        self._keys, self._stamp = [(name, k.encode()) for name, k in keys], (st.st_mtime_ns, st.st_size)
 
 
-def parse_keys(text: str) -> list[str]:
-    """Keys from a file's text: one per line; blank lines and `#` comments skipped. Raises on none, or on a
-    key with spaces (it could never be sent as one bearer token)."""
+def parse_keys(text: str) -> list[tuple[str, str]]:
+    """(name, key) pairs from a file's text: `KEY` or `NAME KEY` per line; blank lines and `#` comments
+    skipped. Raises on no key, a line of three words or more, or a name given twice."""
     keys = []
     for number, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+        words = line.split("#", 1)[0].split()
+        if not words:
             continue
-        if any(c.isspace() for c in line):
-            raise ValueError(f"line {number}: a key cannot contain spaces")
-        keys.append(line)
+        if len(words) > 2:
+            raise ValueError(f"line {number}: expected KEY or NAME KEY (a key cannot contain spaces)")
+        key = words[-1]
+        name = words[0] if len(words) == 2 else "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+        if name in (n for n, _ in keys):
+            raise ValueError(f"line {number}: the name {name} is given twice")
+        keys.append((name, key))
     if not keys:
         raise ValueError("the file holds no key")
     return keys

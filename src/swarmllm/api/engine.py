@@ -103,9 +103,11 @@ class Engine:
             with self._lock:
                 self._admitted -= 1
 
-    async def stream(self, prompt: list[int], sampling: Sampling, endpoint: str = "") -> AsyncIterator[Piece | Completion]:
+    async def stream(self, prompt: list[int], sampling: Sampling, endpoint: str = "",
+                     key: str | None = None) -> AsyncIterator[Piece | Completion]:
         """Pieces of text (with their logprobs) as they become final, then the Completion. Closing the
-        iterator early (the client went away) cancels the decoding; its thread then closes the session."""
+        iterator early (the client went away) cancels the decoding; its thread then closes the session.
+        `key`: the name of the API key it came with, to count its tokens under."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -141,6 +143,9 @@ class Engine:
                         finished = True
                         m.prompt_tokens.inc(item.prompt_tokens)
                         m.completion_tokens.inc(item.completion_tokens)
+                        if key is not None:
+                            m.key_tokens.labels(key, "prompt").inc(item.prompt_tokens)
+                            m.key_tokens.labels(key, "completion").inc(item.completion_tokens)
                         m.duration.labels(endpoint).observe(time.monotonic() - began)
                     yield item
                     if isinstance(item, Completion):

@@ -9,7 +9,10 @@ The servers' metrics (server/metrics.py) say what each span computes; these say 
 - `swarmllm_api_first_token_seconds` histogram: from admission to the first piece of text (queueing, the
   prompt's prefill through every server, and the first step);
 - `swarmllm_api_request_seconds{endpoint}` histogram: whole completions, streamed or not;
-- `swarmllm_api_cancelled_total` counter: completions stopped because the client went away.
+- `swarmllm_api_cancelled_total` counter: completions stopped because the client went away;
+- with API keys (api/auth.py), per key name: `swarmllm_api_key_requests_total{key}` (requests let in) and
+  `swarmllm_api_key_tokens_total{key,kind}` (`prompt` and `completion` tokens of finished completions; each
+  of `n` choices prefills the prompt, so counts it).
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ class ApiMetrics:
                                   buckets=BUCKETS, registry=r)
         self.cancelled = Counter("swarmllm_api_cancelled", "Completions stopped because the client went away",
                                  registry=r)
+
+        self.key_requests = Counter("swarmllm_api_key_requests", "Requests let in, by API key name", ["key"],
+                                    registry=r)
+        self.key_tokens = Counter("swarmllm_api_key_tokens", "Tokens of finished completions, by API key name",
+                                  ["key", "kind"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
