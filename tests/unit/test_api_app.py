@@ -325,6 +325,30 @@ def test_completions_score_a_text_with_echo_and_max_tokens_0(client, smollm2_loc
     assert "".join(c["choices"][0]["text"] for c in chunks) == both["text"]
 
 
+def test_a_batch_of_prompts_gets_n_choices_each_in_order(client, smollm2_tokenizer) -> None:
+    other = "Two plus two equals"
+    batch = _complete(client, prompt=[TEXT_PROMPT, other], n=2, echo=True)
+    singles = [_complete(client, prompt=p, echo=True) for p in (TEXT_PROMPT, other)]
+    texts = [c["text"] for c in sorted(batch["choices"], key=lambda c: c["index"])]
+    want = [s["choices"][0]["text"] for s in singles]
+    assert texts == [want[0], want[0], want[1], want[1]]  # index = prompt x n + choice; greedy: equal
+    assert batch["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in singles)  # once each
+    assert batch["usage"]["completion_tokens"] == 2 * sum(s["usage"]["completion_tokens"] for s in singles)
+    # The same batch as token ids, which is how evaluation harnesses send it.
+    ids = [smollm2_tokenizer(p).input_ids for p in (TEXT_PROMPT, other)]
+    by_ids = _complete(client, prompt=ids)
+    assert [c["text"] for c in by_ids["choices"]] == [t.removeprefix(p) for t, p in zip(want, (TEXT_PROMPT, other))]
+    chunks = _stream_chunks(client, "/v1/completions", {"model": MODEL, "prompt": [TEXT_PROMPT, other],
+                                                        "temperature": 0, "max_tokens": 4, "echo": True,
+                                                        "stream_options": {"include_usage": True}})
+    *chunks, usage = chunks
+    streamed = ["", ""]
+    for c in chunks:
+        streamed[c["choices"][0]["index"]] += c["choices"][0]["text"]
+    assert streamed == want and usage["usage"] == singles[0]["usage"] | {
+        k: singles[0]["usage"][k] + singles[1]["usage"][k] for k in singles[0]["usage"]}
+
+
 def test_completions_logprobs_are_bounded(client) -> None:
     response = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 6})
     assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
@@ -335,7 +359,8 @@ def test_completions_logprobs_are_bounded(client) -> None:
     ([5, -1], "prompt"),
     ([], "prompt"),
     ("", "prompt"),
-    (["one", "two"], "prompt"),
+    ([[5, 6], []], "prompt"),  # a batch with an empty prompt
+    (["x"] * 17, "prompt"),  # more completions than one request may ask for
     (5, "prompt"),
 ])
 def test_bad_completion_prompts_get_400(client, prompt, param) -> None:

@@ -235,10 +235,13 @@ def test_logprobs_are_the_models_and_travel_with_their_text(smollm2_local, smoll
     pieces: list[Piece] = []
     c = complete(smollm2_local, smollm2_tokenizer, prompt, Sampling(max_tokens=16, temperature=0, logprobs=3), eos,
                  emit=pieces.append)
-    assert c.token_ids == greedy_reference[:-1] and len(c.logprobs) == len(c.token_ids)  # EOS has no entry
+    assert c.token_ids == greedy_reference[:-1]
+    # Every generated token has an entry, the end-of-sequence one too (marked: it has no text).
+    assert len(c.logprobs) == c.completion_tokens == len(greedy_reference)
+    assert [e.end for e in c.logprobs] == [False] * len(c.token_ids) + [True]
     assert [lp for p in pieces for lp in p.logprobs] == c.logprobs  # each streamed piece carries its tokens'
     ref = _reference_logprobs(smollm2_local, prompt + c.token_ids)
-    for i, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+    for i, (token, entry) in enumerate(zip(greedy_reference, c.logprobs)):
         want = ref[len(prompt) - 1 + i]
         assert entry.token == smollm2_tokenizer.decode([token])
         assert entry.logprob == pytest.approx(float(want[token]), abs=1e-4)

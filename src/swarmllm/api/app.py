@@ -55,12 +55,12 @@ def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = No
     async def chat_completions(request: Request) -> Response:
         body = await _parse(request, schemas.ChatRequest, engine)
         prompt = engine.chat_prompt(body.chat())
-        return await _complete(request, engine, body, prompt, chat=True)
+        return await _complete(request, engine, body, [prompt], chat=True)
 
     async def completions(request: Request) -> Response:
         body = await _parse(request, schemas.CompletionRequest, engine)
-        prompt = engine.text_prompt(body.prompt)
-        return await _complete(request, engine, body, prompt, chat=False)
+        prompts = engine.text_prompts(body.prompt)
+        return await _complete(request, engine, body, prompts, chat=False)
 
     async def swarm(request: Request) -> Response:
         if cached is None:
@@ -212,23 +212,32 @@ async def _parse(request: Request, schema: type[schemas.Request], engine: Engine
     return body
 
 
-async def _complete(request: Request, engine: Engine, body: schemas.Request, prompt: list[int], chat: bool) -> Response:
-    samplings = body.samplings(engine.budget(prompt, body.requested_tokens))
+async def _complete(request: Request, engine: Engine, body: schemas.Request, prompts: list[list[int]],
+                    chat: bool) -> Response:
+    """`n` choices for each prompt (completions take a batch of prompts), as OpenAI orders them: choice
+    index = prompt index x n + choice."""
+    if len(prompts) * (body.n or 1) > schemas.MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts x n={body.n or 1} choices is over {schemas.MAX_CHOICES} "
+                            "completions per request", param="prompt" if len(prompts) > 1 else "n")
+    samplings = [body.samplings(engine.budget(p, body.requested_tokens)) for p in prompts]
     await asyncio.get_running_loop().run_in_executor(None, engine.check_swarm)
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
-    echo = engine.tokenizer.decode(prompt, skip_special_tokens=True) if not chat and body.echo else ""
+    echoes = [engine.tokenizer.decode(p, skip_special_tokens=True) if not chat and body.echo else "" for p in prompts
+              for _ in samplings[0]]
     key = request.scope.get(KEY_SCOPE)
-    streams = [engine.stream(prompt, s, endpoint=request.url.path, key=key) for s in samplings]  # one per choice
+    streams = [engine.stream(p, s, endpoint=request.url.path, key=key)  # one per choice
+               for p, ss in zip(prompts, samplings) for s in ss]
     if body.stream:
         # Fail before the 200 if the request cannot even start (full, swarm gone): the first item of a
         # stream is only produced once decoding runs, so admission errors surface here.
         firsts = await _firsts(streams)
-        events = _events(streams, firsts, rid, engine.model_id, chat, body.include_usage, echo, samplings[0])
+        events = _events(streams, firsts, rid, engine.model_id, chat, body.include_usage, echoes, samplings[0][0],
+                         body.n or 1)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     choices = await _until_done(request, streams)
     return JSONResponse(schemas.chat_response(rid, engine.model_id, choices) if chat
-                        else schemas.text_response(rid, engine.model_id, choices, echo))
+                        else schemas.text_response(rid, engine.model_id, choices, echoes, body.n or 1))
 
 
 Stream = AsyncIterator[Piece | Completion]
@@ -281,9 +290,10 @@ async def _until_done(request: Request, streams: list[Stream]) -> list[Completio
 
 
 async def _events(streams: list[Stream], firsts: list[Piece | Completion], rid: str, model: str, chat: bool,
-                  include_usage: bool, echo: str, sampling: Sampling) -> AsyncIterator[str]:
+                  include_usage: bool, echoes: list[str], sampling: Sampling, n: int) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's shape, every choice's chunks as they come, each with its index. When the
-    client disconnects, Starlette cancels this generator; closing the streams then cancels the decoding."""
+    client disconnects, Starlette cancels this generator; closing the streams then cancels the decoding.
+    `n`: choices per prompt."""
     created = int(time.time())
     offsets = [0] * len(streams)  # completions' text_offset per choice (see schemas.text_logprobs)
 
@@ -316,8 +326,8 @@ async def _events(streams: list[Stream], firsts: list[Piece | Completion], rid: 
         for i in range(len(streams)):
             if chat:
                 yield chunk(i, role=True)
-            elif echo and not sampling.prompt_logprobs:
-                yield chunk(i, echo)  # else it goes out with the prompt's logprobs, once the prefill computed them
+            elif echoes[i] and not sampling.prompt_logprobs:
+                yield chunk(i, echoes[i])  # else it goes out with the prompt's logprobs, once the prefill computed them
         while len(finished) < len(streams):
             i, item = await queue.get()
             if isinstance(item, Exception):  # the status line is gone: OpenAI clients raise on an error event
@@ -327,14 +337,14 @@ async def _events(streams: list[Stream], firsts: list[Piece | Completion], rid: 
                 finished[i] = item
                 yield chunk(i, finish=item.finish_reason)
             elif item.prompt_logprobs is not None:
-                yield chunk(i, echo, entries=item.prompt_logprobs)
+                yield chunk(i, echoes[i], entries=item.prompt_logprobs)
             elif item.text or item.logprobs:
                 yield chunk(i, item.text, entries=item.logprobs)
         else:
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 choices = [finished[i] for i in range(len(streams))]
-                yield f"data: {json.dumps(schemas.usage_chunk(rid, model, created, obj, choices))}\n\n"
+                yield f"data: {json.dumps(schemas.usage_chunk(rid, model, created, obj, choices, n))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         await _close(streams, tasks)

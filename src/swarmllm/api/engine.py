@@ -52,14 +52,20 @@ class Engine:
             raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
         return list(ids)
 
-    def text_prompt(self, prompt: str | list) -> list[int]:
-        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+    def text_prompts(self, prompt: str | list) -> list[list[int]]:
+        """A completions request's prompts as token ids: a string, a token-id list, or a batch of either."""
+        if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+            prompt = [prompt]
+        return [self._text_prompt(p) for p in prompt]
+
+    def _text_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
             vocab = len(self.tokenizer)
             if any(not 0 <= t < vocab for t in prompt):
                 raise ApiError(400, f"token ids must be within 0:{vocab}", param="prompt")
             ids = list(prompt)
         else:
-            ids = self.tokenizer(prompt if isinstance(prompt, str) else prompt[0]).input_ids
+            ids = self.tokenizer(prompt).input_ids
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         return ids

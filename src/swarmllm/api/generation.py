@@ -13,6 +13,7 @@ transformers model (a DynamicCache), which the unit tests use.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class TokenLogprob:
     token: str  # the token decoded alone (a character split across tokens shows as U+FFFD)
     logprob: float | None  # None only for a prompt's first token: nothing comes before it
     top: tuple[tuple[str, float], ...] = ()
+    end: bool = False  # the end-of-sequence token: generated and counted, but it has no text
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None  # generated tokens, end-of-sequence excluded
+    logprobs: list[TokenLogprob] | None = None  # every generated token, an end-of-sequence one included
     prompt_logprobs: list[TokenLogprob] | None = None  # every prompt token, the first with logprob None
 
 
@@ -190,11 +192,12 @@ def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: froze
                 logits, ahead = ahead, None
             token = pick(logits, sampling, generator, counts)
             counts[token] = counts.get(token, 0) + 1
+            if k is not None:
+                [entry] = score(tokenizer, logits[None], [token], k)
+                pending.append(dataclasses.replace(entry, end=True) if token in eos else entry)
             if token in eos:
                 finish = "stop"
                 break
-            if k is not None:
-                pending.extend(score(tokenizer, logits[None], [token], k))
             piece = stream.add(token)
             if piece:
                 produced.extend(pending)

@@ -133,7 +133,7 @@ class ChatRequest(Request):
 
 
 class CompletionRequest(Request):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]  # one prompt, or a batch (choices per prompt)
     max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: no completion (with echo and logprobs: scoring)
     echo: bool = False
     suffix: str | None = None
@@ -146,8 +146,6 @@ class CompletionRequest(Request):
             raise ApiError(400, "suffix is not supported", param="suffix")
         if self.best_of not in (None, 1):
             raise ApiError(400, "best_of > 1 is not supported", param="best_of")
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
-            raise ApiError(400, "send one prompt per request (a list of several prompts is not supported)", param="prompt")
         return self
 
     @property
@@ -162,9 +160,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(choices: list[Completion]) -> dict:
-    """The prompt counts once, however many choices were generated from it (as OpenAI counts)."""
-    prompt, completion = choices[0].prompt_tokens, sum(c.completion_tokens for c in choices)
+def usage(choices: list[Completion], n: int = 1) -> dict:
+    """Each prompt counts once, however many (`n`) choices were generated from it (as OpenAI counts);
+    `choices` are ordered prompt by prompt."""
+    prompt, completion = sum(c.prompt_tokens for c in choices[::n]), sum(c.completion_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -174,13 +173,17 @@ def chat_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
 
     if entries is None:
         return None
-    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]} for e in entries],
+    # The end-of-sequence token is not part of the message, so not of its tokens (as OpenAI shows it).
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]}
+                        for e in entries if not e.end],
             "refusal": None}
 
 
 def text_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
-    """The legacy completions shape. `text_offset`: where each token's text starts in the choice's text
-    (echoed prompt included), counted from `offset` and the lengths of the tokens decoded alone."""
+    """The legacy completions shape: one entry per token of the echoed prompt and per generated token, an
+    end-of-sequence one included (harnesses count entries against tokens). `text_offset`: where each
+    token's text starts in the choice's text, counted from `offset` and the lengths of the tokens decoded
+    alone."""
     if entries is None:
         return None
     offsets = []
@@ -197,7 +200,7 @@ def chat_response(rid: str, model: str, choices: list[Completion]) -> dict:
             "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                          "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
                         for i, c in enumerate(choices)],
-            "usage": usage(choices)}
+            "usage": usage(choices, len(choices))}
 
 
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish: str | None = None,
@@ -206,14 +209,15 @@ def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, fini
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
 
-def text_response(rid: str, model: str, choices: list[Completion], prefix: str = "") -> dict:
+def text_response(rid: str, model: str, choices: list[Completion], prefixes: list[str], n: int = 1) -> dict:
+    """`prefixes`: each choice's echoed prompt (empty strings without echo); `n`: choices per prompt."""
     def logprobs(c: Completion) -> dict | None:
         return None if c.logprobs is None else text_logprobs([*(c.prompt_logprobs or []), *c.logprobs])
 
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "text": prefix + c.text, "logprobs": logprobs(c), "finish_reason": c.finish_reason}
-                        for i, c in enumerate(choices)],
-            "usage": usage(choices)}
+                        for i, (c, prefix) in enumerate(zip(choices, prefixes))],
+            "usage": usage(choices, n)}
 
 
 def text_chunk(rid: str, model: str, created: int, index: int, text: str, finish: str | None = None,
@@ -222,5 +226,5 @@ def text_chunk(rid: str, model: str, created: int, index: int, text: str, finish
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
 
-def usage_chunk(rid: str, model: str, created: int, obj: str, choices: list[Completion]) -> dict:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(choices)}
+def usage_chunk(rid: str, model: str, created: int, obj: str, choices: list[Completion], n: int) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(choices, n)}
