@@ -349,6 +349,26 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_order(client, smollm2_tokeniz
         k: singles[0]["usage"][k] + singles[1]["usage"][k] for k in singles[0]["usage"]}
 
 
+def test_harness_style_scoring_counts_an_end_of_sequence_token(client, chat_prompt, smollm2_local,
+                                                               smollm2_tokenizer) -> None:
+    """The request lm-evaluation-harness sends (a batch of token ids, echo, logprobs 1, max_tokens 1) sums
+    token_logprobs[ctxlen:-1], assuming the last entry is the generated token. Here the model's next token
+    is its end of turn: it must still have its entry, or the slice would drop a scored token."""
+    with torch.inference_mode():
+        answer = smollm2_local.generate(torch.tensor([chat_prompt]), max_new_tokens=16, do_sample=False)
+    answer = answer[0, len(chat_prompt):-1].tolist()  # without the end of turn, which comes next
+    ids = chat_prompt + answer
+    reply = _complete(client, prompt=[ids], echo=True, logprobs=1, max_tokens=1)["choices"][0]
+    lp = reply["logprobs"]
+    assert reply["finish_reason"] == "stop" and len(lp["token_logprobs"]) == len(ids) + 1
+    assert lp["tokens"][-1] == smollm2_tokenizer.decode([smollm2_tokenizer.eos_token_id])
+    with torch.inference_mode():
+        ref = torch.log_softmax(smollm2_local(torch.tensor([ids])).logits[0].float(), dim=-1)
+    ctxlen = len(chat_prompt)
+    want = sum(float(ref[i - 1, ids[i]]) for i in range(ctxlen, len(ids)))
+    assert sum(lp["token_logprobs"][ctxlen:-1]) == pytest.approx(want, abs=1e-3)
+
+
 def test_completions_logprobs_are_bounded(client) -> None:
     response = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 6})
     assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
