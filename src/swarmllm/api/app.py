@@ -123,7 +123,8 @@ class _RequireKey:
                 error = ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
                                  code="invalid_api_key")
                 response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                await _discard_body(receive)  # answering mid-upload would reset the connection (see _drain)
+                request = Request(scope, receive)
+                await _drain(request, request.stream(), 0)  # answering mid-upload would reset the connection
                 await response(scope, receive, send)
                 return
             self.metrics.key_requests.labels(name).inc()
@@ -154,7 +155,7 @@ _DRAIN_BYTES = 64 << 20
 
 
 async def _drain(request: Request, chunks: AsyncIterator[bytes], read: int) -> None:
-    """Read and drop the rest of an oversized body before answering 413. A client still writing its body
+    """Read and drop the rest of a refused body (401, 413) before answering. A client still writing its body
     when we close the connection gets a reset instead of our answer (seen in CI with a 3 MB prompt).
     Past _DRAIN_BYTES the client gets the reset: reading a huge body costs more than a clear error is worth.
     `chunks`: the body's stream, `read` bytes of it already read."""
@@ -164,18 +165,6 @@ async def _drain(request: Request, chunks: AsyncIterator[bytes], read: int) -> N
     async for chunk in chunks:
         read += len(chunk)
         if read > _DRAIN_BYTES:
-            return
-
-
-async def _discard_body(receive) -> None:
-    """_drain at the ASGI level, for answers given before a Request exists."""
-    read = 0
-    while read <= _DRAIN_BYTES:
-        message = await receive()
-        if message["type"] != "http.request":
-            return
-        read += len(message.get("body", b""))
-        if not message.get("more_body", False):
             return
 
 

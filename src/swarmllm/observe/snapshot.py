@@ -2,8 +2,8 @@
 
 `collect()` reads the DHT (the model index, every model's server records, reports, adapters and points
 receipts) and pings each server once; the ping's reply is the server's live record, which replaces the
-DHT's (up to announce_ttl/3 old), so sessions and tokens served are current. `model_view()` turns one model's records into coverage and gaps and is
-pure, so it is unit-tested on made-up records. The snapshot is a typed, versioned record, served as JSON by
+DHT's (up to announce_ttl/3 old), so sessions and tokens served are current. `model_view()` turns one
+model's records into coverage and gaps and is pure, so it is unit-tested on made-up records. The snapshot is a typed, versioned record, served as JSON by
 `GET /api/swarm` and printed by `swarmllm status --json`, so scripts read one format.
 """
 

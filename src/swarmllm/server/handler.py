@@ -93,11 +93,17 @@ class Handler:
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.metrics.watch(memory, lambda: self.sessions.active, self.scheduler)
 
+    def gate(self, handler):
+        """`handler` (unary) behind the membership gate, its refusals counted in the metrics."""
+        return gate_unary(self.membership, handler, on_refuse=self._refused)
+
+    def _refused(self) -> None:
+        self.metrics.error(ErrorCode.NOT_MEMBER)
+
     async def register(self, p2p: P2P) -> None:
         # In a private swarm every handler is gated: a non-member's request is refused before it is parsed.
-        refused = partial(self.metrics.error, ErrorCode.NOT_MEMBER)
-        unary = partial(gate_unary, self.membership, on_refuse=refused)
-        stream = partial(gate_stream, self.membership, on_refuse=refused)
+        unary = self.gate
+        stream = partial(gate_stream, self.membership, on_refuse=self._refused)
         await p2p.add_protobuf_handler(RPC_INFO, unary(self.rpc_info), runtime_pb2.ExpertRequest)
         for name, rpc, fn in ((RPC_FORWARD, "forward", self.forward), (RPC_BACKWARD, "backward", self.backward)):
             await p2p.add_protobuf_handler(

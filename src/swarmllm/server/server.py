@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,15 +24,7 @@ from swarmllm.dht.records import announce, get_servers
 from swarmllm.models.quant import quantize_blocks
 from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import Span, check_span, load_config, load_span
-from swarmllm.protocol import (
-    RPC_INFO,
-    RPC_POINTS_BIND,
-    RPC_RECEIPT,
-    RPC_SETTLE,
-    ErrorCode,
-    ServerRecord,
-    ServerState,
-)
+from swarmllm.protocol import RPC_INFO, RPC_POINTS_BIND, RPC_RECEIPT, RPC_SETTLE, ServerRecord, ServerState
 from swarmllm.server.audit import AuditLog
 from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheMemory, bytes_per_token
@@ -46,7 +37,6 @@ from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.points import ServerPoints
 from swarmllm.server.scheduler import Scheduler
 from swarmllm.server.throughput import measure as measure_throughput
-from swarmllm.trust.membership import gate_unary
 
 logger = logging.getLogger(__name__)
 
@@ -261,10 +251,9 @@ class Server:
         for name in self.config.adapters:
             await self.adapter(name)
         await self.handler.register(p2p)
-        gate = partial(gate_unary, self.peer.membership, on_refuse=partial(self.handler.metrics.error, ErrorCode.NOT_MEMBER))
         for name, fn in ((RPC_POINTS_BIND, self.points.rpc_bind), (RPC_RECEIPT, self.points.rpc_receipt),
                          (RPC_SETTLE, self.points.rpc_settle)):
-            await p2p.add_protobuf_handler(name, gate(fn), runtime_pb2.ExpertRequest)
+            await p2p.add_protobuf_handler(name, self.handler.gate(fn), runtime_pb2.ExpertRequest)
         ttl = self.config.announce_ttl
         await loop.run_in_executor(None, announce, self.dht, self.model_name, self.record(), ttl)
         maddrs = " ".join(str(m) for m in self.dht.get_visible_maddrs())

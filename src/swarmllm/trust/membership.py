@@ -50,7 +50,11 @@ class Membership:
 PUBLIC = Membership(None, "")
 
 
-def _refusal():
+def _refusal(what: str, peer: str, on_refuse: Callable[[], None] | None):
+    """Log and count a refused non-member, and the reply it gets."""
+    logger.info("refused a %s from non-member %s", what, peer[-8:])
+    if on_refuse is not None:
+        on_refuse()
     return wire.error_response(ErrorCode.NOT_MEMBER, "this server serves members of its private swarm only")
 
 
@@ -62,10 +66,7 @@ def gate_unary(membership: Membership, handler, on_refuse: Callable[[], None] | 
 
     async def gated(request, context):
         if not membership.admits(str(context.remote_id), request):
-            logger.info("refused a request from non-member %s", str(context.remote_id)[-8:])
-            if on_refuse is not None:
-                on_refuse()
-            return _refusal()
+            return _refusal("request", str(context.remote_id), on_refuse)
         return await handler(request, context)
 
     return gated
@@ -85,18 +86,12 @@ def gate_stream(membership: Membership, handler, stream_input: bool = True,
             except StopAsyncIteration:
                 return
             if not membership.admits(peer, first):
-                logger.info("refused a stream from non-member %s", peer[-8:])
-                if on_refuse is not None:
-                    on_refuse()
-                yield _refusal()
+                yield _refusal("stream", peer, on_refuse)
                 await wire.drain(requests, 1.0, max_messages=4)  # bounded: a non-member cannot make us read much
                 return
             requests = _chain(first, requests)
         elif not membership.admits(peer, requests):
-            logger.info("refused a request from non-member %s", peer[-8:])
-            if on_refuse is not None:
-                on_refuse()
-            yield _refusal()
+            yield _refusal("request", peer, on_refuse)
             return
         async for reply in handler(requests, context):
             yield reply

@@ -13,19 +13,14 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def exposed(path: Path) -> bool:
-    """Whether users other than the owner may read or write `path` (False if it cannot be read)."""
+def warn_if_exposed(path: str | Path, what: str) -> bool:
+    """Log a warning when users other than the owner may read or write `path`; returns whether they may
+    (False if it cannot be read)."""
     try:
-        return bool(path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+        mode = stat.S_IMODE(Path(path).stat().st_mode)
     except OSError:
         return False
-
-
-def warn_if_exposed(path: str | Path, what: str) -> bool:
-    """Log a warning when `path` is open to other users; returns whether it is."""
-    path = Path(path)
-    if not exposed(path):
+    if not mode & (stat.S_IRWXG | stat.S_IRWXO):
         return False
-    mode = stat.S_IMODE(path.stat().st_mode)
     logger.warning("%s %s is readable by other users (mode %o): chmod 600 it", what, path, mode)
     return True
