@@ -20,7 +20,11 @@ PROTOCOL_VERSION = 1
 
 PeerIdStr = NewType("PeerIdStr", str)
 SessionId = NewType("SessionId", str)
-DType = Literal["float32", "bfloat16"]
+DType = Literal["float32", "float16", "bfloat16"]
+# How a server stores and computes its blocks, as it announces them. Plain names rather than Literals: a
+# peer must keep the records of servers that use a dtype or quantization it does not know yet (a newer
+# release's), since it talks to them in the same hidden-state tensors all the same.
+SettingName = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,32}$")]
 # How a message's floating tensors are encoded on the wire (see `swarmllm.compression` for error bounds).
 # The sender picks it; whoever replies to a request replies in the request's compression.
 Compression = Literal["none", "float16", "bfloat16", "blockwise8"]
@@ -62,8 +66,9 @@ class ServerRecord(Record):
     peer_id: PeerIdStr
     start: Annotated[int, Field(ge=0)]
     end: Annotated[int, Field(gt=0)]
-    dtype: DType
-    quant: Literal["none", "int8", "nf4"] = "none"  # how its linear weights are stored (see models/quant.py)
+    dtype: SettingName  # float32, float16, bfloat16, or a newer peer's
+    quant: SettingName = "none"  # how its linear weights are stored: none, int8, int4, nf4 (see models/quant.py)
+    device: SettingName = "cpu"  # the kind of device its blocks run on: cpu, cuda, mps (for monitors)
     state: ServerState = ServerState.ONLINE
     cache_tokens_left: Annotated[int, Field(ge=0)]
     software_version: str = __version__

@@ -19,6 +19,17 @@ def test_records_ignore_unknown_fields_from_newer_peers() -> None:
     assert Step.from_bytes(data) == Step(step_id=3)
 
 
+def test_servers_with_a_dtype_or_quantization_we_do_not_know_are_kept() -> None:
+    # A newer release's server (say quant "fp8") must stay routable for older peers: hidden states are the same.
+    data = json.dumps({"peer_id": "A", "start": 0, "end": 5, "dtype": "float8_e4m3", "quant": "fp8",
+                       "device": "xpu", "cache_tokens_left": 10, "version": 1}).encode()
+    record = ServerRecord.from_bytes(data)
+    assert (record.dtype, record.quant, record.device) == ("float8_e4m3", "fp8", "xpu")
+    assert ServerRecord(peer_id="B", start=0, end=1, dtype="float16", cache_tokens_left=0).device == "cpu"
+    with pytest.raises(ValidationError):
+        ServerRecord(peer_id="C", start=0, end=1, dtype="Float 32!", cache_tokens_left=0)
+
+
 def test_records_are_frozen_and_validated() -> None:
     step = Step(step_id=1)
     with pytest.raises(ValidationError):

@@ -83,3 +83,32 @@ def test_server_config_cli_is_built_from_the_config() -> None:
         parser.parse_args(["m", "--dtype", "float64"])
     with pytest.raises(SystemExit, match="exactly one of"):
         config_from_args(ServerConfig, parser.parse_args(["m"]))
+
+
+def test_device_dtype_and_auto_sizes_come_from_the_cli() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, ServerConfig, positional=("model",))
+    config = config_from_args(ServerConfig, parser.parse_args(["m", "--num-blocks", "auto", "--max-cache-bytes", "auto",
+                                                               "--device", "cuda:1", "--dtype", "float16"]))
+    assert (config.num_blocks, config.max_cache_bytes, config.device, config.dtype) == ("auto", "auto", "cuda:1", "float16")
+    config = config_from_args(ServerConfig, parser.parse_args(["m", "--num-blocks", "5", "--quant", "int4"]))
+    assert (config.num_blocks, config.quant, config.device, config.dtype) == (5, "int4", "auto", "auto")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--num-blocks", "many"])
+    with pytest.raises(SystemExit, match="at least 1 or auto"):
+        config_from_args(ServerConfig, parser.parse_args(["m", "--num-blocks", "0"]))
+    help_text = parser.format_help()
+    assert "bfloat16 on CUDA GPUs that support it" in help_text and "float32 on CPU" in help_text
+
+
+def test_a_server_between_spans_refuses_with_not_serving(span) -> None:
+    with pytest.raises(compute.NotServing, match="moving to other blocks"):
+        compute.sub_span(None, 0, 2)
+
+
+def test_running_out_of_device_memory_is_a_typed_busy_reply() -> None:
+    from swarmllm.protocol import ErrorCode
+    from swarmllm.server.replies import error_code
+
+    assert error_code(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")) == ErrorCode.CACHE_FULL
+    assert error_code(RuntimeError("something else")) == ErrorCode.INTERNAL

@@ -172,11 +172,12 @@ def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: froze
     pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not released yet
     prompt_logprobs = None
     finish: FinishReason = "length"
-    ids = torch.tensor([prompt], dtype=torch.long)
+    device = model.device  # the client's embeddings and head may live on a GPU; picking and scoring stay on the CPU
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
     with _cache(model, len(prompt) + sampling.max_tokens) as cache, torch.inference_mode():
         ahead = None  # logits for the next position, when the prefill already gave them
         if sampling.prompt_logprobs and not cancel.is_set():
-            logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=0).logits[0]  # (prompt, vocab)
+            logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=0).logits[0].cpu()  # (prompt, vocab)
             first = TokenLogprob(tokenizer.decode(prompt[:1]), None)
             prompt_logprobs = [first, *score(tokenizer, logits[:-1], prompt[1:], k or 0)]
             ahead = logits[-1]
@@ -187,7 +188,7 @@ def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: froze
                 finish = "cancelled"
                 break
             if ahead is None:
-                logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+                logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].cpu()
             else:
                 logits, ahead = ahead, None
             token = pick(logits, sampling, generator, counts)
@@ -207,7 +208,7 @@ def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: froze
             if stream.stopped:
                 finish = "stop"
                 break
-            ids = torch.tensor([[token]], dtype=torch.long)
+            ids = torch.tensor([[token]], dtype=torch.long, device=device)
     rest = stream.flush() if finish != "cancelled" else ""
     produced.extend(pending)
     if (rest or pending) and emit is not None and finish != "cancelled":

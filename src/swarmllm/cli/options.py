@@ -45,9 +45,25 @@ def _kind(annotation: Any) -> tuple[Any, tuple]:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        words = [w for a in inner if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        if words and inner[0] in (int, float):  # `int | Literal["auto"]`: a number or one of the words
+            return _number_or(inner[0], tuple(words)), ()
         return _kind(inner[0])
     if origin is list:
         return list, ()
     if origin is Literal:
         return Literal, typing.get_args(annotation)
     return annotation, ()
+
+
+def _number_or(number: type, words: tuple[str, ...]):
+    def convert(text: str):
+        if text in words:
+            return text
+        try:
+            return number(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or one of {', '.join(words)}, got {text!r}") from None
+
+    convert.__name__ = f"{number.__name__} or {'/'.join(words)}"
+    return convert

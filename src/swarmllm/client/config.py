@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from swarmllm.models.device import DEVICE_HELP, DTYPE_HELP
 from swarmllm.protocol import Compression
 
 
@@ -35,6 +38,14 @@ class ClientConfig(BaseModel):
     )
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
     num_threads: int | None = Field(default=None, ge=1, description="torch threads for the local layers")
+    device: str = Field(
+        default="auto", description=f"where the client's embeddings, LM head, local blocks and tuning live: {DEVICE_HELP}"
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description=f"dtype of the client's own layers and of the hidden states it sends; {DTYPE_HELP}. Servers "
+        "of any dtype serve it: they convert hidden states at the boundary",
+    )
     push: bool = Field(default=True, description="servers push inference steps straight to the next server of the route")
     push_min_rtt: float = Field(
         default=0.005, ge=0,

@@ -345,7 +345,7 @@ class InferenceSession:
                 first, x = failed.index, failed.hidden_in
         self._step_id += 1
         self.position += hidden.shape[1]
-        return out
+        return out.to(hidden.device)  # replies arrive on the CPU; the caller's tensors may live on a GPU
 
     def _replace(self, index: int, error: BaseException) -> None:
         """Swap stream `index` for a new route over its blocks, with its history replayed there."""

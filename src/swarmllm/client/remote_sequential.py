@@ -253,7 +253,8 @@ class _RemoteSpanFn(torch.autograd.Function):
             saved.append((i, chain))
         ctx.remote, ctx.args, ctx.saved, ctx.position_ids, ctx.mask, ctx.rows = remote, args, saved, position_ids, mask, rows
         ctx.seed = remote.tuning.seed if remote.tuning is not None else 0
-        return torch.cat(outs)
+        # Replies arrive on the CPU; the caller's tensors may live on a GPU.
+        return torch.cat(outs).to(hidden.device)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -272,17 +273,17 @@ class _RemoteSpanFn(torch.autograd.Function):
                 grad = _backward_range(remote, start, end, hidden, grad, pos, mask, args, grads, keep)
             _accumulate(grads, remote, args, grad_prompts, grad_lora)
             grad_in.append(grad)
-        return (torch.cat(grad_in), None, None, None, grad_prompts, *grad_lora)
+        return (torch.cat(grad_in).to(grad_out.device), None, None, None, grad_prompts, *grad_lora)
 
 
 def _accumulate(grads: dict, remote: RemoteSequential, args: _Args, grad_prompts, grad_lora: list) -> None:
     base, k = remote.start, args.per_block
     for (kind, start, end), g in grads.items():
         if kind == "prompts":
-            grad_prompts[start - base : end - base] += g
+            grad_prompts[start - base : end - base] += g.to(grad_prompts.device)
         else:
             for j, gj in enumerate(g):
-                grad_lora[(start - base) * k + j] += gj
+                grad_lora[(start - base) * k + j] += gj.to(grad_lora[(start - base) * k + j].device)
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:

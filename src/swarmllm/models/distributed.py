@@ -30,7 +30,9 @@ from swarmllm.client.pipeline import LocalBlocks, Pipeline, split_segments
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.tuning import ClientTuning, TuningMode
+from swarmllm.models.device import resolve_device, resolve_dtype
 from swarmllm.models.family import family_of
+from swarmllm.models.shards import client_key_filter
 from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import load_span, meta_block, text_config
 
@@ -102,7 +104,7 @@ class DistributedBackbone(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], prefix), attention_mask], 1)
         batch, seq = embeds.shape[:2]
         if position_ids is None or prefix:
-            position_ids = _positions(attention_mask, past, seq, batch)
+            position_ids = _positions(attention_mask, past, seq, batch, embeds.device)
         position_ids = position_ids.expand(batch, -1).contiguous()
         # An all-ones mask carries no information: leave it out so servers use the fast causal path.
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
@@ -115,9 +117,10 @@ class DistributedBackbone(nn.Module):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden[:, added:]), cache=cache)
 
 
-def _positions(attention_mask: torch.Tensor | None, past: int, seq: int, batch: int) -> torch.Tensor:
+def _positions(attention_mask: torch.Tensor | None, past: int, seq: int, batch: int,
+               device: torch.device) -> torch.Tensor:
     if attention_mask is None:
-        return torch.arange(past, past + seq).expand(batch, -1)
+        return torch.arange(past, past + seq, device=device).expand(batch, -1)
     # Same rule as transformers' generate: positions count real tokens, padding sits at position 0.
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return positions[:, -seq:]
@@ -243,7 +246,8 @@ class AutoDistributedModelForCausalLM:
         initial_peers: list[str] | tuple[str, ...] = (),
         *,
         config: ClientConfig | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
         tuning_mode: TuningMode | None = None,
         pre_seq_len: int = 0,
         lora: lora_lib.LoraSpec | None = None,
@@ -254,11 +258,15 @@ class AutoDistributedModelForCausalLM:
         """Build the distributed model. Tuning: `tuning_mode` ("ptune" and "deep_ptune" with `pre_seq_len`,
         "lora" with `lora`, a LoraSpec, or LoRA weights to train further from `init_adapter`, a peft folder);
         `trainable_blocks` run on the client as trainable modules. Client options (initial_peers,
-        adapter, block_override, ...) are those of `ClientConfig`."""
+        adapter, block_override, ...) are those of `ClientConfig`; `dtype` and `device`, when given, override
+        the config's (default: from the device, see `swarmllm.models.device`)."""
         client = config or ClientConfig(initial_peers=list(initial_peers), **client_options)
         if client.num_threads:
             torch.set_num_threads(client.num_threads)
-        model_dir = resolve_model(name)
+        where = resolve_device(device if device is not None else client.device)
+        dtype = resolve_dtype(dtype if dtype is not None else client.dtype, where)
+        # Only the embeddings, norm and head, unless blocks run here too (their spans are known only later).
+        model_dir = resolve_model(name, tensors=None if trainable_blocks or client.local_blocks else client_key_filter)
         hf_config = AutoConfig.from_pretrained(model_dir)
         family_of(text_config(hf_config))
         base_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
@@ -291,7 +299,9 @@ class AutoDistributedModelForCausalLM:
             layers = _pipeline(manager, tuning, model_dir, dtype, num_blocks, local, set(trainable))
             model._base_hashes = block_ckpt.base_hashes(model_dir, trainable)
         setattr(model, model.base_model_prefix, DistributedBackbone(text, backbone.embed_tokens, backbone.norm, layers, tuning))
-        return model.eval()
+        # Embeddings, norm, head, client-side blocks and tuning parameters (registered as `model.tuning`) all
+        # move; tuning parameters keep their identity, so optimizers made afterwards see the moved ones.
+        return model.to(where).eval()
 
 
 def _make_tuning(mode, text: PretrainedConfig, num_blocks: int, pre_seq_len: int, lora_config, init_adapter,

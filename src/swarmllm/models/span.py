@@ -10,24 +10,26 @@ of 30 blocks holds about a third of the block weights and never materializes the
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import DynamicCache
 
+from swarmllm.models.device import trim_heap
 from swarmllm.models.family import MASK_BUILDERS, family_of, layer_type, rotary_takes_layer_type
+from swarmllm.models.quant import QuantMode, quantize_blocks
+
+# block_weight_bytes and read_tensors lived here before shards.py owned the checkpoint layout; the
+# redundant aliases re-export them for the callers that still import them from here.
+from swarmllm.models.shards import LAYER_KEY as _LAYER_KEY
+from swarmllm.models.shards import block_weight_bytes as block_weight_bytes
+from swarmllm.models.shards import read_tensors as read_tensors
 
 logger = logging.getLogger(__name__)
-
-_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)layers\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
 
 class SpanError(ValueError):
@@ -74,50 +76,6 @@ def meta_block(config: PretrainedConfig, idx: int) -> nn.Module:
     decoder_cls = _skeleton(config).decoder_cls
     with torch.device("meta"):
         return decoder_cls(config, idx)
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / n for n in names]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {model_dir}")
-    return files
-
-
-def read_tensors(model_dir: Path, want: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
-    """Read only the tensors whose checkpoint key `want` maps to a local name (None skips it)."""
-    out: dict[str, torch.Tensor] = {}
-    for path in weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                name = want(key)
-                if name is not None:
-                    out[name] = f.get_tensor(key)
-    return out
-
-
-def block_weight_bytes(model_dir: Path) -> dict[int, int]:
-    """Bytes of each block's weights as stored, read from safetensors headers only."""
-    sizes: dict[int, int] = {}
-    for path in weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                m = _LAYER_KEY.match(key)
-                if m:
-                    sl = f.get_slice(key)
-                    numel = 1
-                    for d in sl.get_shape():
-                        numel *= d
-                    itemsize = torch.finfo(_dtype(sl.get_dtype())).bits // 8
-                    sizes[int(m["idx"])] = sizes.get(int(m["idx"]), 0) + numel * itemsize
-    return sizes
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
 
 
 class Span(nn.Module):
@@ -190,37 +148,74 @@ class Span(nn.Module):
         in buffers, their norms and biases stay in this dtype)."""
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks live: every tensor a server makes or receives for them is moved here."""
+        return next(self.layers.parameters()).device
+
     def weight_bytes(self) -> int:
         """Bytes of the blocks' weights as held: parameters and buffers (quantized codes and scales)."""
         tensors = [*self.layers.parameters(), *self.layers.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def load_span(model_dir: Path, start: int, end: int, dtype: torch.dtype = torch.float32) -> Span:
-    """Load blocks `[start, end)` from a local folder, reading only their tensors."""
+def load_span(
+    model_dir: Path,
+    start: int,
+    end: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    quant: QuantMode = "none",
+    device: torch.device | str = "cpu",
+) -> Span:
+    """Load blocks `[start, end)` from a local folder onto `device`, in `dtype`, with their linear weights
+    quantized as `quant` says (see models/quant.py), reading only their tensors.
+
+    Blocks are built one at a time (read, cast, move, quantize), so the peak memory is the finished blocks
+    plus one block in full precision, and what the span holds afterwards follows the quantized size: no
+    tensor keeps the checkpoint's file mapping alive, and freed heap pages go back to the OS.
+    """
     config = load_config(model_dir)
     family_of(config)  # fail early, with the list of supported families
     check_span(start, end, config.num_hidden_layers)
     skeleton = _skeleton(config)
+    layers = [_load_block(model_dir, config, skeleton.decoder_cls, i, dtype, device, quant)
+              for i in range(start, end)]
+    return Span(config, start, end, layers, skeleton.rotary.to(device)).eval()
+
+
+def _load_block(
+    model_dir: Path, config: PretrainedConfig, decoder_cls: type[nn.Module], idx: int,
+    dtype: torch.dtype, device: torch.device | str, quant: QuantMode,
+) -> nn.Module:
+    """Block `idx`, built from its own tensors only, then cast, moved and quantized."""
 
     def want(key: str) -> str | None:
         m = _LAYER_KEY.match(key)
-        if m and start <= int(m["idx"]) < end:
-            return f"{int(m['idx']) - start}.{m['rest']}"
-        return None
+        return m["rest"] if m and int(m["idx"]) == idx else None
 
-    tensors = read_tensors(model_dir, want)
-    layers = []
-    for i in range(start, end):
-        with torch.device("meta"):
-            layer = skeleton.decoder_cls(config, i)
-        own = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i - start)}
-        missing = set(layer.state_dict()) - set(own)
-        if missing:
-            raise ValueError(f"block {i} is missing weights in {model_dir}: {sorted(missing)[:5]}")
-        layer.load_state_dict(own, strict=False, assign=True)
-        layers.append(layer.to(dtype).eval().requires_grad_(False))
-    return Span(config, start, end, layers, skeleton.rotary).eval()
+    # safetensors returns tensors that live in its mapping of the whole file, and mapped pages a process
+    # has touched count in its RSS for as long as any tensor keeps the mapping alive (one norm weight is
+    # enough). So every tensor is copied out (`copy=True`, even when the dtype already matches) and the
+    # mapping goes with `own`. Measured on SmolLM2: without the copy 10 int8 blocks held ~120 MiB of
+    # float32 file pages besides their codes; see docs/quantization.md.
+    own = {k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True)
+           for k, v in read_tensors(model_dir, want).items()}
+    with torch.device("meta"):
+        layer = decoder_cls(config, idx)
+    missing = set(layer.state_dict()) - set(own)
+    if missing:
+        raise ValueError(f"block {idx} is missing weights in {model_dir}: {sorted(missing)[:5]}")
+    layer.load_state_dict(own, strict=False, assign=True)
+    del own
+    layer = layer.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    quantize_blocks([layer], quant)  # drops the block's float linear weights
+    # glibc keeps most freed heap pages (here: the float weights just dropped, and quantization's
+    # temporaries) and reuses them only in part. Measured on SmolLM2, 10 int8 blocks: RSS +200 MiB over
+    # 1 block without trimming, +31 MiB with it; the peak was 623 MiB trimming once at the end, 481 MiB
+    # trimming after every block.
+    trim_heap()
+    return layer
 
 
 def span_from_model(model: nn.Module, start: int, end: int) -> Span:

@@ -32,8 +32,10 @@ class NotServing(BadRequest):
     """The blocks asked for are not (or no longer) this server's: the client's view is stale."""
 
 
-def sub_span(span: Span, start: int, end: int) -> Span:
-    """The blocks `[start, end)` of a server's span, sharing its weights."""
+def sub_span(span: Span | None, start: int, end: int) -> Span:
+    """The blocks `[start, end)` of a server's span, sharing its weights; None is a server between spans."""
+    if span is None:
+        raise NotServing("this server is moving to other blocks")
     if not (span.start <= start < end <= span.end):
         if start < end:
             raise NotServing(f"blocks {start}:{end} are not within this server's span {span.start}:{span.end}")

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from swarmllm.models.device import DEVICE_HELP, DTYPE_HELP
+
 
 class ServerConfig(BaseModel):
     """Settings of one server process. Field descriptions become the CLI help."""
@@ -21,13 +23,26 @@ class ServerConfig(BaseModel):
         default=None, description="identity file (created if missing) that fixes this peer's id and signs its records and receipts (default: a new id per run)"
     )
     blocks: str | None = Field(default=None, description="span to serve, START:END (end exclusive)")
-    num_blocks: int | None = Field(default=None, ge=1, description="serve this many blocks, chosen where the swarm is weakest")
-    dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the blocks' weights and compute")
-    quant: Literal["none", "int8", "nf4"] = Field(
-        default="none", description="store the blocks' linear weights quantized: int8 (per channel) or nf4 (4-bit, blockwise)"
+    num_blocks: int | Literal["auto"] | None = Field(
+        default=None, description="serve this many blocks, chosen where the swarm is weakest; auto: as many as fit in the "
+        "device's free memory after the attention cache (--max-cache-bytes) and a safety margin (see server/sizing.py)",
     )
-    max_cache_bytes: int = Field(
-        default=2 * 2**30, ge=1, description="server-wide attention-cache memory, in bytes; sessions take it page by page as they grow"
+    device: str = Field(default="auto", description=f"where the blocks live and compute: {DEVICE_HELP}")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description=f"dtype of the blocks' weights and compute; {DTYPE_HELP}"
+    )
+    quant: Literal["none", "int8", "int4", "nf4"] = Field(
+        default="none",
+        description="store the blocks' linear weights quantized: int8 (per channel), int4 (4-bit, groups of 32 with "
+        "scale and zero point) or nf4 (4-bit NormalFloat, blockwise); see docs/quantization.md",
+    )
+    max_cache_bytes: int | Literal["auto"] = Field(
+        default=2 * 2**30,
+        description="server-wide attention-cache memory, in bytes; sessions take it page by page as they grow; auto: "
+        "what the device has free once the blocks are loaded, less a safety margin",
+    )
+    remeasure: bool = Field(
+        default=False, description="measure this server's speed again instead of reusing the measurement cached on disk"
     )
     cache_page_tokens: int = Field(default=64, ge=1, description="tokens per cache page: the unit a session's cache grows by")
     cache_queue_timeout: float = Field(
@@ -115,6 +130,10 @@ class ServerConfig(BaseModel):
     def _one_span_choice(self) -> ServerConfig:
         if (self.blocks is None) == (self.num_blocks is None):
             raise ValueError("give exactly one of --blocks START:END or --num-blocks N")
+        if isinstance(self.num_blocks, int) and self.num_blocks < 1:
+            raise ValueError(f"--num-blocks must be at least 1 or auto, got {self.num_blocks}")
+        if isinstance(self.max_cache_bytes, int) and self.max_cache_bytes < 1:
+            raise ValueError(f"--max-cache-bytes must be at least 1 or auto, got {self.max_cache_bytes}")
         if self.blocks is not None:
             parse_blocks(self.blocks)
         if self.quant != "none" and self.block_override is not None:

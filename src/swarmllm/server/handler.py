@@ -77,7 +77,11 @@ class Handler:
         page_tokens: int = 64, audit: AuditLog | None = None, membership: Membership = PUBLIC,
         limits: PeerLimits | None = None, points: ServerPoints | None = None, metrics: ServerMetrics | None = None,
     ):
-        self.span, self.memory, self.session_timeout, self.record = span, memory, session_timeout, record
+        # `span` is None while the server moves to other blocks (requests then get `not_serving`); the device
+        # never changes, and every tensor a request brings is moved there as it is parsed.
+        self.span: Span | None = span
+        self.device = span.device
+        self.memory, self.session_timeout, self.record = memory, session_timeout, record
         self.lora_cache = lora_cache if lora_cache is not None else LoraCache(256 * 2**20)
         self.kept = kept if kept is not None else KeptGraphs(max_graphs=8, ttl=60.0)
         self.adapter, self.override = adapter, override
@@ -147,7 +151,7 @@ class Handler:
     async def forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         began, meta, tokens, peer = time.monotonic(), None, 0, str(context.remote_id)
         try:
-            meta, tensors = parse_request(request, SpanRequest)
+            meta, tensors = parse_request(request, SpanRequest, self.device)
             hidden, position_ids, mask, prompts = unpack(tensors, 2, meta.has_mask, meta.tuning.prompts)
             span = compute.sub_span(self.span, meta.start, meta.end)
             tokens = self._check_span_call(span, hidden, position_ids, mask, prompts)
@@ -170,7 +174,7 @@ class Handler:
     async def backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         began, meta, tokens, peer = time.monotonic(), None, 0, str(context.remote_id)
         try:
-            meta, tensors = parse_request(request, SpanRequest)
+            meta, tensors = parse_request(request, SpanRequest, self.device)
             hidden, position_ids, grad_out, mask, prompts = unpack(tensors, 3, meta.has_mask, meta.tuning.prompts)
             span = compute.sub_span(self.span, meta.start, meta.end)
             tokens = self._check_span_call(span, hidden, position_ids, mask, prompts)
@@ -206,7 +210,7 @@ class Handler:
         self.metrics.request("lora_put")
         try:
             self.limits.admit(str(context.remote_id))
-            meta, tensors = parse_request(request, LoraPut)
+            meta, tensors = parse_request(request, LoraPut, self.device)
             compute.sub_span(self.span, meta.start, meta.end)
             weights = lora.unflatten(tensors, meta.blocks, meta.lora.targets)
             for b in meta.blocks:

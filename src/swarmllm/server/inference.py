@@ -113,8 +113,10 @@ def _masks(span: Span, steps: list[StepInput], pasts: list[int], q: int, kv_len:
     attention over all keys is exact (one session, no padding): that keeps a lone session on the same
     kernel path as a local transformers model."""
     masks: dict[str, torch.Tensor | None] = {}
-    j = torch.arange(q)[:, None]  # (q, 1) query offset within the step
-    k = torch.arange(kv_len)[None, :]  # (1, kv_len) key position
+    device = steps[0].hidden.device
+    j = torch.arange(q, device=device)[:, None]  # (q, 1) query offset within the step
+    k = torch.arange(kv_len, device=device)[None, :]  # (1, kv_len) key position
+    diagonal = torch.arange(q, device=device)
     for lt in set(span.types):
         window = getattr(span.config, "sliding_window", None) if lt == SLIDING else None
         simple = len(steps) == 1 and steps[0].mask is None and (q == 1 or pasts[0] == 0)
@@ -128,14 +130,14 @@ def _masks(span: Span, steps: list[StepInput], pasts: list[int], q: int, kv_len:
                 allowed = allowed & (past + j - k < window)
             allowed = allowed.expand(step.rows, q, kv_len).clone()
             if step.mask is not None:
-                padding = torch.zeros(step.rows, kv_len, dtype=torch.bool)
+                padding = torch.zeros(step.rows, kv_len, dtype=torch.bool, device=device)
                 padding[:, : past + q] = step.mask.bool()
                 allowed &= padding[:, None, :]
                 # A padding query whose keys are all padding would attend to nothing (NaN in sdpa); let it see
                 # itself. Real positions never attend to padding, so their outputs are unaffected.
                 lost = ~allowed.any(-1)  # (rows, q)
-                diag = allowed[:, torch.arange(q), past + torch.arange(q)]
-                allowed[:, torch.arange(q), past + torch.arange(q)] = diag | lost
+                diag = allowed[:, diagonal, past + diagonal]
+                allowed[:, diagonal, past + diagonal] = diag | lost
             rows.append(allowed)
         masks[lt] = torch.cat(rows)[:, None]
     return masks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -21,10 +22,12 @@ from swarmllm.adapters.swarm_hub import SwarmHub
 from swarmllm.dht.node import join
 from swarmllm.dht.points import get_receipts, publish_receipts
 from swarmllm.dht.records import announce, get_servers
-from swarmllm.models.quant import quantize_blocks
-from swarmllm.models.source import model_display_name, resolve_model
+from swarmllm.models.device import dtype_name, free_memory, resolve_device, resolve_dtype, trim_heap
+from swarmllm.models.shards import block_key_filter, no_tensors
+from swarmllm.models.source import default_cache_dir, model_display_name, resolve_model
 from swarmllm.models.span import Span, check_span, load_config, load_span
 from swarmllm.protocol import RPC_INFO, RPC_POINTS_BIND, RPC_RECEIPT, RPC_SETTLE, ServerRecord, ServerState
+from swarmllm.server import sizing
 from swarmllm.server.audit import AuditLog
 from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheMemory, bytes_per_token
@@ -36,11 +39,19 @@ from swarmllm.server.lora_cache import LoraCache
 from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.points import ServerPoints
 from swarmllm.server.scheduler import Scheduler
-from swarmllm.server.throughput import measure as measure_throughput
+from swarmllm.server.throughput import Throughput, ThroughputCache, cached_measure, measurement_key
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _release_memory(device: torch.device) -> None:
+    """Return freed memory to the device (CUDA's caching allocator) or the OS (glibc's heap)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        trim_heap()
 
 
 class Server:
@@ -50,12 +61,16 @@ class Server:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.model_dir = resolve_model(config.model)
+        # Devices and dtypes first: a machine without the device asked for fails before anything loads.
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        # Metadata first (for a hub repo id: config, tokenizer, index); the span's shards once it is chosen.
+        self.model_dir = resolve_model(config.model, tensors=no_tensors)
         self.model_name = model_display_name(config.model)
         self.model_config = load_config(self.model_dir)
         num_blocks = self.model_config.num_hidden_layers
-        if config.blocks is not None:  # checked before joining the swarm, so a bad span leaves nothing behind
-            check_span(*parse_blocks(config.blocks), num_blocks)
+        self.block_bytes = sizing.block_bytes(self.model_config, self.dtype, config.quant)
+        span_size = self._span_size(num_blocks)
         self.peer = join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
                          host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)
         self.dht = self.peer.dht
@@ -64,16 +79,21 @@ class Server:
                 self.start, self.end = parse_blocks(config.blocks)
             else:
                 records = get_servers(self.dht, self.model_name)
-                self.start, self.end = choose_span(records, num_blocks, config.num_blocks)
-            logger.info("loading blocks %d:%d of %s (%s)", self.start, self.end, self.model_name, config.dtype)
+                self.start, self.end = choose_span(records, num_blocks, span_size)
+            logger.info("loading blocks %d:%d of %s (%s on %s, quant %s)", self.start, self.end, self.model_name,
+                        dtype_name(self.dtype), self.device, config.quant)
             self.span = self._load(self.start, self.end)
+            cache_bytes = config.max_cache_bytes
+            if cache_bytes == "auto":
+                cache_bytes = sizing.auto_cache_bytes(free_memory(self.device))
+                logger.info("attention cache: %.2f GiB (--max-cache-bytes auto)", cache_bytes / 2**30)
         except BaseException:
             self.dht.shutdown()
             raise
         self.next_rtts: dict[str, float] = {}
         self.started_at = time.time()
         self.state = ServerState.ONLINE
-        self.memory = CacheMemory(config.max_cache_bytes, config.cache_queue_timeout)
+        self.memory = CacheMemory(cache_bytes, config.cache_queue_timeout)
         self.hub = SwarmHub(self.dht, AdapterStore(), max_bytes=config.max_adapter_bytes, membership=self.peer.membership)
         self.adapters: dict[str, NamedAdapter] = {}
         self.points = ServerPoints(self.peer.identity)
@@ -94,11 +114,37 @@ class Server:
             logger.warning("TEST ONLY: this server corrupts its outputs (--test-corrupt-outputs %g)", config.test_corrupt_outputs)
         self.peer_id = self.peer.peer_id
         self._label_metrics()
+        self.speed_cache = ThroughputCache(default_cache_dir() / "throughput.json")
         # On the compute thread, like all torch work: OpenMP keeps one thread team per calling thread, and a
         # second team (on the main thread) measurably slows every later step on a small machine.
-        self.throughput = self.handler.scheduler.call(measure_throughput, self.span).result()
+        self.throughput = self._measure(self.span, lambda fn, span: self.handler.scheduler.call(fn, span).result())
         logger.info("measured %.2f ms per block per inference step, %.0f tokens/s per block forward",
                     self.throughput.step_time * 1e3, self.throughput.forward_tps)
+
+    def _span_size(self, num_blocks: int) -> int:
+        """Blocks to serve, checked against the device's free memory before anything is loaded."""
+        config = self.config
+        free = free_memory(self.device)
+        cache = 0 if config.max_cache_bytes == "auto" else config.max_cache_bytes
+        budget = sizing.Budget(free=free, cache=cache, margin=sizing.margin_bytes(free))
+        if config.num_blocks == "auto":
+            n = sizing.fit_blocks(budget, self.block_bytes, num_blocks)
+            logger.info("--num-blocks auto: %d blocks of %.2f GiB fit in %.2f GiB free on %s", n,
+                        self.block_bytes / 2**30, free / 2**30, self.device)
+            return n
+        if config.blocks is not None:
+            start, end = parse_blocks(config.blocks)
+            check_span(start, end, num_blocks)  # before joining the swarm, so a bad span leaves nothing behind
+            n = end - start
+        else:
+            n = min(config.num_blocks, num_blocks)
+        if self.device.type != "meta":
+            sizing.check_span_fits(budget, self.block_bytes, n, str(self.device))
+        return n
+
+    def _measure(self, span: Span, run) -> Throughput:
+        key = measurement_key(self.model_name, span, self.config.quant)
+        return cached_measure(span, key, self.speed_cache, self.config.remeasure, run)
 
     def _exchange_points(self) -> None:
         """Publish the receipts our clients countersigned; read everyone's to rank queued work by balance."""
@@ -106,10 +152,12 @@ class Server:
         self.points.refresh(get_receipts(self.dht))
 
     def _load(self, start: int, end: int) -> Span:
-        span = load_span(self.model_dir, start, end, DTYPES[self.config.dtype])
-        quantize_blocks(span.layers, self.config.quant)
-        logger.info("blocks %d:%d hold %.1f MiB of weights (%s, quant %s)", start, end, span.weight_bytes() / 2**20,
-                    self.config.dtype, self.config.quant)
+        # From a hub repo id, only the shards holding these blocks (a folder of links to them, see source.py).
+        self.model_dir = resolve_model(self.config.model, tensors=block_key_filter(start, end))
+        span = load_span(self.model_dir, start, end, self.dtype, quant=self.config.quant, device=self.device)
+        logger.info("blocks %d:%d hold %.1f MiB of weights (%s on %s, quant %s; %.1f MiB expected)", start, end,
+                    span.weight_bytes() / 2**20, dtype_name(self.dtype), self.device, self.config.quant,
+                    self.block_bytes * (end - start) / 2**20)
         return span
 
     def record(self, state: ServerState | None = None) -> ServerRecord:
@@ -117,10 +165,11 @@ class Server:
             peer_id=self.peer_id,
             start=self.start,
             end=self.end,
-            dtype=self.config.dtype,
+            dtype=dtype_name(self.dtype),
             quant=self.config.quant,
+            device=self.device.type,
             state=state or self.state,
-            cache_tokens_left=self.memory.free // bytes_per_token(self.span),
+            cache_tokens_left=self.memory.free // bytes_per_token(self.span) if self.span is not None else 0,
             # A corrupting test server lies about its speed too, to attract traffic as an attacker would.
             step_time=self.throughput.step_time if not self.config.test_corrupt_outputs else 1e-6,
             forward_tps=self.throughput.forward_tps if not self.config.test_corrupt_outputs else 1e9,
@@ -135,7 +184,7 @@ class Server:
         )
 
     def _label_metrics(self) -> None:
-        self.metrics.set_info(self.model_name, self.start, self.end, self.peer_id, self.config.dtype, self.config.quant)
+        self.metrics.set_info(self.model_name, self.start, self.end, self.peer_id, dtype_name(self.dtype), self.config.quant)
 
     async def _announce(self) -> None:
         await asyncio.get_running_loop().run_in_executor(
@@ -169,13 +218,18 @@ class Server:
                 return
             await asyncio.sleep(0.5)
         loop = asyncio.get_running_loop()
+        # Free the old blocks before loading the new ones, so that a move never needs memory for two spans.
+        # Meanwhile requests get `not_serving` (no session is open: they drained above, and the record says
+        # DRAINING), and if loading fails the server stops rather than serve a span it does not hold.
+        self.span = self.handler.span = None
+        self.handler.kept = KeptGraphs(self.config.max_kept_graphs, self.config.kept_graph_ttl)
+        self.adapters.clear()  # named adapters are reloaded for the new blocks on first use
+        await self.handler.scheduler.run(_release_memory, self.device)
         span = await loop.run_in_executor(None, self._load, *target)
-        self.throughput = await self.handler.scheduler.run(measure_throughput, span)
+        self.throughput = await self.handler.scheduler.run(self._measure, span, None)
         self.span = self.handler.span = span
         self.start, self.end = target
         self._label_metrics()
-        self.adapters.clear()  # named adapters are reloaded for the new blocks on first use
-        self.handler.kept = KeptGraphs(self.config.max_kept_graphs, self.config.kept_graph_ttl)
         self.state = ServerState.ONLINE
         await self._announce()
         print(f"server moved: blocks {self.start}:{self.end}", flush=True)
@@ -213,7 +267,8 @@ class Server:
                 folder = await self._folder(name)
                 try:
                     spec, weights = lora.load_peft(folder)
-                    weights = {b: w for b, w in weights.items() if self.start <= b < self.end}
+                    weights = {b: {path: (la.to(self.device), lb.to(self.device)) for path, (la, lb) in w.items()}
+                               for b, w in weights.items() if self.start <= b < self.end}
                     for b, w in weights.items():
                         lora.check_fits(self.span.layers[b - self.start], b, w)
                 except (lora.LoraShapeError, ValueError) as e:

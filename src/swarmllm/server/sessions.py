@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -80,7 +81,7 @@ class Sessions:
             h.limits.open_session(peer)
             counted = True
             first = await asyncio.wait_for(anext(requests), h.session_timeout)
-            meta, tensors = parse_request(first, OpenSession)
+            meta, tensors = parse_request(first, OpenSession, h.device)
             live = await self._open(meta, tensors, peer)
             self.active += 1
             logger.info("session %s opened by %s: blocks %d:%d, up to %d x %d tokens", meta.session_id[:8],
@@ -89,7 +90,7 @@ class Sessions:
             # Steps come from the client's stream and, with push, from the previous server: both feed one
             # inbox, and a step already run (pushed first, or sent first by the client) is skipped.
             inbox = asyncio.Queue(INBOX_STEPS)
-            reader = asyncio.create_task(_pump(requests, inbox, h.limits, peer))
+            reader = asyncio.create_task(_pump(requests, inbox, h.limits, peer, h.device))
             self.inboxes[(meta.session_id, meta.start)] = inbox
             while True:
                 item = await asyncio.wait_for(inbox.get(), h.session_timeout)
@@ -150,7 +151,7 @@ class Sessions:
             live.steps, live.pushed_first = live.steps + 1, live.pushed_first + pushed
             hidden, position_ids, mask, _ = unpack(tensors, 2, step.has_mask)
             session.check(hidden, position_ids, mask)
-            if len(step.push_to) >= h.span.config.num_hidden_layers:  # a route has fewer hops than blocks
+            if len(step.push_to) >= session.span.config.num_hidden_layers:  # a route has fewer hops than blocks
                 raise compute.BadRequest(f"push_to names {len(step.push_to)} servers")
             batch, q = hidden.shape[:2]
             # A long step runs in chunks (see Scheduler.step), except one that must run alone.
@@ -215,7 +216,7 @@ class Sessions:
         self.handler.metrics.request("push")
         try:
             self.handler.limits.admit(str(context.remote_id))
-            meta, tensors = parse_request(request, Push)
+            meta, tensors = parse_request(request, Push, self.handler.device)
             unpack(tensors, 2, meta.step.has_mask)  # the rest is checked when the session runs the step
             inbox = self.inboxes.get((meta.session_id, meta.start))
             if inbox is None:
@@ -247,7 +248,7 @@ class _Live:
 
 
 async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue, limits: PeerLimits,
-                peer: str) -> None:
+                peer: str, device: torch.device) -> None:
     """Client messages into the session's inbox: (Step, tensors, pushed=False, bytes held against the peer's
     limit), an exception for a malformed or refused one, None at the end. It waits while the inbox is full,
     so that a client sending faster than its steps run is held back by the transport."""
@@ -260,7 +261,7 @@ async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: async
                 await inbox.put(e)
                 continue
             try:
-                item = (*parse_request(msg, Step), False, size)
+                item = (*parse_request(msg, Step, device), False, size)
             except wire.ProtocolError as e:
                 limits.release_bytes(peer, size)
                 item = e

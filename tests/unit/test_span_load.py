@@ -1,0 +1,63 @@
+"""`load_span` builds blocks one at a time (read, cast, move, quantize) on a tiny random Llama: the result is
+what loading in full and quantizing afterwards gives, and no tensor it keeps lives in the checkpoint's file
+mapping (which would keep the file's pages in the process's RSS; tests/integration/test_memory.py measures
+the RSS itself on SmolLM2)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from swarmllm.models import quant
+from swarmllm.models.span import load_span
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4", "nf4"])
+def test_quantizing_while_loading_equals_quantizing_after(mode, tiny_llama_dir):
+    span = load_span(tiny_llama_dir, 1, 3, quant=mode)
+    reference = load_span(tiny_llama_dir, 1, 3)
+    quant.quantize_blocks(reference.layers, mode)
+    got, want = span.layers.state_dict(), reference.layers.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    hidden, pos = torch.randn(2, 5, 32), torch.arange(5).expand(2, -1)  # (batch, seq, hidden)
+    with torch.no_grad():
+        torch.testing.assert_close(span(hidden, pos), reference(hidden, pos), rtol=0, atol=0)
+
+
+def test_blocks_are_cast_before_they_are_quantized(tiny_llama_dir):
+    span = load_span(tiny_llama_dir, 0, 2, torch.bfloat16, quant="int8", device=torch.device("cpu"))
+    assert span.dtype == torch.bfloat16 and span.device == torch.device("cpu")
+    q_proj = span.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, quant.Int8Linear) and q_proj.scales.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = span(torch.randn(1, 3, 32, dtype=torch.bfloat16), torch.arange(3)[None])
+    assert out.dtype == torch.bfloat16
+
+
+def _mappings_of(path_part: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings whose file path contains `path_part` (Linux)."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and path_part in fields[5]:
+                lo, hi = (int(a, 16) for a in fields[0].split("-"))
+                ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("mode", ["none", "int8"])
+def test_no_tensor_of_the_span_lives_in_the_checkpoint_mapping(mode, tiny_llama_dir):
+    """safetensors hands out tensors inside its mapping of the file; with the same dtype and no quantization
+    they would stay there (and keep the whole mapping, and its touched pages, alive) unless copied out."""
+    span = load_span(tiny_llama_dir, 0, 4, quant=mode)
+    tensors = [*span.parameters(), *span.buffers()]
+    mapped = _mappings_of(str(tiny_llama_dir))
+    inside = [t for t in tensors for lo, hi in mapped if lo <= t.data_ptr() < hi]
+    assert not inside
+    assert not mapped  # nothing keeps the file mapped once loading is done
