@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python bench/trust.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/wan.py
+	$(BIN)/python -m pytest -q -s -m big tests/integration/test_big_model.py
 	$(BIN)/python bench/chart.py
 
 lint: setup

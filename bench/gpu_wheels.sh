@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Fetch, here, the wheels that the lent GPU machine lacks into .gpu-wheels/ (git-ignored), for
+# bench/gpu_check.sh to install there offline. That machine has no network: it has Python 3.12 with torch,
+# transformers, numpy, scipy, safetensors, huggingface_hub and many more (see
+# /work/.library/device/KINDS.md), but not hivemind and the rest of what swarmllm needs, and its
+# transformers (5.17) predates the `cache=` keyword that swarmllm calls (transformers 5.24).
+#
+# The versions are the ones this checkout's .venv runs (`make setup`), so the GPU machine runs what the
+# tests here ran. What travels with a `run` call is capped at 64 MiB in all (the working tree included):
+# this script fails if the wheels pass 60 MiB. The SmolLM2 GGUF (94 MiB) cannot travel, so the GPU check
+# makes a random-weight model of SmolLM2's geometry there instead (tests/cuda/conftest.py).
+#
+# Usage: bash bench/gpu_wheels.sh    (needs the network to PyPI; run `make setup` first)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEST=.gpu-wheels
+PIP=.venv/bin/pip
+LIMIT_MIB=60
+
+# What swarmllm imports at run time (itself, hivemind's DHT and p2p daemon, the API host, the GGUF reader)
+# and the machine lacks or has in a version too old. Each pulls in nothing else that is missing there:
+# checked against KINDS.md's package list (grpcio-tools, a build-time need of hivemind, is never imported).
+BINARY=(
+    hivemind                                      # ships the p2pd binary (Go): no build there
+    base58 py-multihash blake3 mmh3 morphys       # hivemind's peer ids
+    py-cid py-multibase py-multicodec netaddr configargparse
+    cryptography cffi pycparser                   # hivemind's RSA identities
+    pydantic pydantic-core annotated-types typing-inspection typing-extensions
+    protobuf                                      # hivemind's messages need >= 5.27; the machine's is unknown
+    starlette uvicorn gguf
+    transformers                                  # 5.24+: the `cache=` keyword (the machine has 5.17)
+)
+# Published as source only; pure Python, so the wheels built here run on any CPython 3.
+SOURCE=(varint python-baseconv prefetch-generator)
+
+[[ -x $PIP ]] || { echo "no $PIP: run 'make setup' first (the versions come from it)" >&2; exit 1; }
+
+pinned() {  # NAME -> NAME==VERSION as installed in .venv
+    local version
+    version=$("$PIP" show "$1" 2>/dev/null | sed -n 's/^Version: //p')
+    [[ -n $version ]] || { echo "$1 is not installed in .venv: run 'make setup'" >&2; exit 1; }
+    echo "$1==$version"
+}
+
+rm -rf "$DEST"
+mkdir -p "$DEST"
+PLATFORMS=()
+for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1; do
+    PLATFORMS+=(--platform "${tag}_x86_64")
+done
+for name in "${BINARY[@]}"; do
+    "$PIP" download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --abi cp312 --abi abi3 --abi none "${PLATFORMS[@]}" -d "$DEST" "$(pinned "$name")" 2>&1 \
+        | grep -v "^WARNING: Location" || true
+done
+for name in "${SOURCE[@]}"; do
+    "$PIP" wheel -q --no-deps --no-binary :all: -w "$DEST" "$(pinned "$name")" 2>&1 \
+        | grep -v "^WARNING: Location" || true
+done
+
+# One wheel per package, or pip refuses the whole install there.
+expected=$(( ${#BINARY[@]} + ${#SOURCE[@]} ))
+found=$(find "$DEST" -name '*.whl' | wc -l)
+if (( found != expected )); then
+    echo "expected $expected wheels in $DEST, found $found:" >&2
+    ls "$DEST" >&2
+    exit 1
+fi
+
+ls -l "$DEST" | awk 'NR > 1 { printf "%8.2f MiB  %s\n", $5 / 1048576, $9 }'
+total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
+tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+awk -v w="$total" -v t="$tree" 'BEGIN { printf "wheels: %.1f MiB; working tree: %.1f MiB; together %.1f of the 64 MiB a run carries\n", w / 1048576, t / 1048576, (w + t) / 1048576 }'
+if (( total > LIMIT_MIB * 1048576 )); then
+    echo "the wheels pass ${LIMIT_MIB} MiB: they would not travel with the working tree" >&2
+    exit 1
+fi
