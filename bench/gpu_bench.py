@@ -1,9 +1,9 @@
 """Swarm versus local transformers on one GPU: greedy agreement, decode speed and time to first token in
-bfloat16 and float16; then int8 and int4 servers: the memory their weights hold per block and their decode
-speed, against bfloat16 servers.
+bfloat16 and float16; then int8 and nf4 servers (bitsandbytes' kernels; int4 is CPU-only): the memory their
+weights hold per block and their decode speed, against bfloat16 servers.
 
 One run, one swarm: a bootstrap peer and 12 server processes on cuda:0, three of 10 blocks for each variant
-(bfloat16, float16, int8, int4), plus local transformers on the same GPU in this process. Each variant's
+(bfloat16, float16, int8, nf4), plus local transformers on the same GPU in this process. Each variant's
 client is restricted to its own servers (`allowed_servers`). Every number is a ratio against a baseline
 from the same run: swarm/local in the same dtype, quantized/bfloat16 over the same route. Sides alternate
 from run to run so drift hits all alike; medians are reported.
@@ -35,7 +35,8 @@ from _process import prepare  # noqa: E402  (bench/ is on sys.path when run as a
 ROOT = Path(__file__).resolve().parent.parent
 # name -> (server dtype, server quant); clients run in the server dtype.
 VARIANTS = {"bfloat16": ("bfloat16", "none"), "float16": ("float16", "none"),
-            "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
+            "int8": ("bfloat16", "int8"), "nf4": ("bfloat16", "nf4")}
+QUANTS = ("int8", "nf4")
 SERVERS_PER_VARIANT = 3
 
 
@@ -80,13 +81,14 @@ def weight_mib_per_block(log: list[str]) -> float:
 def measure(args: argparse.Namespace, model_dir: Path) -> dict:
     """Start the swarm, time every side, compare tokens; return the raw numbers."""
     import torch
-    from tests.cuda.conftest import greedy_agreement
+    from tests.cuda.conftest import allocated_bytes, greedy_agreement
     from transformers import AutoModelForCausalLM
 
     from swarmllm import AutoDistributedModelForCausalLM
     from swarmllm.cli.local import even_spans
     from swarmllm.launcher import LocalSwarm, ServerSpec
     from swarmllm.models.evaluation import quantized_copy
+    from swarmllm.models.span import load_span
 
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
     spans = even_spans(30, SERVERS_PER_VARIANT)
@@ -96,9 +98,19 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict:
             specs.append(ServerSpec(blocks, ("--device", "cuda", "--dtype", dtype, "--quant", quant)))
             owner.append(name)
     ids = torch.randint(3, 49152, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(7)).to("cuda")
+    out: dict = {"decode_s": {}, "ttft_s": {}, "tokens": {}, "agreement": {}, "mib_per_block": {},
+                 "allocated_mib_per_block": {}}
+    # Weights as the allocator counts them, 10 blocks loaded here alone (the blocks are all alike): the
+    # servers' log line counts parameters and buffers only, which misses bitsandbytes' scales (attributes).
+    for name, quant in (("bfloat16", "none"), *((q, q) for q in QUANTS)):
+        held = allocated_bytes(lambda q=quant: load_span(model_dir, 0, 10, torch.bfloat16, quant=q, device="cuda"))
+        out["allocated_mib_per_block"][name] = held / 10 / 2**20
     local = {name: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda").eval()
              for name, dtype in dtypes.items()}
-    out: dict = {"decode_s": {}, "ttft_s": {}, "tokens": {}, "agreement": {}, "mib_per_block": {}}
+    # The same quantizations run locally: the copies' blocks are on cuda, so they get bitsandbytes' layers,
+    # as the servers' do.
+    references = {"bfloat16": local["bfloat16"], "float16": local["float16"],
+                  **{q: quantized_copy(local["bfloat16"], q) for q in QUANTS}}
     with LocalSwarm(str(model_dir), specs, threads=1) as swarm:
         peers: dict[str, list[str]] = {name: [] for name in VARIANTS}
         for i, name in enumerate(owner):
@@ -112,9 +124,6 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict:
             sides |= {f"swarm {n}": m.generate for n, m in clients.items()}
             with torch.inference_mode():
                 _time_sides(args, sides, ids, out)
-                references = {"bfloat16": local["bfloat16"], "float16": local["float16"],
-                              "int8": quantized_copy(local["bfloat16"], "int8"),
-                              "int4": quantized_copy(local["bfloat16"], "int4")}
                 for name, reference in references.items():
                     _, want = run_once(reference.generate, ids, args.new_tokens)
                     got = out["tokens"][f"swarm {name}"]
@@ -147,6 +156,7 @@ def summarize(args: argparse.Namespace, m: dict) -> dict:
     tok_s = {name: args.new_tokens / statistics.median(s) for name, s in m["decode_s"].items()}
     ttft_ms = {name: 1000 * statistics.median(s) for name, s in m["ttft_s"].items()}
     mib = {name: statistics.fmean(v) for name, v in m["mib_per_block"].items()}
+    allocated = m["allocated_mib_per_block"]
     agreement = {name: {**dataclasses.asdict(a), "explained_by_rounding": a.explained_by_rounding}
                  for name, a in m["agreement"].items()}
     dtypes = {
@@ -161,16 +171,19 @@ def summarize(args: argparse.Namespace, m: dict) -> dict:
     }
     quant = {
         name: {
-            "mib_per_block": round(mib[name], 3), "memory_ratio_to_bf16": round(mib[name] / mib["bfloat16"], 4),
+            "mib_per_block": round(allocated[name], 3),
+            "memory_ratio_to_bf16": round(allocated[name] / allocated["bfloat16"], 4),
+            "logged_mib_per_block": round(mib[name], 3), "logged_ratio_to_bf16": round(mib[name] / mib["bfloat16"], 4),
             "swarm_tok_s": round(tok_s[f"swarm {name}"], 2),
             "decode_ratio_to_bf16": round(tok_s[f"swarm {name}"] / tok_s["swarm bfloat16"], 4),
             "agreement_with_local_quantized": agreement[name],
         }
-        for name in ("int8", "int4")
+        for name in QUANTS
     }
     return {
         "device": m["device"], "torch": m["torch"], "model": "random-weight Llama, SmolLM2-135M geometry (30 blocks)",
-        "servers": f"{SERVERS_PER_VARIANT} per variant, 10 blocks each, all on cuda:0", "bf16_mib_per_block": round(mib["bfloat16"], 3),
+        "servers": f"{SERVERS_PER_VARIANT} per variant, 10 blocks each, all on cuda:0",
+        "bf16_mib_per_block": round(allocated["bfloat16"], 3), "bf16_logged_mib_per_block": round(mib["bfloat16"], 3),
         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
         "dtypes": dtypes, "quant": quant, "decode_s": m["decode_s"], "ttft_s": m["ttft_s"],
     }
@@ -183,10 +196,14 @@ def print_table(results: dict) -> None:
         a = d["agreement"]
         print(f"{name:<10} {d['local_tok_s']:>11.1f} {d['swarm_tok_s']:>11.1f} {d['decode_ratio']:>6.2f} "
               f"{d['ttft_ratio']:>10.2f}  {_agreement_text(a)}")
-    print(f"{'quant':<10} {'MiB/block':>11} {'vs bf16':>11} {'tok/s':>6} {'vs bf16':>10}  agreement with local quantized")
+    print(f"{'quant':<10} {'MiB/block':>11} {'vs bf16':>11} {'logged':>7} {'tok/s':>6} {'vs bf16':>10}  "
+          "agreement with local quantized")
     for name, q in results["quant"].items():
-        print(f"{name:<10} {q['mib_per_block']:>11.2f} {q['memory_ratio_to_bf16']:>11.3f} {q['swarm_tok_s']:>6.1f} "
-              f"{q['decode_ratio_to_bf16']:>10.2f}  {_agreement_text(q['agreement_with_local_quantized'])}")
+        print(f"{name:<10} {q['mib_per_block']:>11.2f} {q['memory_ratio_to_bf16']:>11.3f} "
+              f"{q['logged_ratio_to_bf16']:>7.3f} {q['swarm_tok_s']:>6.1f} {q['decode_ratio_to_bf16']:>10.2f}  "
+              f"{_agreement_text(q['agreement_with_local_quantized'])}")
+    print("(MiB/block: the allocator's count, bitsandbytes' scales included; logged: the servers' log line, "
+          "without them)")
 
 
 def _agreement_text(a: dict) -> str:

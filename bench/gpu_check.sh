@@ -8,7 +8,8 @@
 #   gpu        nvidia-smi and torch.cuda must see a GPU; without one the script stops here (exit 2)
 #   install    the carried wheels, offline, into a folder put first on PYTHONPATH (with src/), so the
 #              image's torch and the rest of its packages are used, and the carried ones win over its own
-#   preflight  import swarmllm, start and stop a DHT (the p2p daemon runs), warm the bytecode cache
+#   preflight  import swarmllm, load bitsandbytes' CUDA library, start and stop a DHT (the p2p daemon runs),
+#              warm the bytecode cache
 #   tests      pytest tests/cuda -m cuda
 #   bench      bench/gpu_bench.py
 # Everything lands in $OUT (the device tool sets it; elsewhere a new temporary folder): setup.log,
@@ -74,7 +75,7 @@ install_wheels() {
     # --system-site-packages would see the base interpreter's packages, not the image's torch.
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
     "$PY" - "$SITE" <<'EOF'
-import importlib, subprocess, sys
+import importlib, importlib.util, subprocess, sys
 from pathlib import Path
 for name in ["pydantic", "cryptography.hazmat.primitives.asymmetric.rsa", "multihash", "cid", "base58", "varint",
              "netaddr", "prefetch_generator", "google.protobuf", "starlette.applications", "uvicorn", "gguf",
@@ -83,6 +84,10 @@ for name in ["pydantic", "cryptography.hazmat.primitives.asymmetric.rsa", "multi
     where = Path(module.__file__).resolve()
     print(f"{name} {getattr(module, '__version__', '')} from {where}")
     assert Path(sys.argv[1]).resolve() in where.parents, f"{name} does not come from the carried wheels"
+# bitsandbytes imports torch, which a dry run need not have: found, not imported (preflight loads it).
+bnb = Path(importlib.util.find_spec("bitsandbytes").origin).resolve().parent
+assert Path(sys.argv[1]).resolve() in bnb.parents, "bitsandbytes does not come from the carried wheels"
+print(f"bitsandbytes from {bnb}: {sorted(p.name for p in bnb.glob('libbitsandbytes_*.so'))}")
 p2pd = Path(sys.argv[1]) / "hivemind" / "hivemind_cli" / "p2pd"
 usage = subprocess.run([str(p2pd), "-h"], capture_output=True, text=True, timeout=30)
 assert "Usage" in usage.stdout + usage.stderr, usage
@@ -98,6 +103,11 @@ import swarmllm.cli.main, swarmllm.models.distributed, swarmllm.server.server  #
 from transformers.models.llama import modeling_llama  # noqa: F401
 print(f"torch {torch.__version__}, transformers {transformers.__version__} ({transformers.__file__}), "
       f"hivemind {hivemind.__version__}")
+import bitsandbytes
+from bitsandbytes.cextension import lib
+# Without a CUDA library for this torch, bitsandbytes logs an error and goes on with a stub that fails later.
+assert lib.compiled_with_cuda, f"bitsandbytes {bitsandbytes.__version__} loaded no CUDA library: {lib}"
+print(f"bitsandbytes {bitsandbytes.__version__}: {lib._lib._name}")
 t0 = time.perf_counter()
 dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 print(f"DHT up in {time.perf_counter() - t0:.1f}s at {[str(a) for a in dht.get_visible_maddrs()]}")

@@ -7,8 +7,11 @@
 #
 # The versions are the ones this checkout's .venv runs (`make setup`), so the GPU machine runs what the
 # tests here ran. What travels with a `run` call is capped at 64 MiB in all (the working tree included):
-# this script fails if the wheels pass 60 MiB. The SmolLM2 GGUF (94 MiB) cannot travel, so the GPU check
-# makes a random-weight model of SmolLM2's geometry there instead (tests/cuda/conftest.py).
+# this script fails if the wheels pass 60 MiB. bitsandbytes (41 MiB as published, with native libraries for
+# every CUDA, ROCm and XPU release) is trimmed here to its CPU library and the CUDA 13 ones, since the GPU
+# machine's torch is 2.11+cu130; the wheel keeps its name and a RECORD that matches, so pip installs it as
+# usual. The SmolLM2 GGUF (94 MiB) cannot travel, so the GPU check makes a random-weight model of SmolLM2's
+# geometry there instead (tests/cuda/conftest.py).
 #
 # Usage: bash bench/gpu_wheels.sh    (needs the network to PyPI; run `make setup` first)
 set -euo pipefail
@@ -30,6 +33,7 @@ BINARY=(
     protobuf                                      # hivemind's messages need >= 5.27; the machine's is unknown
     starlette uvicorn gguf
     transformers                                  # 5.24+: the `cache=` keyword (the machine has 5.17)
+    bitsandbytes                                  # the CUDA int8 and nf4 kernels (models/quant_cuda.py)
 )
 # Published as source only; pure Python, so the wheels built here run on any CPython 3.
 SOURCE=(varint python-baseconv prefetch-generator)
@@ -57,6 +61,37 @@ done
 for name in "${SOURCE[@]}"; do
     "$PIP" wheel -q --no-deps --no-binary :all: -w "$DEST" "$(pinned "$name")" 2>&1 \
         | grep -v "^WARNING: Location" || true
+done
+
+# bitsandbytes without the native libraries the GPU machine never loads: it loads the one for torch's CUDA
+# version (libbitsandbytes_cuda130.so under torch 2.11+cu130), or the CPU one. Rebuilt entry by entry in the
+# original order with the original timestamps, so the same wheel gives the same bytes.
+for wheel in "$DEST"/bitsandbytes-*.whl; do
+    .venv/bin/python - "$wheel" <<'PY'
+import re, sys, zipfile
+from pathlib import Path
+
+wheel = Path(sys.argv[1])
+keep = re.compile(r"libbitsandbytes_(cpu|cuda13\d+)\.so")
+with zipfile.ZipFile(wheel) as src:
+    entries = src.infolist()
+    dropped = {i.filename for i in entries
+               if re.fullmatch(r"bitsandbytes/libbitsandbytes_\w+\.so", i.filename)
+               and not keep.fullmatch(i.filename.split("/")[-1])}
+    trimmed = wheel.with_suffix(".trimmed")
+    with zipfile.ZipFile(trimmed, "w") as dst:
+        for info in entries:
+            if info.filename in dropped:
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):  # pip checks every file it installs against it
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(line for line in lines if line.split(",")[0] not in dropped).encode()
+            info.compress_type = zipfile.ZIP_DEFLATED
+            dst.writestr(info, data, compresslevel=9)
+trimmed.replace(wheel)
+print(f"{wheel.name}: dropped {', '.join(sorted(n.split('/')[-1] for n in dropped))}")
+PY
 done
 
 # One wheel per package, or pip refuses the whole install there.

@@ -8,9 +8,11 @@ compare the swarm with local transformers running the same weights on the same G
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,15 +33,16 @@ SMOLLM2_GEOMETRY = dict(
 )
 
 # Servers of the session swarm: name -> (blocks, extra flags). Three bfloat16 servers form the main route
-# (the swarm path with two hand-offs); one float32 server, and one int8 and one int4 server, each holding
-# every block, are reached by clients restricted to them (`allowed_servers`).
+# (the swarm path with two hand-offs); one float32 server, and one int8 and one nf4 server (bitsandbytes'
+# kernels on CUDA; int4 is CPU-only and refused there), each holding every block, are reached by clients
+# restricted to them (`allowed_servers`).
 SERVERS = {
     "bf16-a": ("0:10", ("--dtype", "bfloat16")),
     "bf16-b": ("10:20", ("--dtype", "bfloat16")),
     "bf16-c": ("20:30", ("--dtype", "bfloat16")),
     "fp32": ("0:30", ("--dtype", "float32")),
     "int8": ("0:30", ("--dtype", "bfloat16", "--quant", "int8")),
-    "int4": ("0:30", ("--dtype", "bfloat16", "--quant", "int4")),
+    "nf4": ("0:30", ("--dtype", "bfloat16", "--quant", "nf4")),
 }
 
 
@@ -192,3 +195,24 @@ def greedy_agreement(local: torch.nn.Module, prompt: torch.Tensor, swarm_new: li
 def agreement():
     """`agreement(local, prompt, swarm_new, local_new) -> Agreement` (test modules do not import conftest)."""
     return greedy_agreement
+
+
+def allocated_bytes(load: Callable[[], object]) -> int:
+    """Bytes that `load()`'s result holds on cuda:0, by the caching allocator's count of live tensors: all
+    of them, bitsandbytes' scales included, which it keeps outside parameters and buffers."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(0)
+    held = load()
+    torch.cuda.synchronize()
+    size = torch.cuda.memory_allocated(0) - before
+    del held
+    gc.collect()
+    torch.cuda.empty_cache()
+    return size
+
+
+@pytest.fixture(scope="session")
+def allocated():
+    """`allocated(load) -> bytes` (`allocated_bytes`; test modules do not import conftest)."""
+    return allocated_bytes

@@ -1,5 +1,6 @@
-"""What only a GPU host shows about device choice: `auto` takes the GPU and its best dtype, and a server
-asked for a GPU that does not exist stops at once, naming the devices there, and leaves no process behind."""
+"""What only a GPU host shows about device choice: `auto` takes the GPU and its best dtype; a server asked for
+a GPU that does not exist, or for a quantization CUDA does not run (int4), stops at once, saying what would
+work, and leaves no process behind."""
 
 from __future__ import annotations
 
@@ -33,5 +34,20 @@ def test_a_missing_gpu_stops_the_server_naming_the_devices(random_smollm2_dir) -
     assert f"'{missing}' does not exist here" in line, line
     assert f"cuda:0 ({torch.cuda.get_device_name(0)})" in line, line
     # The server runs in its own process group (with its libp2p daemon, had it started one): none is left.
+    with pytest.raises(ProcessLookupError):
+        os.killpg(child.proc.pid, 0)
+
+
+def test_int4_on_cuda_stops_the_server_naming_int8_and_nf4(random_smollm2_dir) -> None:
+    child = spawn("int4-on-cuda", ["serve", str(random_smollm2_dir), "--blocks", "0:1", "--device", "cuda",
+                                   "--quant", "int4"])
+    try:
+        line = child.wait_for("error:", 120)
+        assert child.proc.wait(60) == 1
+    finally:
+        child.stop()
+    # Refused before anything loads (swarmllm.models.quant.check_supported), with the modes that run here.
+    assert "--quant int4 runs on CPUs only" in line, line
+    assert "--quant int8 or nf4" in line, line
     with pytest.raises(ProcessLookupError):
         os.killpg(child.proc.pid, 0)

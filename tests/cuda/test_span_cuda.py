@@ -1,13 +1,13 @@
 """A span loaded onto the GPU lives there entirely and computes what the same blocks of local transformers
-compute on the same GPU; quantized spans hold the memory their formats promise, as the allocator counts it."""
+compute on the same GPU; quantized spans (bitsandbytes' int8 and nf4 on CUDA) hold the memory their formats
+promise, as the allocator counts it, and pass gradients to their input, as LoRA and server backward need."""
 
 from __future__ import annotations
-
-import gc
 
 import pytest
 import torch
 
+from swarmllm.models import quant_cuda
 from swarmllm.models.span import load_span
 
 pytestmark = pytest.mark.cuda
@@ -37,27 +37,38 @@ def test_span_on_cuda_equals_the_local_blocks(dtype, random_smollm2_dir, local_m
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-def _allocated_by(load) -> int:
-    """Bytes that `load()`'s result holds on cuda:0, by the caching allocator's count of live tensors."""
-    gc.collect()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated(0)
-    span = load()
-    torch.cuda.synchronize()
-    held = torch.cuda.memory_allocated(0) - before
-    del span
-    gc.collect()
-    torch.cuda.empty_cache()
-    return held
-
-
-def test_quantized_spans_hold_their_share_of_gpu_memory(random_smollm2_dir, record_property) -> None:
-    held = {quant: _allocated_by(lambda q=quant: load_span(random_smollm2_dir, 0, 30, torch.bfloat16, quant=q, device="cuda"))
-            for quant in ("none", "int8", "int4")}
-    ratios = {q: held[q] / held["none"] for q in ("int8", "int4")}
+def test_quantized_spans_hold_their_share_of_gpu_memory(random_smollm2_dir, allocated, record_property) -> None:
+    held = {quant: allocated(lambda q=quant: load_span(random_smollm2_dir, 0, 30, torch.bfloat16, quant=q, device="cuda"))
+            for quant in ("none", "int8", "nf4")}
+    ratios = {q: held[q] / held["none"] for q in ("int8", "nf4")}
     record_property("mib_per_block", {q: round(b / 30 / 2**20, 3) for q, b in held.items()})
     record_property("ratio_to_bf16", {q: round(r, 4) for q, r in ratios.items()})
-    # int8: one byte per weight and a bfloat16 scale per row -> ~0.50; int4: half a byte per weight and a
-    # bfloat16 scale and zero per 32 -> ~0.31. Norms stay bfloat16 in both.
-    assert 0.45 < ratios["int8"] < 0.56, (held, ratios)
-    assert 0.27 < ratios["int4"] < 0.36, (held, ratios)
+    # The allocator counts bitsandbytes' scales, which it keeps outside parameters and buffers. int8: one
+    # byte per weight and a float32 scale per row -> ~0.503; nf4: half a byte per weight and a float32 absmax
+    # per 64 -> (0.5 + 4/64) / 2 ~ 0.28. Norms stay bfloat16 in both.
+    assert 0.47 < ratios["int8"] < 0.56, (held, ratios)
+    assert 0.26 < ratios["nf4"] < 0.33, (held, ratios)
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantized_span_passes_gradients_to_its_input(quant, random_smollm2_dir, local_model, prompt_ids,
+                                                      record_property) -> None:
+    span = load_span(random_smollm2_dir, START, END, torch.bfloat16, quant=quant, device="cuda")
+    linears = [m for m in span.layers.modules() if isinstance(m, quant_cuda.quantized_types())]
+    assert len(linears) == 7 * (END - START), "load_span on cuda did not give bitsandbytes' layers"
+    with torch.no_grad():  # not inference_mode: its tensors could not enter autograd below
+        states = local_model(torch.bfloat16)(prompt_ids, output_hidden_states=True).hidden_states
+    # What a server does in backward, and LoRA (or prompt tuning) on a client: the blocks' weights stay
+    # frozen and the gradient flows to their input.
+    hidden = states[START].clone().requires_grad_(True)  # (1, seq, hidden)
+    positions = torch.arange(prompt_ids.shape[1], device="cuda")[None]  # (1, seq)
+    out = span(hidden, positions, None)
+    out.float().sum().backward()
+    grad = hidden.grad
+    error = ((out.detach().float() - states[END].float()).norm() / states[END].float().norm()).item()
+    record_property("relative_error_vs_bf16", round(error, 4))
+    record_property("grad_abs_mean", grad.float().abs().mean().item() if grad is not None else None)
+    assert grad is not None and grad.shape == hidden.shape
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert all(not m.weight.requires_grad for m in linears)
+    assert error < 0.5, error  # a quantization error, not garbage (which is ~1 or more)

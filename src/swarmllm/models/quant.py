@@ -28,12 +28,13 @@ CPU kernels (measured on this project's 2-core Xeon with AVX-512 and AMX, torch 
   every call rebuilds the float weight (~0.45 ms for a 1536x576 matrix).
 - int4 (measured on a 2-core AMD EPYC with AVX2 only, one thread): `aten._weight_int4pack_mm_for_cpu`, the
   group-wise int4 kernel, vectorized for bfloat16 inputs only. Per call on 1536x576 it is slower than float32
-  `F.linear` with the weight hot in cache (one row ~170 us against ~96 us) but needs 1/6 of the memory
+  `F.linear` with the weight hot in cache (one row: 0.6-0.7x its speed) but reads 1/6 of the memory
   traffic, so a decode step through SmolLM2's 30 blocks, whose float32 weights do not fit in cache, is
-  ~1.24x float32's speed. Its cost grows ~70 us per row; below `INT4_GEMM_MIN_ROWS` rows it runs, from
-  there on a dequantized weight (~1 ms to build) and a GEMM do.
-On CUDA all modes dequantize to the input dtype and call `F.linear`: correct and memory-saving, not fast,
-and not verified on a GPU here. bitsandbytes is deliberately not used: it was slower than float32 on this CPU.
+  1.2-1.5x float32's speed. Its cost grows ~70 us per row; below `INT4_GEMM_MIN_ROWS` rows it runs, from
+  there on a dequantized weight (~1-1.4 ms to build) and a GEMM do.
+On CUDA, int8 and nf4 layers are bitsandbytes' (`models/quant_cuda.py`: kernels that multiply from the
+codes) and int4 is refused; on other devices these layers dequantize to the input dtype and call `F.linear`.
+bitsandbytes is not used on the CPU: it was slower than float32 there.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from swarmllm.models import quant_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +70,12 @@ INT8_GEMM_MIN_ROWS = 16
 INT4_GROUP = 32
 _INT4_GROUPS = (32, 64, 128, 256)  # the group sizes `_weight_int4pack_mm_for_cpu` accepts
 _INT4_ROW_MULTIPLE = 16  # `_convert_weight_to_int4pack_for_cpu` needs out_features divisible by this
-# From this many rows on, int4 layers dequantize and use a GEMM instead of the int4 kernel: measured for
-# 1536x576 on an AVX2 EPYC (one thread), the kernel ~70 us per row against ~1 ms plus the GEMM, crossing
-# at 32-48 rows for float32 and for bfloat16 inputs alike. Decode steps take the kernel, prefill the GEMM.
-INT4_GEMM_MIN_ROWS = 32
+# From this many rows on, int4 layers dequantize and use a GEMM instead of the int4 kernel. Measured for
+# 1536x576 on an AVX2 EPYC (one thread, bench/quant.py): the kernel costs ~70 us per row, dequantizing
+# ~1-1.4 ms plus the GEMM; the kernel was faster at 32 rows (2.37 against 2.60 ms for float32 inputs, 2.31
+# against 2.45 for bfloat16), the GEMM at 40 (2.69 against 2.94 ms; bfloat16 a tie). Decode steps take the
+# kernel, prefill the GEMM.
+INT4_GEMM_MIN_ROWS = 40
 
 # Dtypes that `_weight_int8pack_mm` runs vectorized on CPU; int8 layers multiply other inputs in bfloat16.
 _INT8_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -374,6 +379,24 @@ def _layout() -> tuple[int, bool]:
 _MODES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
 
 
+Backend = Literal["torch", "bitsandbytes"]
+
+
+def backend_for(device: torch.device) -> Backend:
+    """Whose layers quantize on `device`: bitsandbytes' CUDA kernels on a GPU, this module's elsewhere."""
+    return "bitsandbytes" if device.type == "cuda" else "torch"
+
+
+def check_supported(mode: QuantMode, device: torch.device) -> None:
+    """Refuse, before anything loads, a mode that `device` cannot run through a maintained kernel."""
+    if mode != "none" and backend_for(device) == "bitsandbytes":
+        quant_cuda.check(mode)
+
+
+def _already_quantized() -> tuple[type, ...]:
+    return (QuantizedLinear, *quant_cuda.quantized_types())
+
+
 def quantize_linear(linear: nn.Linear, mode: QuantMode) -> nn.Linear:
     """A quantized copy of one Linear (the Linear itself if `mode` is "none" or it is already quantized)."""
     if mode == "none" or isinstance(linear, QuantizedLinear):
@@ -383,24 +406,28 @@ def quantize_linear(linear: nn.Linear, mode: QuantMode) -> nn.Linear:
     return _MODES[mode](linear)
 
 
-def quantize_blocks(layers: Iterable[nn.Module], mode: QuantMode) -> None:
+def quantize_blocks(layers: Iterable[nn.Module], mode: QuantMode, backend: Backend | None = None) -> None:
     """Replace every nn.Linear inside `layers` with its quantized version, in place, under the same name.
 
-    Frees the float weights (the caller's other references aside). Blocks already quantized are left as
-    they are, so calling twice is harmless; mixing modes is not supported.
+    `backend`: whose layers, by default `backend_for` the layers' device (bitsandbytes on CUDA). Frees the
+    float weights (the caller's other references aside). Blocks already quantized are left as they are, so
+    calling twice is harmless; mixing modes is not supported.
     """
     if mode == "none":
         return
+    done = _already_quantized()
     count = 0
     for layer in layers:
         targets = [
             (name, module) for name, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and not isinstance(module, QuantizedLinear)
+            if isinstance(module, nn.Linear) and not isinstance(module, done)
         ]
         for name, module in targets:
             parent_name, _, attr = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
-            setattr(parent, attr, quantize_linear(module, mode))
+            chosen = backend or backend_for(module.weight.device)
+            quantized = quant_cuda.quantize_linear(module, mode) if chosen == "bitsandbytes" else quantize_linear(module, mode)
+            setattr(parent, attr, quantized)
             count += 1
     logger.debug("quantized %d linear layers to %s", count, mode)  # per block while loading: not info
 

@@ -23,6 +23,7 @@ from swarmllm.dht.node import join
 from swarmllm.dht.points import get_receipts, publish_receipts
 from swarmllm.dht.records import announce, get_servers
 from swarmllm.models.device import dtype_name, free_memory, resolve_device, resolve_dtype, trim_heap
+from swarmllm.models.quant import check_supported as check_quant
 from swarmllm.models.shards import block_key_filter, no_tensors
 from swarmllm.models.source import default_cache_dir, model_display_name, resolve_model
 from swarmllm.models.span import Span, check_span, load_config, load_span
@@ -44,7 +45,6 @@ from swarmllm.server.throughput import Throughput, ThroughputCache, cached_measu
 logger = logging.getLogger(__name__)
 
 
-
 def _release_memory(device: torch.device) -> None:
     """Return freed memory to the device (CUDA's caching allocator) or the OS (glibc's heap)."""
     gc.collect()
@@ -64,6 +64,7 @@ class Server:
         # Devices and dtypes first: a machine without the device asked for fails before anything loads.
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        check_quant(config.quant, self.device)
         # Metadata first (for a hub repo id: config, tokenizer, index); the span's shards once it is chosen.
         self.model_dir = resolve_model(config.model, tensors=no_tensors)
         self.model_name = model_display_name(config.model)
@@ -225,8 +226,13 @@ class Server:
         self.handler.kept = KeptGraphs(self.config.max_kept_graphs, self.config.kept_graph_ttl)
         self.adapters.clear()  # named adapters are reloaded for the new blocks on first use
         await self.handler.scheduler.run(_release_memory, self.device)
-        span = await loop.run_in_executor(None, self._load, *target)
-        self.throughput = await self.handler.scheduler.run(self._measure, span, None)
+        try:
+            span = await loop.run_in_executor(None, self._load, *target)
+            self.throughput = await self.handler.scheduler.run(self._measure, span, None)
+        except Exception:
+            logger.exception("could not load blocks %d:%d; shutting down (the old span is already freed)", *target)
+            stop.set()
+            return
         self.span = self.handler.span = span
         self.start, self.end = target
         self._label_metrics()
