@@ -18,7 +18,7 @@ def _weight_mib(child) -> float:
     return float(re.search(r"hold ([\d.]+) MiB of weights", line)[1])
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 def test_quantized_servers_equal_the_locally_quantized_model(mode, smollm2_dir, smollm2_local, smollm2_tokenizer):
     specs = [ServerSpec("0:15", ("--quant", mode)), ServerSpec("15:30", ("--quant", mode))]
     with LocalSwarm(str(smollm2_dir), specs) as swarm:
@@ -32,4 +32,4 @@ def test_quantized_servers_equal_the_locally_quantized_model(mode, smollm2_dir, 
     want = quantized_copy(smollm2_local, mode).generate(ids, max_new_tokens=16, do_sample=False)[0].tolist()
     assert got == want
     float_mib = sum(p.numel() * 4 for p in smollm2_local.model.layers.parameters()) / 2**20
-    assert sum(mib) < (0.3 if mode == "int8" else 0.2) * float_mib, (mib, float_mib)
+    assert sum(mib) < (0.3 if mode == "int8" else 0.2) * float_mib, (mib, float_mib)  # int4: 0.16, nf4: 0.14

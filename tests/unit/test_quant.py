@@ -165,6 +165,17 @@ def test_int4_unpacking_inverts_each_known_packing(layout):
     assert torch.equal(quant._unpack_int4(packed, 64, layout), codes.T)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_int4_prefill_gemm_runs_in_bfloat16_only_where_the_cpu_has_it(native, monkeypatch):
+    monkeypatch.setattr(quant, "_native_bf16", lambda: native)
+    assert quant._cpu_gemm_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    assert quant._cpu_gemm_dtype(torch.float16) == torch.float32
+    assert quant._cpu_gemm_dtype(torch.float32) == torch.float32
+    q = quant.Int4Linear(_linear())
+    y = q(torch.randn(GEMM_ROWS, 96, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.shape == (GEMM_ROWS, 80)
+
+
 def test_int4_refuses_a_packing_layout_it_does_not_know(monkeypatch):
     monkeypatch.setattr(quant, "_pack_layout", lambda: None)
     with pytest.raises(NotImplementedError, match="use int8 or nf4"):

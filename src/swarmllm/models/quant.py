@@ -185,15 +185,16 @@ class Int8Linear(QuantizedLinear):
         if x2d.device.type != "cpu":
             return F.linear(x2d, self.dequantize(x2d.dtype))
         # float32 (or float64) inputs are multiplied in bfloat16: the kernel's float32 path is 7x slower
-        # than float32 F.linear, and a bfloat16 GEMM beats a float32 one several times over on AMX.
-        # Both accumulate in float32, so only the matmul's inputs and output are rounded, and they are
-        # rounded the same way whichever branch the row count picks.
+        # than float32 F.linear. Both branches accumulate in float32 from inputs rounded to bfloat16. The
+        # GEMM branch multiplies in bfloat16 where the CPU does so natively (AMX: several times faster than
+        # float32), else in float32 (emulated bfloat16 GEMMs were ~9x slower than float32 on an AVX2 EPYC).
         dtype = x2d.dtype if x2d.dtype in _INT8_KERNEL_DTYPES else torch.bfloat16
         x = x2d.to(dtype)
         if x.shape[0] < INT8_GEMM_MIN_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self._scales(dtype))
         else:
-            y = F.linear(x, self.dequantize(dtype))
+            gemm = _cpu_gemm_dtype(dtype)
+            y = F.linear(x.to(gemm), self.dequantize(gemm))
         return y.to(x2d.dtype)
 
     def _scales(self, dtype: torch.dtype) -> torch.Tensor:  # (out,), the kernel wants the input's dtype
