@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from swarmllm.models.span import block_weight_bytes, load_span
+from swarmllm.models.shards import block_weight_bytes
+from swarmllm.models.span import load_span
 
 pytestmark = pytest.mark.real_model
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from swarmllm.models.span import read_tensors
+from swarmllm.models.shards import read_tensors
 
 BLOCKS_META = "swarmllm_blocks.json"
 BLOCKS_WEIGHTS = "blocks.safetensors"

@@ -22,12 +22,8 @@ from transformers.cache_utils import DynamicCache
 from swarmllm.models.device import trim_heap
 from swarmllm.models.family import MASK_BUILDERS, family_of, layer_type, rotary_takes_layer_type
 from swarmllm.models.quant import QuantMode, quantize_blocks
-
-# block_weight_bytes and read_tensors lived here before shards.py owned the checkpoint layout; the
-# redundant aliases re-export them for the callers that still import them from here.
 from swarmllm.models.shards import LAYER_KEY as _LAYER_KEY
-from swarmllm.models.shards import block_weight_bytes as block_weight_bytes
-from swarmllm.models.shards import read_tensors as read_tensors
+from swarmllm.models.shards import read_tensors
 
 logger = logging.getLogger(__name__)
 
