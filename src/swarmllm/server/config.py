@@ -42,7 +42,11 @@ class ServerConfig(BaseModel):
         "what the device has free once the blocks are loaded, less a safety margin",
     )
     remeasure: bool = Field(
-        default=False, description="measure this server's speed again instead of reusing the measurement cached on disk"
+        default=True,
+        description="measure this server's speed at start; --no-remeasure reuses the measurement cached on disk for "
+        "the same model, blocks, device, dtype, quant, threads and torch (faster restarts of big spans, but a "
+        "restarted server then announces exactly its predecessor's speed, and clients currently keep routing to "
+        "a dead predecessor: opt-in until routing handles that, see docs/hardware.md)",
     )
     cache_page_tokens: int = Field(default=64, ge=1, description="tokens per cache page: the unit a session's cache grows by")
     cache_queue_timeout: float = Field(
