@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from swarmllm.models.device import dtype_name
 from swarmllm.models.span import Span
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,7 @@ def measurement_key(model: str, span: Span, quant: str) -> str:
         where = f"cuda:{torch.cuda.get_device_name(device)}"
     else:
         where = f"{device.type}:{_cpu_name()}:{torch.get_num_threads()}threads"
-    dtype = str(span.dtype).removeprefix("torch.")
-    return f"{model}|{span.start}:{span.end}|{where}|{dtype}|{quant}|torch {torch.__version__}"
+    return f"{model}|{span.start}:{span.end}|{where}|{dtype_name(span.dtype)}|{quant}|torch {torch.__version__}"
 
 
 def _cpu_name() -> str:
