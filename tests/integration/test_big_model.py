@@ -234,7 +234,7 @@ def bf16_swarm(big_llama_dir, speed_cache, references, fixed_cost):
     the probe server are gone before it starts (and it comes after the int8 test in this file, so the two
     swarms never run at once)."""
     with LocalSwarm(str(big_llama_dir), []) as swarm:
-        first_start_s = _timed_start(swarm, "server0", ServerSpec("0:2", (*BF16, "--no-remeasure")))
+        first_start_s = _timed_start(swarm, "server0", ServerSpec("0:2", BF16))
         _timed_start(swarm, "server1", ServerSpec("2:4", BF16))
         yield swarm, first_start_s
 
@@ -255,7 +255,7 @@ def test_a_restarted_server_takes_its_speed_from_the_cache(bf16_swarm):
     first = swarm.servers["server0"]
     assert not _speed_from_cache(first), "the first start of 0:2 found a cached speed in a fresh cache"
     first.stop()
-    again_s = _timed_start(swarm, "server0-again", ServerSpec("0:2", (*BF16, "--no-remeasure")))
+    again_s = _timed_start(swarm, "server0-again", ServerSpec("0:2", BF16))
     again = swarm.servers["server0-again"]
     assert _speed_from_cache(again), "".join(again.log[-20:])
     print(f"\nstartup of a 0:2 bfloat16 server to its ready line: {first_start_s:.1f}s measuring its "

@@ -48,7 +48,7 @@ def test_a_span_that_cannot_fit_is_refused_with_its_sizes(tiny_llama_dir) -> Non
 def _start(model_dir, cache_dir) -> list[str]:
     """Start a server alone (its own one-node DHT), wait until it is ready, stop it; its log lines."""
     child = spawn("auto-server", ["serve", str(model_dir), "--num-blocks", "auto", "--max-cache-bytes", "auto",
-                                  "--num-threads", "1", "--no-remeasure"], env={"SWARMLLM_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"})
+                                  "--num-threads", "1"], env={"SWARMLLM_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"})
     try:
         child.wait_for("server ready:", 180)
     finally:

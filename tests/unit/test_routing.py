@@ -176,3 +176,39 @@ def test_spread_route_shares_load_in_proportion_to_throughput() -> None:
     rng = random.Random(2)
     picks = [spread_route(records, 0, 4, rng)[0].peer_id for _ in range(4000)]
     assert picks.count("big") / len(picks) == pytest.approx(0.75, abs=0.03)
+
+
+def test_round_trips_drop_superseded_pings_and_do_not_average_failures() -> None:
+    """A slow ping that lands after a newer one started (or after a figure was set) is dropped; failures
+    are not averaged into round trips."""
+    import asyncio
+
+    from swarmllm.client.config import ClientConfig
+    from swarmllm.client.sequence_manager import SequenceManager
+
+    manager = SequenceManager.__new__(SequenceManager)  # no swarm: only the ping bookkeeping runs
+    manager.config, manager.rtts, manager._pinged = ClientConfig(ping_timeout=0.05), {}, {}
+    release = asyncio.Event()
+
+    async def call(peer_id, rpc, request):
+        await release.wait()
+
+    manager.call = call
+
+    async def scenario() -> None:
+        manager._pinged["p"] = 1.0
+        old = asyncio.create_task(manager._ping("p", 1.0))
+        manager._pinged["p"], manager.rtts["p"] = 2.0, 0.0  # a newer figure while the first ping hangs
+        await old  # times out after 0.05 s
+        assert manager.rtts["p"] == 0.0
+        await manager._ping("p", 2.0)  # the current ping's failure counts
+        assert manager.rtts["p"] == 0.05
+        release.set()
+        await manager._ping("p", 2.0)  # the first answer after a failure replaces it (no averaging with it)
+        assert 0.0 < manager.rtts["p"] < 0.7 * 0.05
+        # A failed call counts the server as unreachable until a ping answers, and makes it due for a ping.
+        manager._bans = {}
+        manager.ban("p", "TimeoutError()")
+        assert manager.rtts["p"] == 0.05 and "p" not in manager._pinged
+
+    asyncio.run(scenario())

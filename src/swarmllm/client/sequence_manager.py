@@ -86,26 +86,39 @@ class SequenceManager:
         for peer in stale:
             self._pinged[peer] = now
         if stale:
-            asyncio.run_coroutine_threadsafe(self._ping_all(stale), loop.get_loop())
+            asyncio.run_coroutine_threadsafe(self._ping_all(stale, now), loop.get_loop())
 
-    async def _ping_all(self, peers: list[str]) -> None:
-        await asyncio.gather(*(self._ping(p) for p in peers))
+    async def _ping_all(self, peers: list[str], started: float) -> None:
+        await asyncio.gather(*(self._ping(p, started) for p in peers))
 
-    async def _ping(self, peer_id: str) -> None:
+    async def _ping(self, peer_id: str, started: float) -> None:
         t0 = time.perf_counter()
         try:
             await asyncio.wait_for(self.call(peer_id, RPC_INFO, runtime_pb2.ExpertRequest()), self.config.ping_timeout)
-        except Exception:  # unreachable: as slow as the timeout, until the next ping says otherwise
+            failed = False
+        except Exception:
+            failed = True
+        # A newer ping (or a newer figure) for this peer supersedes this one: a slow answer must not overwrite it.
+        if self._pinged.get(peer_id) != started:
+            return
+        if failed:  # unreachable: as slow as the timeout, until the next ping says otherwise
             self.rtts[peer_id] = self.config.ping_timeout
             return
         rtt = time.perf_counter() - t0
         old = self.rtts.get(peer_id)
-        self.rtts[peer_id] = rtt if old is None else 0.7 * old + 0.3 * rtt
+        # A failure is not a measurement: the first answer after one replaces it instead of averaging with it.
+        fresh = old is None or old >= self.config.ping_timeout
+        self.rtts[peer_id] = rtt if fresh else 0.7 * old + 0.3 * rtt
 
     def ban(self, peer_id: str, reason: str, duration: float | None = None) -> None:
         duration = self.config.ban_time if duration is None else duration
         logger.warning("avoiding server %s for %.0fs: %s", peer_id[-8:], duration, reason)
         self._bans[peer_id] = max(self._bans.get(peer_id, 0.0), time.monotonic() + duration)
+        # Its last good round trip no longer says anything: count it as unreachable until a ping answers (the
+        # next refresh pings it), so that once the ban ends, routes do not go back to a dead server that an
+        # equally fast live one could replace.
+        self.rtts[peer_id] = self.config.ping_timeout
+        self._pinged.pop(peer_id, None)
 
     def report(self, offender: str, start: int, end: int, error: float, tolerance: float) -> None:
         """Avoid a server caught returning wrong results, and tell the swarm with a signed report."""

@@ -42,11 +42,17 @@ class ServerConfig(BaseModel):
         "what the device has free once the blocks are loaded, less a safety margin",
     )
     remeasure: bool = Field(
-        default=True,
-        description="measure this server's speed at start; --no-remeasure reuses the measurement cached on disk for "
-        "the same model, blocks, device, dtype, quant, threads and torch (faster restarts of big spans, but a "
-        "restarted server then announces exactly its predecessor's speed, and clients currently keep routing to "
-        "a dead predecessor: opt-in until routing handles that, see docs/hardware.md)",
+        default=False,
+        description="measure this server's speed even if a measurement for the same model, blocks, device, dtype, "
+        "quant, threads and torch is cached on disk (by default a restart reuses it and announces at once)",
+    )
+    step_time: float | None = Field(
+        default=None, gt=0,
+        description="announce this speed instead of measuring it: seconds per block for one inference step (with "
+        "--forward-tps; for operators who know their hardware, and for tests that need fixed speeds)",
+    )
+    forward_tps: float | None = Field(
+        default=None, gt=0, description="with --step-time: tokens per second per block for a forward pass",
     )
     cache_page_tokens: int = Field(default=64, ge=1, description="tokens per cache page: the unit a session's cache grows by")
     cache_queue_timeout: float = Field(
@@ -140,6 +146,8 @@ class ServerConfig(BaseModel):
             raise ValueError(f"--max-cache-bytes must be at least 1 or auto, got {self.max_cache_bytes}")
         if self.blocks is not None:
             parse_blocks(self.blocks)
+        if (self.step_time is None) != (self.forward_tps is None):
+            raise ValueError("give both --step-time and --forward-tps to announce a speed without measuring, or neither")
         if self.quant != "none" and self.block_override is not None:
             raise ValueError("--quant and --block-override cannot be combined yet: an override replaces float weights")
         return self
