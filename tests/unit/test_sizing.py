@@ -118,3 +118,12 @@ def test_a_corrupt_cache_file_costs_one_measurement(tmp_path, tiny_llama_dir) ->
     assert cache.get(key) is None
     cached_measure(span, key, cache, remeasure=False, run=lambda fn, s: Throughput(0.5, 2.0))
     assert json.loads(path.read_text())[key] == {"step_time": 0.5, "forward_tps": 2.0}
+
+
+def test_a_given_speed_needs_both_figures() -> None:
+    from swarmllm.server.config import ServerConfig
+
+    config = ServerConfig(model="m", blocks="0:1", step_time=0.002, forward_tps=500)
+    assert (config.step_time, config.forward_tps) == (0.002, 500)
+    with pytest.raises(ValueError, match="both --step-time and --forward-tps"):
+        ServerConfig(model="m", blocks="0:1", step_time=0.002)
