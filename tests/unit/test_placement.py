@@ -15,13 +15,13 @@ import sys
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from swarmllm.models.span import load_span, span_from_model
+from swarmllm.models.span import load_span
 from swarmllm.server import compute
 from swarmllm.server.cache import SessionKV
 from swarmllm.server.inference import Session, StepInput, run_batch
 from swarmllm.server.throughput import measure
+from tests.unit.tiny import tiny_span
 
 _FACTORIES = {
     torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.tensor, torch.randn, torch.rand,
@@ -48,11 +48,7 @@ class _DevicelessFactories(TorchFunctionMode):
 
 @pytest.fixture(scope="module")
 def span():
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=2, vocab_size=50, hidden_size=32, intermediate_size=64,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    config._attn_implementation = "sdpa"
-    return span_from_model(AutoModelForCausalLM.from_config(config).eval(), 0, 2)
+    return tiny_span(2)
 
 
 def _session(span, batch: int, tokens: int) -> Session:

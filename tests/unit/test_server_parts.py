@@ -6,23 +6,18 @@ import argparse
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from swarmllm.cli.options import add_config_args, config_from_args
-from swarmllm.models.span import span_from_model
 from swarmllm.server import compute
 from swarmllm.server.cache import SessionKV
 from swarmllm.server.config import ServerConfig
 from swarmllm.server.inference import Session, StepInput, run_batch
+from tests.unit.tiny import tiny_span
 
 
 @pytest.fixture(scope="module")
 def span():
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=4, vocab_size=50, hidden_size=32, intermediate_size=64,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    config._attn_implementation = "sdpa"
-    return span_from_model(AutoModelForCausalLM.from_config(config).eval(), 0, 4)
+    return tiny_span(4)
 
 
 @pytest.mark.parametrize(
