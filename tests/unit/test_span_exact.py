@@ -16,6 +16,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from swarmllm.models.span import SpanError, check_span, span_from_model
@@ -34,6 +35,7 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(num_hidden_layers=4, **COMMON),
     "mistral": lambda: MistralConfig(num_hidden_layers=4, sliding_window=5, **COMMON),
     "qwen2": lambda: Qwen2Config(num_hidden_layers=4, **COMMON),
+    "qwen3": lambda: Qwen3Config(num_hidden_layers=4, **COMMON),
     # Gemma 3 alternates sliding and global layers, with a rotary table per layer type; a window of 4
     # makes the sliding mask matter within these short sequences.
     "gemma3": lambda: Gemma3TextConfig(

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from swarmllm.models import quant
-from swarmllm.models.span import load_span
+from swarmllm.models.span import load_span, span_from_model
+from tests.unit.test_span_exact import CONFIGS, _model
 
 
 @pytest.mark.parametrize("mode", ["none", "int8", "int4", "nf4"])
@@ -61,3 +62,16 @@ def test_no_tensor_of_the_span_lives_in_the_checkpoint_mapping(mode, tiny_llama_
     inside = [t for t in tensors for lo, hi in mapped if lo <= t.data_ptr() < hi]
     assert not inside
     assert not mapped  # nothing keeps the file mapped once loading is done
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_span_loaded_from_a_checkpoint_equals_the_same_blocks_of_the_model(name, tmp_path):
+    """Each family's checkpoint keys (Phi-3's fused projections, Qwen 3's q/k norms, ...) reach the right
+    tensors of the generic runner's blocks."""
+    model = _model(name)
+    model.save_pretrained(tmp_path)
+    loaded, reference = load_span(tmp_path, 1, 3), span_from_model(model, 1, 3)
+    assert list(loaded.layers.state_dict()) == list(reference.layers.state_dict())
+    hidden, pos = torch.randn(2, 5, 32), torch.arange(5).expand(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(hidden, pos), reference(hidden, pos), rtol=0, atol=0)

@@ -40,6 +40,7 @@ FAMILIES: dict[str, Family] = {
         Family("llama"),
         Family("mistral", sliding_from_window=True),
         Family("qwen2"),
+        Family("qwen3"),
         Family("gemma3_text"),
         Family("gemma3"),
     )
