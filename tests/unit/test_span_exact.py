@@ -119,3 +119,12 @@ def test_span_trap_first_layer_idx_matters() -> None:
 def test_invalid_spans_are_refused(start: int, end: int) -> None:
     with pytest.raises(SpanError, match="invalid span"):
         check_span(start, end, 4)
+
+
+def test_a_family_not_checked_against_the_runner_is_refused_by_name() -> None:
+    from transformers import Phi3Config
+
+    from swarmllm.models.family import UnsupportedModelError, family_of
+
+    with pytest.raises(UnsupportedModelError, match=r"'phi3' is not supported yet \(supported: gemma3, .*qwen3\)"):
+        family_of(Phi3Config(pad_token_id=0, **COMMON))
