@@ -75,3 +75,29 @@ def test_a_span_loaded_from_a_checkpoint_equals_the_same_blocks_of_the_model(nam
     hidden, pos = torch.randn(2, 5, 32), torch.arange(5).expand(2, -1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(hidden, pos), reference(hidden, pos), rtol=0, atol=0)
+
+
+def test_the_vision_towers_layers_never_load_as_decoder_blocks(tmp_path):
+    """A multimodal Gemma 3 checkpoint holds `vision_tower.encoder.layers.N` besides the decoder's
+    `language_model.model.layers.N`, with names such as `self_attn.q_proj.weight` in both: a block must be
+    built from the decoder's tensors alone (a mixed block fails to load here, where the two stacks' key and
+    value projections differ in shape, and would compute wrong values where all shapes agree)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    text = CONFIGS["gemma3"]()
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          image_token_index=96, boi_token_index=94, eoi_token_index=95)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path)
+    text_model = model.model.language_model
+    text_model.config._attn_implementation = "sdpa"
+    loaded, reference = load_span(tmp_path, 1, 3), span_from_model(text_model, 1, 3)
+    for got, want in zip(loaded.layers, reference.layers):
+        for name, tensor in want.state_dict().items():
+            assert torch.equal(got.state_dict()[name], tensor), name
+    hidden, pos = torch.randn(2, 5, 32), torch.arange(5).expand(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(hidden, pos), reference(hidden, pos), rtol=0, atol=0)

@@ -61,8 +61,9 @@ def block_of(key: str) -> int | None:
     """The block index of checkpoint key `key`, or None for a tensor outside the blocks.
 
     Any `...layers.N.` key counts, whatever its prefix. In multimodal checkpoints (gemma3) this includes the
-    vision tower's `encoder.layers.N` besides the decoder's layers: `load_span` reads by the same rule, so
-    the two must agree, and the cost is a server fetching the few vision tensors of its block indices too.
+    vision tower's `encoder.layers.N` besides the decoder's layers, so a server fetches the few vision
+    tensors of its block indices too, and block sizes include them; `load_span` then keeps only the stack
+    whose tensors make a decoder block.
     """
     m = LAYER_KEY.match(key)
     return int(m["idx"]) if m else None

@@ -188,20 +188,18 @@ def _load_block(
 
     def want(key: str) -> str | None:
         m = _LAYER_KEY.match(key)
-        return m["rest"] if m and int(m["idx"]) == idx else None
+        return key if m and int(m["idx"]) == idx else None
 
+    with torch.device("meta"):
+        layer = decoder_cls(config, idx)
+    found = _decoder_tensors(read_tensors(model_dir, want), set(layer.state_dict()), idx, model_dir)
     # safetensors returns tensors that live in its mapping of the whole file, and mapped pages a process
     # has touched count in its RSS for as long as any tensor keeps the mapping alive (one norm weight is
     # enough). So every tensor is copied out (`copy=True`, even when the dtype already matches) and the
-    # mapping goes with `own`. Measured on SmolLM2: without the copy 10 int8 blocks held ~120 MiB of
+    # mapping goes with `found`. Measured on SmolLM2: without the copy 10 int8 blocks held ~120 MiB of
     # float32 file pages besides their codes; see docs/quantization.md.
-    own = {k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True)
-           for k, v in read_tensors(model_dir, want).items()}
-    with torch.device("meta"):
-        layer = decoder_cls(config, idx)
-    missing = set(layer.state_dict()) - set(own)
-    if missing:
-        raise ValueError(f"block {idx} is missing weights in {model_dir}: {sorted(missing)[:5]}")
+    own = {k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in found.items()}
+    del found
     layer.load_state_dict(own, strict=False, assign=True)
     del own
     layer = layer.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -212,6 +210,24 @@ def _load_block(
     # trimming after every block.
     trim_heap()
     return layer
+
+
+def _decoder_tensors(tensors: dict[str, torch.Tensor], names: set[str], idx: int, model_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of decoder block `idx`, by their names within the block, from every checkpoint key of the
+    form `<prefix>layers.<idx>.<name>`. A multimodal checkpoint (Gemma 3 4B and up) has a second stack, the
+    vision tower's `encoder.layers.<idx>`, with names such as `self_attn.q_proj.weight` in common: the
+    decoder's stack is the prefix whose names cover every tensor a decoder block holds."""
+    by_prefix: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _LAYER_KEY.match(key)
+        by_prefix.setdefault(m["prefix"], {})[m["rest"]] = tensor
+    fits = [prefix for prefix, group in by_prefix.items() if names <= set(group)]
+    if len(fits) == 1:
+        return by_prefix[fits[0]]
+    if fits:
+        raise ValueError(f"block {idx} of {model_dir}: several stacks of layers fit a decoder block ({', '.join(fits)})")
+    closest = min(by_prefix.values(), key=lambda group: len(names - set(group)), default={})
+    raise ValueError(f"block {idx} is missing weights in {model_dir}: {sorted(names - set(closest))[:5]}")
 
 
 def span_from_model(model: nn.Module, start: int, end: int) -> Span:
