@@ -434,3 +434,34 @@ def test_metrics_count_requests_tokens_and_latency(client) -> None:
     assert grew("swarmllm_api_first_token_seconds_count") == 1
     assert grew("swarmllm_api_request_seconds_count", endpoint=CHAT) == 1
     assert after[("swarmllm_api_requests_in_progress", ())] == 0
+
+
+def test_logit_bias_moves_greedy_to_what_the_biased_logits_pick(client, chat_answer, chat_prompt, smollm2_local,
+                                                                  smollm2_tokenizer) -> None:
+    with torch.no_grad():
+        logits = smollm2_local(torch.tensor([chat_prompt])).logits[0, -1]
+    first, second = logits.topk(2).indices.tolist()
+    assert chat_answer["choices"][0]["message"]["content"].startswith(smollm2_tokenizer.decode([first]))
+    banned = client.post(CHAT, json=_chat(temperature=0, max_tokens=8, logit_bias={str(first): -100}))
+    assert banned.status_code == 200, banned.text
+    assert banned.json()["choices"][0]["message"]["content"].startswith(smollm2_tokenizer.decode([second]))
+    neutral = client.post(CHAT, json=_chat(temperature=0, max_tokens=8, logit_bias={str(first): 0}))
+    assert neutral.json()["choices"][0]["message"]["content"] == chat_answer["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logit_bias", {"hello": 5}),
+    ("logit_bias", {"1": 101}),
+    ("logit_bias", {"99999999": 1}),
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+])
+def test_what_cannot_be_honoured_is_refused_by_name(client, field, value) -> None:
+    response = client.post(CHAT, json=_chat(temperature=0, max_tokens=2, **{field: value}))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == field
+
+
+def test_a_plain_text_response_format_is_accepted(client, chat_answer) -> None:
+    response = client.post(CHAT, json=_chat(temperature=0, max_tokens=8, response_format={"type": "text"}))
+    assert response.json()["choices"][0]["message"]["content"] == chat_answer["choices"][0]["message"]["content"]

@@ -74,6 +74,16 @@ def test_a_negative_presence_penalty_favours_tokens_already_used() -> None:
     assert pick(torch.tensor([1.0, 2.0]), sampling, None, {0: 1}) == 0
 
 
+def test_logit_bias_adds_to_the_named_tokens_and_leaves_the_callers_logits_alone() -> None:
+    logits = torch.tensor([2.0, 1.5, 0.0])
+    assert pick(logits, Sampling(max_tokens=1, temperature=0, logit_bias=((0, -100.0),)), None) == 1
+    assert pick(logits, Sampling(max_tokens=1, temperature=0, logit_bias=((2, 2.5),)), None) == 2
+    assert pick(logits, Sampling(max_tokens=1, temperature=0, logit_bias=((1, 0.4),)), None) == 0  # 1.9 < 2.0
+    sampled = Sampling(max_tokens=1, temperature=1.0, seed=0, logit_bias=((0, -100.0), (1, -100.0)))
+    assert {pick(logits, sampled, torch.Generator().manual_seed(i)) for i in range(20)} == {2}
+    assert logits.tolist() == [2.0, 1.5, 0.0]
+
+
 # TextStream
 
 

@@ -209,6 +209,7 @@ async def _complete(request: Request, engine: Engine, body: schemas.Request, pro
         raise ApiError(400, f"{len(prompts)} prompts x n={body.n or 1} choices is over {schemas.MAX_CHOICES} "
                             "completions per request", param="prompt" if len(prompts) > 1 else "n")
     samplings = [body.samplings(engine.budget(p, body.requested_tokens)) for p in prompts]
+    engine.check_bias(samplings[0][0])
     await asyncio.get_running_loop().run_in_executor(None, engine.check_swarm)
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
     echoes = [engine.tokenizer.decode(p, skip_special_tokens=True) if not chat and body.echo else "" for p in prompts

@@ -81,6 +81,13 @@ class Engine:
                            param="messages", code="context_length_exceeded")
         return requested if requested is not None else min(self.config.default_max_tokens, room)
 
+    def check_bias(self, sampling: Sampling) -> None:
+        vocab = text_config(self.model.config).vocab_size  # the LM head's width, which the tokenizer's length may not reach
+        bad = [t for t, _ in sampling.logit_bias if t >= vocab]
+        if bad:
+            raise ApiError(400, f"logit_bias names token ids outside the vocabulary (0:{vocab}): {bad[:5]}",
+                           param="logit_bias")
+
     # Running
 
     def check_swarm(self) -> None:

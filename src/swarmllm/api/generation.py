@@ -36,6 +36,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before picking)
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely tokens there
     prompt_logprobs: bool = False  # also score the prompt's tokens (completions' echo), in the same prefill
 
@@ -74,13 +75,16 @@ class Completion:
 def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
          counts: dict[int, int] | None = None) -> int:
     """The next token from one position's logits (vocab,). OpenAI's penalties subtract from the logits of
-    tokens already generated: presence once, frequency per occurrence."""
-    logits = logits.float()
+    tokens already generated: presence once, frequency per occurrence; `logit_bias` adds to the logits of the
+    tokens it names (-100 bans a token in practice, 100 all but forces it)."""
+    logits = logits.float().clone()
     if counts and (sampling.presence_penalty or sampling.frequency_penalty):
-        logits = logits.clone()
         ids = torch.tensor(list(counts))
         n = torch.tensor(list(counts.values()), dtype=logits.dtype)
         logits[ids] -= sampling.presence_penalty + sampling.frequency_penalty * n
+    if sampling.logit_bias:
+        ids, bias = zip(*sampling.logit_bias)
+        logits[list(ids)] += torch.tensor(bias, dtype=logits.dtype)
     if sampling.temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / sampling.temperature, dim=-1)

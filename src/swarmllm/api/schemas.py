@@ -1,7 +1,7 @@
 """The OpenAI API's request and response records, as far as swarmllm serves them.
 
 Requests ignore fields we do not know (clients send many), but a field we know and cannot honour (tools,
-suffix, best_of) is refused with a clear error rather than silently dropped.
+suffix, best_of, a JSON response_format) is refused with a clear error rather than silently dropped.
 
 `n` > 1 asks for several choices of one prompt: each is its own completion (and server-side session),
 decoded concurrently; with a `seed`, choice i samples with seed + i, so every choice is reproducible and
@@ -43,6 +43,25 @@ class Request(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     user: str | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as text) -> bias
+    response_format: ResponseFormat | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.isdigit():
+                raise ApiError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text_only(cls, v: ResponseFormat | None) -> ResponseFormat | None:
+        # JSON modes need constrained decoding, which swarmllm does not do: answering with whatever text the
+        # model writes would break callers that parse it.
+        if v is not None and v.type != "text":
+            raise ApiError(400, f"response_format {v.type!r} is not supported (only 'text')", param="response_format")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -60,6 +79,7 @@ class Request(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed, stop=stops,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=tuple((int(k), v) for k, v in sorted((self.logit_bias or {}).items(), key=lambda kv: int(kv[0]))),
             logprobs=top, prompt_logprobs=prompt,
         )
 
@@ -76,6 +96,12 @@ class Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
 
 
 class StreamOptions(BaseModel):
