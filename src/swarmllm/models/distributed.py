@@ -39,6 +39,10 @@ from swarmllm.models.span import load_span, meta_block, text_config
 logger = logging.getLogger(__name__)
 
 
+BEAMS_UNSUPPORTED = ("beam search is not supported through the swarm yet: the servers' attention caches cannot "
+                     "follow reordered beams (use greedy decoding or sampling)")
+
+
 class RemoteCache(DynamicCache):
     """Stands in for the KV cache inside `generate()`: the real caches live on the servers of `session`.
 
@@ -51,6 +55,12 @@ class RemoteCache(DynamicCache):
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.session.position - self.session.prefix  # prompt-tuning tokens are invisible to generate
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # The servers cannot reorder a session's rows yet: skipping a reorder would make every later token
+        # attend to another beam's past, a wrong answer that looks right. Refuse instead.
+        if not torch.equal(beam_idx.cpu(), torch.arange(len(beam_idx))):
+            raise NotImplementedError(BEAMS_UNSUPPORTED)
 
     @property
     def is_linear(self) -> list[bool]:
@@ -199,6 +209,9 @@ class DistributedMixin:
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
+        config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or config.num_beams or 1) > 1:
+            raise NotImplementedError(BEAMS_UNSUPPORTED)
         session = self._active_session
         if session is None:
             max_length = _max_length(self.generation_config, kwargs, inputs)
