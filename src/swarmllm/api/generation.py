@@ -77,8 +77,11 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     """The next token from one position's logits (vocab,). OpenAI's penalties subtract from the logits of
     tokens already generated: presence once, frequency per occurrence; `logit_bias` adds to the logits of the
     tokens it names (-100 bans a token in practice, 100 all but forces it)."""
-    logits = logits.float().clone()
-    if counts and (sampling.presence_penalty or sampling.frequency_penalty):
+    logits = logits.float()
+    penalised = counts and (sampling.presence_penalty or sampling.frequency_penalty)
+    if penalised or sampling.logit_bias:
+        logits = logits.clone()  # the caller's logits also feed the reported logprobs: leave them alone
+    if penalised:
         ids = torch.tensor(list(counts))
         n = torch.tensor(list(counts.values()), dtype=logits.dtype)
         logits[ids] -= sampling.presence_penalty + sampling.frequency_penalty * n

@@ -79,7 +79,7 @@ class Request(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed, stop=stops,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            logit_bias=tuple((int(k), v) for k, v in sorted((self.logit_bias or {}).items(), key=lambda kv: int(kv[0]))),
+            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
             logprobs=top, prompt_logprobs=prompt,
         )
 
