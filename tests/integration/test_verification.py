@@ -3,6 +3,8 @@ reports it in the DHT, and its output equals the honest output; other clients av
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -43,6 +45,27 @@ def _client(tiny_llama_dir, swarm, near: str | None = None, **config):
     return model
 
 
+def _until_caught(make_client, use, liar: str, attempts: int = 3):
+    """A client made by `make_client` on which `use` (asserting exact outputs) ends with the liar caught:
+    banned and reported by that client. A connection to the liar that drops (seen on loaded machines) makes a
+    client avoid it for a while before anything is checked, with exact outputs from the honest servers; a fresh
+    client then meets the liar again. Only the returned client is still running."""
+    for _ in range(attempts):
+        client = make_client()
+        manager = client.sequence_manager
+        try:
+            use(client)
+            if liar in manager.banned() and (manager.peer.peer_id, liar) in {
+                    (r.reporter, r.offender) for r in get_reports(manager.dht, manager.model_name)}:
+                return client
+            assert liar in manager.banned(), "the liar was neither caught nor avoided after a failure"
+        except BaseException:
+            manager.shutdown()
+            raise
+        manager.shutdown()
+    raise AssertionError(f"no client caught the liar in {attempts} attempts")
+
+
 def test_verification_catches_and_reports_a_corrupting_server(tiny_llama_dir, swarm_with_liar) -> None:
     swarm, liar = swarm_with_liar
     ids = torch.randint(1, 90, (2, 7))
@@ -60,20 +83,22 @@ def test_verification_catches_and_reports_a_corrupting_server(tiny_llama_dir, sw
         trusting.sequence_manager.shutdown()
 
     # Stateless forward calls (as in fine-tuning) are checked the same way.
-    forward_checking = _client(tiny_llama_dir, swarm, near=liar, verify=1.0, trust_reports=0)
-    try:
+    def forward_checked(client):
         with torch.no_grad():
-            torch.testing.assert_close(forward_checking(ids).logits, honest_logits, rtol=1e-4, atol=1e-4)
-        assert liar in forward_checking.sequence_manager.banned()
-    finally:
-        forward_checking.sequence_manager.shutdown()
+            torch.testing.assert_close(client(ids).logits, honest_logits, rtol=1e-4, atol=1e-4)
+
+    forward_checking = _until_caught(lambda: _client(tiny_llama_dir, swarm, near=liar, verify=1.0, trust_reports=0),
+                                     forward_checked, liar)
+    forward_checking.sequence_manager.shutdown()
 
     # Sessions: this client ignores the report above, so it meets the liar and must catch it itself.
-    checking = _client(tiny_llama_dir, swarm, near=liar, verify=0.3, trust_reports=0)
+    def session_checked(client):
+        assert torch.equal(client.generate(ids, max_new_tokens=10, do_sample=False), honest)
+
+    checking = _until_caught(lambda: _client(tiny_llama_dir, swarm, near=liar, verify=0.3, trust_reports=0),
+                             session_checked, liar)
     try:
-        assert torch.equal(checking.generate(ids, max_new_tokens=10, do_sample=False), honest)
         manager = checking.sequence_manager
-        assert liar in manager.banned()
         reports = get_reports(manager.dht, manager.model_name)
         assert {(r.reporter, r.offender) for r in reports} == {
             (manager.peer.peer_id, liar), (forward_checking.sequence_manager.peer.peer_id, liar)}
@@ -103,3 +128,35 @@ def test_without_a_third_server_a_mismatch_is_refused_not_returned(tiny_llama_di
                 model.generate(torch.randint(1, 90, (1, 5)), max_new_tokens=3, do_sample=False)
         finally:
             model.sequence_manager.shutdown()
+
+
+def test_a_dead_checker_is_replaced_by_the_next_holder_not_skipped(tiny_llama_dir) -> None:
+    """The second-nearest holder, the first choice to check the liar, is dead: both call styles avoid it and
+    check on the next holder (a third settles the mismatch), instead of returning the liar's unchecked output."""
+    specs = [ServerSpec("0:4", ("--test-corrupt-outputs", "0.5")), ServerSpec("0:4"), ServerSpec("0:4"),
+             ServerSpec("0:4")]
+    ids = torch.randint(1, 90, (2, 7))
+    local = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    honest = local.generate(ids, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        honest_logits = local(ids).logits
+    with LocalSwarm(str(tiny_llama_dir), specs) as swarm:
+        liar, dead = _peer(swarm.server_lines["server0"]), _peer(swarm.server_lines["server1"])
+        clients = [_client(tiny_llama_dir, swarm, near=liar, verify=1.0, trust_reports=0) for _ in range(2)]
+        for client in clients:  # the dead server looks next nearest: every first check goes to it
+            client.sequence_manager.rtts[dead] = 1e-6
+        os.killpg(swarm.servers["server1"].proc.pid, signal.SIGKILL)
+        assert swarm.servers["server1"].proc.wait(10) is not None
+        stateless, sessions = clients
+        try:
+            with torch.no_grad():
+                torch.testing.assert_close(stateless(ids).logits, honest_logits, rtol=1e-4, atol=1e-4)
+            assert torch.equal(sessions.generate(ids, max_new_tokens=6, do_sample=False), honest)
+            for client in clients:
+                manager = client.sequence_manager
+                assert {liar, dead} <= manager.banned()
+                assert (manager.peer.peer_id, liar) in {(r.reporter, r.offender)
+                                                        for r in get_reports(manager.dht, manager.model_name)}
+        finally:
+            for client in clients:
+                client.sequence_manager.shutdown()

@@ -235,12 +235,19 @@ class InferenceSession:
         """Compare stream i's output for this step with its checker's; on a mismatch a third server decides.
         Returns the output the majority vouches for, after swapping out and reporting an offending primary."""
         s, tolerance = self._streams[i], self.manager.config.verify_tolerance
-        if isinstance(second, BaseException):  # the checker failed, not the primary: this step goes unchecked
-            logger.warning("session %s: could not check blocks %d:%d: %r", self.session_id[:8], s.hop.start,
-                           s.hop.end, second)
+        while isinstance(second, BaseException):  # the checker failed, not the primary: check on another one
+            logger.warning("session %s: could not check blocks %d:%d on %s: %r", self.session_id[:8], s.hop.start,
+                           s.hop.end, s.checker.hop.peer_id[-8:], second)
+            self.manager.ban(s.checker.hop.peer_id, repr(second))
             await self._close_all([s.checker])
-            s.checker = None
-            return out
+            s.checker = await self._open_checker(s.hop, {s.hop.peer_id})
+            if s.checker is None:  # no other holder answers: this step goes unchecked (with a warning)
+                return out
+            try:  # the new checker catches up on the whole history, this step included
+                second = await _catch_up(s.checker, s.history)
+                s.checker.fed = len(s.history)
+            except Exception as e:
+                second = e
         error = relative_error(out, second)
         if error <= tolerance:
             return out
@@ -280,15 +287,24 @@ class InferenceSession:
 
     async def _open_checker(self, hop: Hop, exclude: set[str]) -> _ServerStream | None:
         """A session on another server that holds all of `hop`'s blocks in the same dtype, quantization and
-        version; None (with a warning) if there is none."""
-        found = [p for p in self.manager.checkers(hop.peer_id, hop.start, hop.end) if p not in exclude]
-        if not found:
-            logger.warning("session %s: no other server holds blocks %d:%d: this step is not verified",
-                           self.session_id[:8], hop.start, hop.end)
-            return None
-        stream = _ServerStream(self.manager, Hop(found[0], hop.start, hop.end))
-        await self._open_one(stream)
-        return stream
+        version, nearest first; one that fails to open is avoided for a while and the next is tried. None (with
+        a warning) if none opens."""
+        for peer in self.manager.checkers(hop.peer_id, hop.start, hop.end):
+            if peer in exclude:
+                continue
+            stream = _ServerStream(self.manager, Hop(peer, hop.start, hop.end))
+            try:
+                await self._open_one(stream)
+                return stream
+            except Exception as e:
+                if isinstance(e, wire.RemoteError) and e.code in _CALLER_ERRORS:
+                    raise  # the request, not the server: every holder would refuse it
+                logger.warning("session %s: could not open a checker on %s: %r", self.session_id[:8], peer[-8:], e)
+                self.manager.ban(peer, repr(e))
+                await self._close_all([stream])
+        logger.warning("session %s: no other server could check blocks %d:%d: this step is not verified",
+                       self.session_id[:8], hop.start, hop.end)
+        return None
 
     def _push_pays(self) -> bool:
         config = self.manager.config

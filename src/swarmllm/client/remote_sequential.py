@@ -105,24 +105,19 @@ class RemoteSequential(nn.Module):
         client/verification.py). Returns the output the majority vouches for."""
         manager, tolerance = self.manager, self.manager.config.verify_tolerance
         checkers = iter(manager.checkers(peer, start, end))
-        second_peer = next(checkers, None)
-        if second_peer is None:
-            logger.warning("no second server holds blocks %d:%d: this %s is not verified", start, end, verb)
+        answer = self._answer_from(checkers, verb, msg, start, end, ref, lora_tensors, tokens)
+        if answer is None:
+            logger.warning("no other server could check blocks %d:%d: this %s is not verified", start, end, verb)
             return out
-        try:
-            second = self._call_once(second_peer, verb, msg, start, end, ref, lora_tensors, tokens)
-        except Exception as e:  # the checker failed, not the primary: unchecked this time
-            logger.warning("could not check %s of blocks %d:%d on %s: %r", verb, start, end, second_peer[-8:], e)
-            return out
+        second_peer, second = answer
         error = relative_error(_flat(out), _flat(second))
         if error <= tolerance:
             return out
-        third_peer = next(checkers, None)
-        if third_peer is None:
-            raise VerificationError(f"two servers disagree on {verb} of blocks {start}:{end} and no third holds them "
-                                    "to settle it; refusing to return an unverified result")
-        third = self._call_once(third_peer, verb, msg, start, end, ref, lora_tensors, tokens)
-        odd = odd_one_out(_flat(out), _flat(second), _flat(third), tolerance)
+        answer = self._answer_from(checkers, verb, msg, start, end, ref, lora_tensors, tokens)
+        if answer is None:
+            raise VerificationError(f"two servers disagree on {verb} of blocks {start}:{end} and no third could "
+                                    "settle it; refusing to return an unverified result")
+        odd = odd_one_out(_flat(out), _flat(second), _flat(answer[1]), tolerance)
         if odd == "primary":
             manager.report(peer, start, end, error, tolerance)
             return second
@@ -131,6 +126,28 @@ class RemoteSequential(nn.Module):
             return out
         raise VerificationError(f"servers disagree on {verb} of blocks {start}:{end} and no majority vouches for "
                                 "either answer")
+
+    def _answer_from(self, peers, verb: str, msg, start: int, end: int, ref, lora_tensors,
+                     tokens: int) -> tuple[str, list[torch.Tensor]] | None:
+        """The first of `peers` (an iterator, consumed as far as needed) that answers the call, with its answer.
+        One that fails is avoided for a while, as a failed primary is: a checker that cannot be reached must
+        not leave the call unchecked while another holder could check it."""
+        for other in peers:
+            for _ in range(2):  # a second try only after an evicted LoRA upload, which is sent again
+                try:
+                    return other, self._call_once(other, verb, msg, start, end, ref, lora_tensors, tokens)
+                except wire.RemoteError as e:
+                    if e.code in _CALLER_ERRORS:  # the request, not the checker: every holder would refuse it
+                        raise
+                    if e.code == ErrorCode.NOT_CACHED:
+                        self.tuning.forget(other, ref.sha256)
+                        continue
+                    if e.code != ErrorCode.RATE_LIMITED:  # busy is healthy: just ask the next one
+                        self.manager.ban(other, repr(e))
+                except Exception as e:  # timeouts, dropped connections, vanished peers
+                    self.manager.ban(other, repr(e))
+                break
+        return None
 
     def call_span(self, verb: str, start: int, end: int, tensors: list[torch.Tensor], mask: torch.Tensor | None,
                   prompts: torch.Tensor | None = None, lora_tensors: list[torch.Tensor] = (),
