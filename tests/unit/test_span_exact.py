@@ -15,8 +15,11 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from swarmllm.models.span import SpanError, check_span, span_from_model
@@ -41,6 +44,13 @@ CONFIGS = {
     "gemma3": lambda: Gemma3TextConfig(
         num_hidden_layers=4, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2, **COMMON
     ),
+    # Mixtures of experts: 4 experts, 2 per token, so that routing picks different experts per token.
+    "mixtral": lambda: MixtralConfig(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2, **COMMON),
+    # Qwen 2 MoE adds a gated shared expert beside the routed ones.
+    "qwen2_moe": lambda: Qwen2MoeConfig(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        shared_expert_intermediate_size=64, **COMMON),
+    "qwen3_moe": lambda: Qwen3MoeConfig(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        **COMMON),
 }
 
 
@@ -126,5 +136,5 @@ def test_a_family_not_checked_against_the_runner_is_refused_by_name() -> None:
 
     from swarmllm.models.family import UnsupportedModelError, family_of
 
-    with pytest.raises(UnsupportedModelError, match=r"'phi3' is not supported yet \(supported: gemma3, .*qwen3\)"):
+    with pytest.raises(UnsupportedModelError, match=r"'phi3' is not supported yet \(supported: gemma3, .*mixtral, .*qwen3_moe\)"):
         family_of(Phi3Config(pad_token_id=0, **COMMON))

@@ -43,6 +43,11 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3"),
         Family("gemma3_text"),
         Family("gemma3"),
+        # Mixture-of-experts blocks: their checkpoints store one tensor per expert, which load_span fuses
+        # as transformers does (models/conversion.py).
+        Family("mixtral", sliding_from_window=True),
+        Family("qwen2_moe"),
+        Family("qwen3_moe", sliding_from_window=True),
     )
 }
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarmllm.models import quant_cuda
+from swarmllm.models.quant_experts import QuantizedExperts, is_fused_experts
 
 logger = logging.getLogger(__name__)
 
@@ -408,11 +409,13 @@ def quantize_linear(linear: nn.Linear, mode: QuantMode) -> nn.Linear:
 
 
 def quantize_blocks(layers: Iterable[nn.Module], mode: QuantMode, backend: Backend | None = None) -> None:
-    """Replace every nn.Linear inside `layers` with its quantized version, in place, under the same name.
+    """Replace every nn.Linear inside `layers` with its quantized version, in place, under the same name, and
+    every module of fused expert weights (MoE blocks) with `QuantizedExperts` of such linears.
 
     `backend`: whose layers, by default `backend_for` the layers' device (bitsandbytes on CUDA). Frees the
     float weights (the caller's other references aside). Blocks already quantized are left as they are, so
-    calling twice is harmless; mixing modes is not supported.
+    calling twice is harmless; mixing modes is not supported. Experts in a layout that cannot be quantized
+    are refused (UnsupportedExpertsError), never left in full precision.
     """
     if mode == "none":
         return
@@ -421,16 +424,20 @@ def quantize_blocks(layers: Iterable[nn.Module], mode: QuantMode, backend: Backe
     for layer in layers:
         targets = [
             (name, module) for name, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and not isinstance(module, done)
+            if isinstance(module, nn.Linear) and not isinstance(module, done) or is_fused_experts(module)
         ]
         for name, module in targets:
             parent_name, _, attr = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
-            chosen = backend or backend_for(module.weight.device)
-            quantized = quant_cuda.quantize_linear(module, mode) if chosen == "bitsandbytes" else quantize_linear(module, mode)
-            setattr(parent, attr, quantized)
+            device = next(module.parameters()).device
+            chosen = backend or backend_for(device)
+
+            def quantize(linear: nn.Linear, chosen=chosen) -> nn.Module:
+                return quant_cuda.quantize_linear(linear, mode) if chosen == "bitsandbytes" else quantize_linear(linear, mode)
+
+            setattr(parent, attr, QuantizedExperts(module, quantize) if is_fused_experts(module) else quantize(module))
             count += 1
-    logger.debug("quantized %d linear layers to %s", count, mode)  # per block while loading: not info
+    logger.debug("quantized %d linear and expert modules to %s", count, mode)  # per block while loading: not info
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import DynamicCache
 
+from swarmllm.models.conversion import conversions_for, convert
 from swarmllm.models.device import trim_heap
 from swarmllm.models.family import MASK_BUILDERS, family_of, layer_type, rotary_takes_layer_type
 from swarmllm.models.quant import QuantMode, quantize_blocks
@@ -54,6 +55,7 @@ def check_span(start: int, end: int, num_blocks: int) -> None:
 class _Skeleton:
     decoder_cls: type[nn.Module]
     rotary: nn.Module
+    conversions: list  # transformers' checkpoint-key renamings and fusions for this model (models/conversion.py)
 
 
 def _skeleton(config: PretrainedConfig) -> _Skeleton:
@@ -64,7 +66,7 @@ def _skeleton(config: PretrainedConfig) -> _Skeleton:
     decoder_cls = type(backbone.layers[0])
     # Rotary tables are computed, not loaded, so they are built for real (on the CPU) from the config.
     rotary = type(backbone.rotary_emb)(config)
-    return _Skeleton(decoder_cls=decoder_cls, rotary=rotary)
+    return _Skeleton(decoder_cls=decoder_cls, rotary=rotary, conversions=conversions_for(meta))
 
 
 def meta_block(config: PretrainedConfig, idx: int) -> nn.Module:
@@ -175,13 +177,12 @@ def load_span(
     family_of(config)  # fail early, with the list of supported families
     check_span(start, end, config.num_hidden_layers)
     skeleton = _skeleton(config)
-    layers = [_load_block(model_dir, config, skeleton.decoder_cls, i, dtype, device, quant)
-              for i in range(start, end)]
+    layers = [_load_block(model_dir, config, skeleton, i, dtype, device, quant) for i in range(start, end)]
     return Span(config, start, end, layers, skeleton.rotary.to(device)).eval()
 
 
 def _load_block(
-    model_dir: Path, config: PretrainedConfig, decoder_cls: type[nn.Module], idx: int,
+    model_dir: Path, config: PretrainedConfig, skeleton: _Skeleton, idx: int,
     dtype: torch.dtype, device: torch.device | str, quant: QuantMode,
 ) -> nn.Module:
     """Block `idx`, built from its own tensors only, then cast, moved and quantized."""
@@ -191,8 +192,10 @@ def _load_block(
         return key if m and int(m["idx"]) == idx else None
 
     with torch.device("meta"):
-        layer = decoder_cls(config, idx)
-    found = _decoder_tensors(read_tensors(model_dir, want), set(layer.state_dict()), idx, model_dir)
+        layer = skeleton.decoder_cls(config, idx)
+    stored = convert(read_tensors(model_dir, want), skeleton.conversions)  # e.g. per-expert keys -> fused
+    found = _decoder_tensors(stored, set(layer.state_dict()), idx, model_dir)
+    del stored
     # safetensors returns tensors that live in its mapping of the whole file, and mapped pages a process
     # has touched count in its RSS for as long as any tensor keeps the mapping alive (one norm weight is
     # enough). So every tensor is copied out (`copy=True`, even when the dtype already matches) and the
