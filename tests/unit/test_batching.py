@@ -19,7 +19,7 @@ from swarmllm.server.cache import CacheFullError, CacheMemory, SessionKV, bytes_
 from swarmllm.server.compute import Extras
 from swarmllm.server.inference import Session, StepInput, run_batch
 from swarmllm.server.scheduler import Scheduler, _Call, _Step, take_batch
-from tests.unit.test_span_exact import CONFIGS, _model
+from tests.unit.test_span_exact import CONFIGS, _model, skip_unrun
 
 
 def _session(span, batch: int = 1, capacity: int = 64) -> Session:
@@ -51,9 +51,11 @@ class _Sequence:
         torch.testing.assert_close(self.norm(got)[:, real], self.want[:, a:b][:, real], rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager adds the mask to the scores: 0 or -inf
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_batched_sessions_of_different_lengths_equal_the_full_model(name: str) -> None:
-    model = _model(name)
+def test_batched_sessions_of_different_lengths_equal_the_full_model(name: str, attention: str) -> None:
+    skip_unrun(name, attention)
+    model = _model(name, attention)
     span = span_from_model(model, 0, model.config.num_hidden_layers)
     # Three sessions: different prompt lengths, one left-padded; then decode steps all batched together.
     seqs = [_Sequence(model, 14, 0, 1), _Sequence(model, 12, 2, 2), _Sequence(model, 9, 0, 3)]

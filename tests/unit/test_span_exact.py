@@ -12,6 +12,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
+    Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
@@ -39,6 +40,8 @@ CONFIGS = {
     "mistral": lambda: MistralConfig(num_hidden_layers=4, sliding_window=5, **COMMON),
     "qwen2": lambda: Qwen2Config(num_hidden_layers=4, **COMMON),
     "qwen3": lambda: Qwen3Config(num_hidden_layers=4, **COMMON),
+    # Gemma 2 alternates sliding and global layers too, and softcaps its attention scores (eager attention only).
+    "gemma2": lambda: Gemma2Config(num_hidden_layers=4, sliding_window=4, **COMMON),
     # Gemma 3 alternates sliding and global layers, with a rotary table per layer type; a window of 4
     # makes the sliding mask matter within these short sequences.
     "gemma3": lambda: Gemma3TextConfig(
@@ -54,11 +57,17 @@ CONFIGS = {
 }
 
 
-def _model(name: str) -> torch.nn.Module:
+def _model(name: str, attention: str = "sdpa") -> torch.nn.Module:
+    """The family's tiny model, with `attention` where the family runs it (Gemma 2 runs eager only)."""
     torch.manual_seed(0)
     config = CONFIGS[name]()
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention if name != "gemma2" else "eager"
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def skip_unrun(name: str, attention: str) -> None:
+    if name == "gemma2" and attention != "eager":
+        pytest.skip("Gemma 2 runs eager attention only")
 
 
 def _run_full(model, embeds, position_ids, mask, cache):
@@ -68,9 +77,11 @@ def _run_full(model, embeds, position_ids, mask, cache):
     return out.last_hidden_state
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_chained_spans_equal_full_model(name: str) -> None:
-    model = _model(name)
+def test_chained_spans_equal_full_model(name: str, attention: str) -> None:
+    skip_unrun(name, attention)
+    model = _model(name, attention)
     n = model.config.num_hidden_layers
     spans = [span_from_model(model, 0, 1), span_from_model(model, 1, 3), span_from_model(model, 3, n)]
     norm = model.base_model.norm
@@ -136,5 +147,12 @@ def test_a_family_not_checked_against_the_runner_is_refused_by_name() -> None:
 
     from swarmllm.models.family import UnsupportedModelError, family_of
 
-    with pytest.raises(UnsupportedModelError, match=r"'phi3' is not supported yet \(supported: gemma3, .*mixtral, .*qwen3_moe\)"):
+    with pytest.raises(UnsupportedModelError, match=r"'phi3' is not supported yet \(supported: gemma2, gemma3, .*mixtral, .*qwen3_moe\)"):
         family_of(Phi3Config(pad_token_id=0, **COMMON))
+
+
+def test_an_attention_implementation_spans_do_not_mask_for_is_refused_by_name() -> None:
+    model = _model("llama")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(SpanError, match=r"'flex_attention' is not supported by spans \(supported: sdpa, eager\)"):
+        span_from_model(model, 0, 2)

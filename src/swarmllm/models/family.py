@@ -32,6 +32,9 @@ class Family:
     model_type: str
     # Mistral marks sliding-window attention with `config.sliding_window` instead of `layer_types`.
     sliding_from_window: bool = False
+    # What transformers runs the family's attention with by default: Gemma 2 softcaps its attention scores,
+    # which its code does in eager attention only (it refuses sdpa).
+    attention: str = "sdpa"
 
 
 FAMILIES: dict[str, Family] = {
@@ -41,6 +44,7 @@ FAMILIES: dict[str, Family] = {
         Family("mistral", sliding_from_window=True),
         Family("qwen2"),
         Family("qwen3"),
+        Family("gemma2", attention="eager"),
         Family("gemma3_text"),
         Family("gemma3"),
         # Mixture-of-experts blocks: their checkpoints store one tensor per expert, which load_span fuses
@@ -64,6 +68,13 @@ def family_of(config: PretrainedConfig) -> Family:
         raise UnsupportedModelError(
             f"model type {config.model_type!r} is not supported yet (supported: {supported})"
         ) from None
+
+
+def default_attention(config: PretrainedConfig) -> str:
+    """The attention implementation transformers picks for the family (sdpa for one not listed: it is refused
+    by `family_of` where that matters)."""
+    family = FAMILIES.get(config.model_type)
+    return family.attention if family is not None else "sdpa"
 
 
 def layer_type(config: PretrainedConfig, layer_idx: int) -> str:

@@ -21,7 +21,13 @@ from transformers.cache_utils import DynamicCache
 
 from swarmllm.models.conversion import conversions_for, convert
 from swarmllm.models.device import trim_heap
-from swarmllm.models.family import MASK_BUILDERS, family_of, layer_type, rotary_takes_layer_type
+from swarmllm.models.family import (
+    MASK_BUILDERS,
+    default_attention,
+    family_of,
+    layer_type,
+    rotary_takes_layer_type,
+)
 from swarmllm.models.quant import QuantMode, quantize_blocks
 from swarmllm.models.shards import LAYER_KEY as _LAYER_KEY
 from swarmllm.models.shards import read_tensors
@@ -34,12 +40,26 @@ class SpanError(ValueError):
 
 
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The decoder config (multimodal checkpoints nest it); attention is pinned to sdpa, as transformers
-    picks by default, so that servers and the local reference run the same kernel."""
+    """The decoder config (multimodal checkpoints nest it); attention is pinned to what transformers picks by
+    default for the family (sdpa, or eager where it has no sdpa path: Gemma 2), so that servers and the local
+    reference run the same kernel."""
     config = config.get_text_config(decoder=True)
     if getattr(config, "_attn_implementation", None) is None:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = default_attention(config)
     return config
+
+
+# How attention may be computed in a span: what the batched server path builds masks for (server/inference.py).
+ATTENTIONS = ("sdpa", "eager")
+
+
+def attention_of(config: PretrainedConfig) -> str:
+    """The config's attention implementation; others than ATTENTIONS are refused by name."""
+    attention = config._attn_implementation
+    if attention not in ATTENTIONS:
+        raise SpanError(f"attention implementation {attention!r} is not supported by spans (supported: "
+                        f"{', '.join(ATTENTIONS)})")
+    return attention
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
@@ -86,6 +106,7 @@ class Span(nn.Module):
     def __init__(self, config: PretrainedConfig, start: int, end: int, layers: list[nn.Module], rotary: nn.Module):
         super().__init__()
         check_span(start, end, config.num_hidden_layers)
+        attention_of(config)
         self.config, self.start, self.end = config, start, end
         self.layers = nn.ModuleList(layers)
         self.rotary = rotary

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from swarmllm.models.family import SLIDING
-from swarmllm.models.span import Span
+from swarmllm.models.span import Span, attention_of
 from swarmllm.server.cache import SessionKV
 from swarmllm.server.compute import BadRequest, Extras, TooLong, check_inputs, check_prompts
 
@@ -109,9 +109,14 @@ class _BatchCache:
 
 
 def _masks(span: Span, steps: list[StepInput], pasts: list[int], q: int, kv_len: int) -> dict[str, torch.Tensor | None]:
-    """Per layer type, a boolean (rows, 1, q, kv_len) mask (True = attend), or None where plain causal
-    attention over all keys is exact (one session, no padding): that keeps a lone session on the same
-    kernel path as a local transformers model."""
+    """Per layer type, a (rows, 1, q, kv_len) mask in the form the span's attention takes, or None where sdpa's
+    plain causal attention over all keys is exact (one session, no padding): that keeps a lone session on the
+    same kernel path as a local transformers model.
+
+    sdpa takes a boolean mask (True = attend). Eager attention adds its mask to the scores, as transformers'
+    eager masks do: 0 where allowed, the dtype's most negative value elsewhere (a boolean mask would add 1 and
+    0, attending everywhere), and it has no implicit causal mask, so it always gets one."""
+    eager = attention_of(span.config) == "eager"
     masks: dict[str, torch.Tensor | None] = {}
     device = steps[0].hidden.device
     j = torch.arange(q, device=device)[:, None]  # (q, 1) query offset within the step
@@ -120,7 +125,7 @@ def _masks(span: Span, steps: list[StepInput], pasts: list[int], q: int, kv_len:
     for lt in set(span.types):
         window = getattr(span.config, "sliding_window", None) if lt == SLIDING else None
         simple = len(steps) == 1 and steps[0].mask is None and (q == 1 or pasts[0] == 0)
-        if simple and (window is None or kv_len <= window):
+        if simple and (window is None or kv_len <= window) and not eager:
             masks[lt] = None
             continue
         rows = []
@@ -139,8 +144,14 @@ def _masks(span: Span, steps: list[StepInput], pasts: list[int], q: int, kv_len:
                 diag = allowed[:, diagonal, past + diagonal]
                 allowed[:, diagonal, past + diagonal] = diag | lost
             rows.append(allowed)
-        masks[lt] = torch.cat(rows)[:, None]
+        allowed = torch.cat(rows)[:, None]
+        masks[lt] = _additive(allowed, span.dtype) if eager else allowed
     return masks
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as eager attention adds it to the scores: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 @torch.inference_mode()
