@@ -47,14 +47,19 @@ class Child:
         tail = "".join(self.log[-30:])
         raise LaunchError(f"{self.name} did not print {prefix!r} within {timeout:.0f}s (exit {self.proc.poll()}):\n{tail}")
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def terminate(self) -> None:
+        """Ask the main process to shut down, without waiting. SIGTERM to the main process only: it shuts its
+        own DHT and daemon down in order (a group-wide SIGTERM would kill the DHT under it before it withdraws
+        its record). Asking twice is harmless."""
         if self.proc.poll() is None:
-            # SIGTERM to the main process only: it shuts its own DHT and daemon down in order (a group-wide
-            # SIGTERM would kill the DHT under it before it withdraws its record).
             try:
                 self.proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -102,10 +107,12 @@ def spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None, ech
 
 @dataclass
 class ServerSpec:
-    """`blocks` START:END, or None to let the server choose (then `extra` has --num-blocks N)."""
+    """`blocks` START:END, or None to let the server choose (then `extra` has --num-blocks N). `model`: what
+    this server serves, if not the swarm's model (servers of several models can share one swarm)."""
 
     blocks: str | None
     extra: tuple[str, ...] = ()
+    model: str | None = None
 
 
 class LocalSwarm:
@@ -140,7 +147,7 @@ class LocalSwarm:
 
     def add_server(self, name: str, spec: ServerSpec, wait: bool = True) -> Child:
         blocks = ["--blocks", spec.blocks] if spec.blocks is not None else []
-        args = ["serve", self.model, "--initial-peers", *self.initial_peers, *blocks,
+        args = ["serve", spec.model or self.model, "--initial-peers", *self.initial_peers, *blocks,
                 "--num-threads", str(self.threads), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                 *(["--swarm-key", self.swarm_key] if self.swarm_key else []), *spec.extra]
         child = self._spawn(name, args)
@@ -171,7 +178,10 @@ class LocalSwarm:
         return child
 
     def stop(self) -> None:
-        # Servers first, so they can withdraw their records while the bootstrap peer is still up.
+        # Servers first, so they can withdraw their records while the bootstrap peer is still up. They are all
+        # asked to stop at once: one by one, a swarm of many servers took minutes to stop.
+        for child in self.servers.values():
+            child.terminate()
         for child in reversed(self.children):
             child.stop()
         self.children.clear()
