@@ -20,7 +20,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.modeling_outputs import MoeModelOutputWithPast
 
 from swarmllm.adapters import blocks as block_ckpt
 from swarmllm.adapters import lora as lora_lib
@@ -96,10 +100,14 @@ class DistributedBackbone(nn.Module):
         cache: DynamicCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if output_router_logits:  # an MoE model's auxiliary load-balancing loss needs them
+            raise ValueError("output_router_logits is not supported through the swarm: the routers run on the "
+                             "servers, which return hidden states only")
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (batch, seq, hidden)
         session = cache.session if isinstance(cache, RemoteCache) else None
         past = session.position if session is not None else 0
@@ -124,7 +132,8 @@ class DistributedBackbone(nn.Module):
             hidden = session.step(embeds, position_ids, mask)
         else:
             hidden = self.layers(embeds, position_ids, mask)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden[:, added:]), cache=cache)
+        # The MoE output type: mixture-of-experts heads read its `router_logits` (None: not returned).
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden[:, added:]), cache=cache)
 
 
 def _positions(attention_mask: torch.Tensor | None, past: int, seq: int, batch: int,
@@ -282,8 +291,7 @@ class AutoDistributedModelForCausalLM:
         model_dir = resolve_model(name, tensors=None if trainable_blocks or client.local_blocks else client_key_filter)
         hf_config = AutoConfig.from_pretrained(model_dir)
         family_of(text_config(hf_config))
-        base_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
-        dist_cls = type(f"Distributed{base_cls.__name__}", (DistributedMixin, base_cls), {})
+        dist_cls = _distributed_class(AutoModelForCausalLM._model_mapping[type(hf_config)])
         # Load with zero blocks: transformers then reads only embeddings, norm and head, with its own
         # handling of tied weights and computed buffers.
         local_config = _without_blocks(hf_config)
@@ -311,10 +319,23 @@ class AutoDistributedModelForCausalLM:
         if local:
             layers = _pipeline(manager, tuning, model_dir, dtype, num_blocks, local, set(trainable))
             model._base_hashes = block_ckpt.base_hashes(model_dir, trainable)
-        setattr(model, model.base_model_prefix, DistributedBackbone(text, backbone.embed_tokens, backbone.norm, layers, tuning))
+        family = family_of(text)
+        embeddings, norm = backbone.get_submodule(family.embeddings), backbone.get_submodule(family.norm)
+        setattr(model, model.base_model_prefix, DistributedBackbone(text, embeddings, norm, layers, tuning))
         # Embeddings, norm, head, client-side blocks and tuning parameters (registered as `model.tuning`) all
         # move; tuning parameters keep their identity, so optimizers made afterwards see the moved ones.
         return model.to(where).eval()
+
+
+def _distributed_class(base_cls: type) -> type:
+    """`Distributed<Base>`: the mixin on the model's own class. transformers finds some checkpoint conversions
+    by class name (GPT-NeoX's head is stored as `embed_out` and held as `lm_head`), so the new name gets the
+    base class's."""
+    name = f"Distributed{base_cls.__name__}"
+    own = get_checkpoint_conversion_mapping(base_cls.__name__)
+    if own is not None:
+        register_checkpoint_conversion_mapping(name, own, overwrite=True)
+    return type(name, (DistributedMixin, base_cls), {})
 
 
 def _make_tuning(mode, text: PretrainedConfig, num_blocks: int, pre_seq_len: int, lora_config, init_adapter,
