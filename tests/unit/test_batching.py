@@ -19,7 +19,7 @@ from swarmllm.server.cache import CacheFullError, CacheMemory, SessionKV, bytes_
 from swarmllm.server.compute import Extras
 from swarmllm.server.inference import Session, StepInput, run_batch
 from swarmllm.server.scheduler import Scheduler, _Call, _Step, take_batch
-from tests.unit.test_span_exact import CONFIGS, _model, skip_unrun
+from tests.unit.test_span_exact import CONFIGS, _model, final_norm, skip_unrun
 
 
 def _session(span, batch: int = 1, capacity: int = 64) -> Session:
@@ -40,7 +40,7 @@ class _Sequence:
         with torch.no_grad():
             out = model.base_model(inputs_embeds=self.embeds, position_ids=self.position_ids, attention_mask=self.mask)
         self.want = out.last_hidden_state
-        self.norm = model.base_model.norm
+        self.norm = final_norm(model)
 
     def step(self, session: Session, a: int, b: int) -> StepInput:
         mask = self.mask[:, :b] if not self.mask.all() else None

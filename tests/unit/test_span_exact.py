@@ -14,6 +14,7 @@ from transformers import (
     DynamicCache,
     Gemma2Config,
     Gemma3TextConfig,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -23,6 +24,7 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
+from swarmllm.models.family import family_of
 from swarmllm.models.span import SpanError, check_span, span_from_model
 
 COMMON = dict(
@@ -52,6 +54,9 @@ CONFIGS = {
     # Qwen 2 MoE adds a gated shared expert beside the routed ones.
     "qwen2_moe": lambda: Qwen2MoeConfig(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                         shared_expert_intermediate_size=64, **COMMON),
+    # GPT-NeoX: fused query_key_value, rotary on a quarter of each head, parallel residual; no head_dim field.
+    "gpt_neox": lambda: GPTNeoXConfig(num_hidden_layers=4, vocab_size=97, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25),
     "qwen3_moe": lambda: Qwen3MoeConfig(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                         **COMMON),
 }
@@ -63,6 +68,10 @@ def _model(name: str, attention: str = "sdpa") -> torch.nn.Module:
     config = CONFIGS[name]()
     config._attn_implementation = attention if name != "gemma2" else "eager"
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def final_norm(model) -> torch.nn.Module:
+    return model.base_model.get_submodule(family_of(model.config).norm)
 
 
 def skip_unrun(name: str, attention: str) -> None:
@@ -84,7 +93,7 @@ def test_chained_spans_equal_full_model(name: str, attention: str) -> None:
     model = _model(name, attention)
     n = model.config.num_hidden_layers
     spans = [span_from_model(model, 0, 1), span_from_model(model, 1, 3), span_from_model(model, 3, n)]
-    norm = model.base_model.norm
+    norm = final_norm(model)
     caches = [s.new_cache() for s in spans]
     full_cache = DynamicCache(config=model.config)
 

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swarmllm.models.family import family_of
 from swarmllm.models.quant import QuantMode, quantize_blocks
+from swarmllm.models.span import text_config
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +113,9 @@ def greedy_agreement(reference: list[int], other: list[int]) -> tuple[float, int
 
 
 def quantized_copy(model: nn.Module, mode: QuantMode) -> nn.Module:
-    """A deep copy of a transformers causal LM whose decoder blocks (`model.base_model.layers`) are
+    """A deep copy of a transformers causal LM whose decoder blocks (the family's stack) are
     quantized (a plain copy for "none"); embeddings, final norm and lm_head stay as they are, as on a
     swarm, where servers hold only blocks. `model` itself is left unchanged."""
     clone = copy.deepcopy(model)
-    quantize_blocks(clone.base_model.layers, mode)
+    quantize_blocks(clone.base_model.get_submodule(family_of(text_config(clone.config)).layers), mode)
     return clone

@@ -35,6 +35,13 @@ class Family:
     # What transformers runs the family's attention with by default: Gemma 2 softcaps its attention scores,
     # which its code does in eager attention only (it refuses sdpa).
     attention: str = "sdpa"
+    # Where transformers keeps things, within the base model (`model.base_model`): the stack of blocks, the
+    # embeddings and the final norm (the last two run on the client), and the keyword a block takes its
+    # cache by (GPT-NeoX's blocks still call it `layer_past`).
+    layers: str = "layers"
+    embeddings: str = "embed_tokens"
+    norm: str = "norm"
+    cache_arg: str = "cache"
 
 
 FAMILIES: dict[str, Family] = {
@@ -52,6 +59,8 @@ FAMILIES: dict[str, Family] = {
         Family("mixtral", sliding_from_window=True),
         Family("qwen2_moe"),
         Family("qwen3_moe", sliding_from_window=True),
+        # Pythia and GPT-NeoX-20B: fused query_key_value projections, partial rotary, parallel residuals.
+        Family("gpt_neox", embeddings="embed_in", norm="final_layer_norm", cache_arg="layer_past"),
     )
 }
 

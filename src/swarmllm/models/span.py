@@ -83,7 +83,7 @@ def _skeleton(config: PretrainedConfig) -> _Skeleton:
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     backbone = meta.base_model
-    decoder_cls = type(backbone.layers[0])
+    decoder_cls = type(backbone.get_submodule(family_of(config).layers)[0])
     # Rotary tables are computed, not loaded, so they are built for real (on the CPU) from the config.
     rotary = type(backbone.rotary_emb)(config)
     return _Skeleton(decoder_cls=decoder_cls, rotary=rotary, conversions=conversions_for(meta))
@@ -111,6 +111,7 @@ class Span(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.rotary = rotary
         self.types = [layer_type(config, i) for i in range(start, end)]
+        self._cache_arg = family_of(config).cache_arg
         self._rotary_per_type = rotary_takes_layer_type(rotary)
 
     def new_cache(self) -> DynamicCache:
@@ -156,8 +157,8 @@ class Span(nn.Module):
                 attention_mask=masks[lt],
                 position_embeddings=rotary[lt],
                 position_ids=position_ids,
-                cache=cache,
                 use_cache=cache is not None,
+                **{self._cache_arg: cache},
             )
         return hidden
 
@@ -258,4 +259,5 @@ def span_from_model(model: nn.Module, start: int, end: int) -> Span:
     """A span that shares the blocks of an already loaded transformers model (tests, local blocks)."""
     backbone = model.base_model
     config = text_config(model.config)
-    return Span(config, start, end, list(backbone.layers[start:end]), backbone.rotary_emb)
+    stack = backbone.get_submodule(family_of(config).layers)
+    return Span(config, start, end, list(stack[start:end]), backbone.rotary_emb)
