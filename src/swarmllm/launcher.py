@@ -107,12 +107,10 @@ def spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None, ech
 
 @dataclass
 class ServerSpec:
-    """`blocks` START:END, or None to let the server choose (then `extra` has --num-blocks N). `model`: what
-    this server serves, if not the swarm's model (servers of several models can share one swarm)."""
+    """`blocks` START:END, or None to let the server choose (then `extra` has --num-blocks N)."""
 
     blocks: str | None
     extra: tuple[str, ...] = ()
-    model: str | None = None
 
 
 class LocalSwarm:
@@ -147,7 +145,7 @@ class LocalSwarm:
 
     def add_server(self, name: str, spec: ServerSpec, wait: bool = True) -> Child:
         blocks = ["--blocks", spec.blocks] if spec.blocks is not None else []
-        args = ["serve", spec.model or self.model, "--initial-peers", *self.initial_peers, *blocks,
+        args = ["serve", self.model, "--initial-peers", *self.initial_peers, *blocks,
                 "--num-threads", str(self.threads), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                 *(["--swarm-key", self.swarm_key] if self.swarm_key else []), *spec.extra]
         child = self._spawn(name, args)
