@@ -18,13 +18,14 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
 )
 
-from swarmllm.models.family import family_of
+from swarmllm.models.family import UnsupportedModelError, family_of
 from swarmllm.models.span import SpanError, check_span, span_from_model
 
 COMMON = dict(
@@ -49,6 +50,8 @@ CONFIGS = {
     "gemma3": lambda: Gemma3TextConfig(
         num_hidden_layers=4, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2, **COMMON
     ),
+    # Phi-3: fused qkv_proj and gate_up_proj (its pad token must lie in the tiny vocabulary).
+    "phi3": lambda: Phi3Config(num_hidden_layers=4, pad_token_id=0, **COMMON),
     # Mixtures of experts: 4 experts, 2 per token, so that routing picks different experts per token.
     "mixtral": lambda: MixtralConfig(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2, **COMMON),
     # Qwen 2 MoE adds a gated shared expert beside the routed ones.
@@ -152,12 +155,26 @@ def test_invalid_spans_are_refused(start: int, end: int) -> None:
 
 
 def test_a_family_not_checked_against_the_runner_is_refused_by_name() -> None:
-    from transformers import Phi3Config
+    from transformers import BloomConfig
 
-    from swarmllm.models.family import UnsupportedModelError, family_of
+    with pytest.raises(UnsupportedModelError, match=r"'bloom' is not supported yet \(supported: gemma2, gemma3, .*mixtral, .*phi3, .*qwen3_moe\)"):
+        family_of(BloomConfig())
 
-    with pytest.raises(UnsupportedModelError, match=r"'phi3' is not supported yet \(supported: gemma2, gemma3, .*mixtral, .*qwen3_moe\)"):
-        family_of(Phi3Config(pad_token_id=0, **COMMON))
+
+@pytest.mark.parametrize("name, rope", [
+    ("llama", {"rope_type": "dynamic", "factor": 2.0}),
+    ("phi3", {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+              "original_max_position_embeddings": 64}),
+])
+def test_rotary_tables_that_change_with_the_sequence_are_refused_by_name(name: str, rope: dict) -> None:
+    """Their tables follow the longest position of each pass: sessions batched on a server would share them."""
+    config = CONFIGS[name]()
+    config.rope_parameters = {**config.rope_parameters, **rope}
+    with pytest.raises(UnsupportedModelError, match=f"rope type '{rope['rope_type']}' is not supported yet"):
+        family_of(config)
+    static = CONFIGS[name]()
+    static.rope_parameters = {**static.rope_parameters, "rope_type": "linear", "factor": 2.0}
+    assert family_of(static) is family_of(CONFIGS[name]())
 
 
 def test_an_attention_implementation_spans_do_not_mask_for_is_refused_by_name() -> None:

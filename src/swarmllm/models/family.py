@@ -54,6 +54,8 @@ FAMILIES: dict[str, Family] = {
         Family("gemma2", attention="eager"),
         Family("gemma3_text"),
         Family("gemma3"),
+        # Phi-3 keeps its projections fused (qkv_proj, gate_up_proj) in the checkpoint and the model alike.
+        Family("phi3", sliding_from_window=True),
         # Mixture-of-experts blocks: their checkpoints store one tensor per expert, which load_span fuses
         # as transformers does (models/conversion.py).
         Family("mixtral", sliding_from_window=True),
@@ -69,14 +71,36 @@ class UnsupportedModelError(ValueError):
     """Raised for a model family that the generic runner has not been checked against."""
 
 
+# Rotary tables that transformers recomputes in every forward pass from the longest position in it: "dynamic"
+# NTK scaling and Phi-3's "longrope". A server's one rotary module would then depend on which sessions share
+# a pass and on earlier passes, and a session's cached keys would mix two tables.
+_SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
 def family_of(config: PretrainedConfig) -> Family:
+    """The family's row; raises UnsupportedModelError, naming what is supported, for an unknown model type or
+    a rotary scaling that spans cannot run exactly."""
     try:
-        return FAMILIES[config.model_type]
+        family = FAMILIES[config.model_type]
     except KeyError:
         supported = ", ".join(sorted(FAMILIES))
         raise UnsupportedModelError(
             f"model type {config.model_type!r} is not supported yet (supported: {supported})"
         ) from None
+    for rope_type in _rope_types(config):
+        if any(kind in rope_type for kind in _SEQUENCE_DEPENDENT_ROPE):
+            raise UnsupportedModelError(
+                f"rope type {rope_type!r} is not supported yet: its rotary tables change with the longest position "
+                "in each pass, which sessions batched on one server would share (static rope types are supported)"
+            )
+    return family
+
+
+def _rope_types(config: PretrainedConfig) -> list[str]:
+    """The rope types a config uses: one, or one per layer type (Gemma 3 nests them)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    nested = [p for p in params.values() if isinstance(p, dict)]
+    return [str(p.get("rope_type", "default")) for p in (nested or [params])]
 
 
 def default_attention(config: PretrainedConfig) -> str:
