@@ -55,15 +55,26 @@ def _until_caught(make_client, use, liar: str, attempts: int = 3):
         manager = client.sequence_manager
         try:
             use(client)
-            if liar in manager.banned() and (manager.peer.peer_id, liar) in {
-                    (r.reporter, r.offender) for r in get_reports(manager.dht, manager.model_name)}:
-                return client
             assert liar in manager.banned(), "the liar was neither caught nor avoided after a failure"
+            if _reported_by(manager, liar):
+                return client
         except BaseException:
             manager.shutdown()
             raise
         manager.shutdown()
     raise AssertionError(f"no client caught the liar in {attempts} attempts")
+
+
+def _reported_by(manager, liar: str, wait: float = 20.0) -> bool:
+    """Whether `manager`'s client has reported the liar. A report is stored in the DHT without blocking, so it
+    may appear a moment after the ban: wait for it (a client that avoided the liar after a failure never
+    reports it, and costs this wait)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if (manager.peer.peer_id, liar) in {(r.reporter, r.offender) for r in get_reports(manager.dht, manager.model_name)}:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_verification_catches_and_reports_a_corrupting_server(tiny_llama_dir, swarm_with_liar) -> None:
@@ -155,8 +166,7 @@ def test_a_dead_checker_is_replaced_by_the_next_holder_not_skipped(tiny_llama_di
             for client in clients:
                 manager = client.sequence_manager
                 assert {liar, dead} <= manager.banned()
-                assert (manager.peer.peer_id, liar) in {(r.reporter, r.offender)
-                                                        for r in get_reports(manager.dht, manager.model_name)}
+                assert _reported_by(manager, liar)
         finally:
             for client in clients:
                 client.sequence_manager.shutdown()
