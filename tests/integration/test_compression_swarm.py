@@ -90,7 +90,7 @@ def test_forward_and_backward_stay_within_float16_error(tiny_llama_dir, monkeypa
             g = torch.Generator().manual_seed(0)
             hidden = torch.randn(2, 5, 32, generator=g).requires_grad_()  # (batch, seq, hidden)
             positions, weight = torch.arange(5).expand(2, 5), torch.randn(2, 5, 32, generator=g)
-            out = model.base_model.layers(hidden, positions)  # 2 hops, each input and output compressed
+            out = model.backbone.layers(hidden, positions)  # 2 hops, each input and output compressed
             (out * weight).sum().backward()
         finally:
             model.sequence_manager.shutdown()

@@ -46,7 +46,7 @@ class LocalReference(nn.Module):
 
 def run_locally(model, local_model):
     """Swap every remote segment of `model` for a LocalReference; returns a function restoring it."""
-    backbone = model.base_model
+    backbone = model.backbone
     original = backbone.layers
     if isinstance(original, Pipeline):
         segments = [

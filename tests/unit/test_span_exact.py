@@ -11,13 +11,16 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    BloomConfig,
     DynamicCache,
+    FalconConfig,
     Gemma2Config,
     Gemma3TextConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    OPTConfig,
     Phi3Config,
     Qwen2Config,
     Qwen2MoeConfig,
@@ -25,8 +28,9 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from swarmllm.models.family import UnsupportedModelError, family_of
-from swarmllm.models.span import SpanError, check_span, span_from_model
+from swarmllm.models.ends import enter, leave
+from swarmllm.models.family import FAMILIES, UnsupportedModelError, family_of, root_of
+from swarmllm.models.span import SpanError, check_span, span_from_model, text_config
 
 COMMON = dict(
     vocab_size=97,
@@ -37,6 +41,9 @@ COMMON = dict(
     head_dim=8,
     max_position_embeddings=128,
 )
+
+LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=8,
+                short_factor=[1.0, 1.1, 1.3, 1.6], long_factor=[1.5, 2.5, 4.0, 8.0])
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(num_hidden_layers=4, **COMMON),
@@ -52,6 +59,9 @@ CONFIGS = {
     ),
     # Phi-3: fused qkv_proj and gate_up_proj (its pad token must lie in the tiny vocabulary).
     "phi3": lambda: Phi3Config(num_hidden_layers=4, pad_token_id=0, **COMMON),
+    # Phi-3 128k's longrope: a short table for passes whose positions stay below 8, a long one past it.
+    "phi3_longrope": lambda: Phi3Config(num_hidden_layers=4, pad_token_id=0, original_max_position_embeddings=8,
+                                        rope_parameters=LONGROPE, **COMMON),
     # Mixtures of experts: 4 experts, 2 per token, so that routing picks different experts per token.
     "mixtral": lambda: MixtralConfig(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2, **COMMON),
     # Qwen 2 MoE adds a gated shared expert beside the routed ones.
@@ -62,24 +72,49 @@ CONFIGS = {
                                       num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25),
     "qwen3_moe": lambda: Qwen3MoeConfig(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                         **COMMON),
+    # BLOOM: ALiBi biases instead of rotary, a layernorm after the embeddings, fused query_key_value.
+    "bloom": lambda: BloomConfig(n_layer=4, vocab_size=97, hidden_size=32, n_head=4),
+    # Falcon 7B's layout: multi-query attention (one key/value head), parallel attention and MLP.
+    "falcon": lambda: FalconConfig(num_hidden_layers=4, vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                   multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                                   max_position_embeddings=128),
+    # Falcon 40B/180B's "new decoder architecture": grouped key/value heads, separate attention and MLP norms.
+    "falcon_new": lambda: FalconConfig(num_hidden_layers=4, vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                       num_kv_heads=2, new_decoder_architecture=True, max_position_embeddings=128),
+    # OPT: learned positions, and (as in OPT-350m) projections between a narrower embedding and the blocks.
+    "opt": lambda: OPTConfig(num_hidden_layers=4, vocab_size=97, hidden_size=32, ffn_dim=64, num_attention_heads=4,
+                             word_embed_proj_dim=16, max_position_embeddings=128, pad_token_id=0),
 }
 
 
+def _eager_only(name: str) -> bool:
+    """Gemma 2 (softcapping) and BLOOM (ALiBi) have eager attention only."""
+    return FAMILIES[CONFIGS[name]().model_type].attention == "eager"
+
+
 def _model(name: str, attention: str = "sdpa") -> torch.nn.Module:
-    """The family's tiny model, with `attention` where the family runs it (Gemma 2 runs eager only)."""
+    """The family's tiny model, with `attention` where the family runs it."""
     torch.manual_seed(0)
     config = CONFIGS[name]()
-    config._attn_implementation = attention if name != "gemma2" else "eager"
+    config._attn_implementation = "eager" if _eager_only(name) else attention
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def final_norm(model) -> torch.nn.Module:
-    return model.base_model.get_submodule(family_of(model.config).norm)
+def first_hidden(model, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """What the first block takes: the embeddings after the family's client modules (models/ends.py)."""
+    family = family_of(text_config(model.config))
+    return enter(root_of(model, family), family, embeds, position_ids)
+
+
+def final_norm(model):
+    """The family's client modules after the blocks (the final norm, and OPT's projection)."""
+    family = family_of(text_config(model.config))
+    return lambda hidden: leave(root_of(model, family), family, hidden)
 
 
 def skip_unrun(name: str, attention: str) -> None:
-    if name == "gemma2" and attention != "eager":
-        pytest.skip("Gemma 2 runs eager attention only")
+    if _eager_only(name) and attention != "eager":
+        pytest.skip(f"{name} runs eager attention only")
 
 
 def _run_full(model, embeds, position_ids, mask, cache):
@@ -112,7 +147,7 @@ def test_chained_spans_equal_full_model(name: str, attention: str) -> None:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past : past + seq]
         embeds = model.get_input_embeddings()(ids[:, past : past + seq])
         want = _run_full(model, embeds, position_ids, mask, full_cache)
-        hidden = embeds
+        hidden = first_hidden(model, embeds, position_ids)
         for span, cache in zip(spans, caches):
             hidden = span(hidden, position_ids, mask, cache)
         got = norm(hidden)
@@ -155,19 +190,25 @@ def test_invalid_spans_are_refused(start: int, end: int) -> None:
 
 
 def test_a_family_not_checked_against_the_runner_is_refused_by_name() -> None:
-    from transformers import BloomConfig
+    from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedModelError, match=r"'bloom' is not supported yet \(supported: gemma2, gemma3, .*mixtral, .*phi3, .*qwen3_moe\)"):
-        family_of(BloomConfig())
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported yet \(supported: bloom, falcon, .*mixtral, .*opt, .*qwen3_moe\)"):
+        family_of(GPT2Config())
+
+
+def test_falcon_with_alibi_is_refused_by_name() -> None:
+    """falcon-rw adds its ALiBi bias into the mask with its own scaling; only rotary Falcon models are run."""
+    with pytest.raises(UnsupportedModelError, match=r"Falcon with ALiBi \(falcon-rw\) is not supported yet"):
+        family_of(FalconConfig(alibi=True))
 
 
 @pytest.mark.parametrize("name, rope", [
     ("llama", {"rope_type": "dynamic", "factor": 2.0}),
-    ("phi3", {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
-              "original_max_position_embeddings": 64}),
+    ("phi3", {"rope_type": "dynamic", "factor": 2.0}),
 ])
 def test_rotary_tables_that_change_with_the_sequence_are_refused_by_name(name: str, rope: dict) -> None:
-    """Their tables follow the longest position of each pass: sessions batched on a server would share them."""
+    """Their tables follow the longest position of every pass so far: sessions batched on a server would share
+    them."""
     config = CONFIGS[name]()
     config.rope_parameters = {**config.rope_parameters, **rope}
     with pytest.raises(UnsupportedModelError, match=f"rope type '{rope['rope_type']}' is not supported yet"):

@@ -101,3 +101,24 @@ def test_the_vision_towers_layers_never_load_as_decoder_blocks(tmp_path):
     hidden, pos = torch.randn(2, 5, 32), torch.arange(5).expand(2, -1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(hidden, pos), reference(hidden, pos), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_familys_blocks_load_quantized(name, tmp_path):
+    """int8 reaches every linear of every family's blocks (Falcon's own Linear subclass, fused expert
+    tensors) and the blocks still compute what the float ones do, within int8's rounding."""
+    from torch import nn
+
+    from swarmllm.models.quant_experts import QuantizedExperts
+
+    model = _model(name)
+    model.save_pretrained(tmp_path)
+    loaded, reference = load_span(tmp_path, 1, 3, quant="int8"), span_from_model(model, 1, 3)
+    plain = [n for n, m in loaded.layers.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, quant.QuantizedLinear)]
+    assert not plain
+    experts = [m for m in reference.layers.modules() if quant.is_fused_experts(m)]
+    assert len([m for m in loaded.layers.modules() if isinstance(m, QuantizedExperts)]) == len(experts)
+    hidden, pos = torch.randn(2, 5, 32), torch.arange(5).expand(2, -1)
+    with torch.no_grad():
+        got, want = loaded(hidden, pos), reference(hidden, pos)
+    assert (got - want).norm() / want.norm() < 0.02

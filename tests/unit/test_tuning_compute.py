@@ -41,7 +41,7 @@ def random_lora(model, rank=4, targets=("q_proj", "v_proj"), seed=1) -> lora.Lor
 def test_lora_hooks_equal_peft_and_survive_save_and_reload(model, tmp_path):
     spec = lora.LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
     weights = random_lora(model)
-    lora.save_peft(tmp_path / "a", weights, spec, "model")
+    lora.save_peft(tmp_path / "a", weights, spec, "model.layers")
     model.save_pretrained(tmp_path / "base")
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "a").eval()
     ids = torch.randint(0, 61, (2, 9))

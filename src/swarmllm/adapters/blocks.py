@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from swarmllm.models.shards import read_tensors
+from swarmllm.models.shards import LAYER_KEY, read_tensors
 
 BLOCKS_META = "swarmllm_blocks.json"
 BLOCKS_WEIGHTS = "blocks.safetensors"
@@ -51,8 +51,8 @@ def base_hashes(model_dir: Path, blocks: list[int] | set[int]) -> dict[int, str]
     wanted = set(blocks)
 
     def want(key: str) -> str | None:
-        m = re.match(r"^.*?layers\.(\d+)\.(.+)$", key)
-        return f"{m[1]}.{m[2]}" if m and int(m[1]) in wanted else None
+        m = LAYER_KEY.match(key)
+        return f"{m['idx']}.{m['rest']}" if m and int(m["idx"]) in wanted else None
 
     tensors = read_tensors(model_dir, want)
     per_block: dict[int, dict[str, torch.Tensor]] = {}

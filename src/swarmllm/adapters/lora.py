@@ -24,7 +24,7 @@ from torch import nn
 
 LoraWeights = dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
-_PEFT_KEY = re.compile(r"layers\.(?P<block>\d+)\.(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
+_PEFT_KEY = re.compile(r"(?:^|\.)(?:layers|h)\.(?P<block>\d+)\.(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
 class LoraSpec(BaseModel):
@@ -162,14 +162,15 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def save_peft(
-    path: Path, weights: LoraWeights, spec: LoraSpec, backbone_prefix: str, base_model: str | None = None,
+    path: Path, weights: LoraWeights, spec: LoraSpec, stack: str, base_model: str | None = None,
 ) -> None:
-    """Write `weights` as a standard peft LoRA adapter folder (adapter_config.json + safetensors)."""
+    """Write `weights` as a standard peft LoRA adapter folder (adapter_config.json + safetensors). `stack` is
+    where the causal LM keeps its blocks (`model.layers`, BLOOM's `transformer.h`), as peft names them."""
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for block, modules in weights.items():
         for module_path, (a, b) in modules.items():
-            key = f"base_model.model.{backbone_prefix}.layers.{block}.{module_path}"
+            key = f"base_model.model.{stack}.{block}.{module_path}"
             tensors[f"{key}.lora_A.weight"] = a.detach().contiguous().clone()
             tensors[f"{key}.lora_B.weight"] = b.detach().contiguous().clone()
     config = {
@@ -181,7 +182,7 @@ def save_peft(
         "target_modules": sorted(spec.target_modules),
         # Blocks trained as whole layers (or not adapted at all) carry no LoRA.
         "layers_to_transform": sorted(weights),
-        "layers_pattern": "layers",
+        "layers_pattern": stack.rsplit(".", 1)[-1],
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

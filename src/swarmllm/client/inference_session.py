@@ -122,6 +122,9 @@ class InferenceSession:
         self.session_id = uuid.uuid4().hex
         self.position = 0
         self.prefix = 0  # prompt-tuning tokens the caches hold before the first real token
+        # Longrope models (Phi-3 128k): the servers' caches are recomputed when the session grows past this many
+        # tokens (see `_restart`); None for every other model.
+        self.longrope_limit: int | None = None
         self._streams: list[_ServerStream] = []
         self._step_id = 0
         self._rng = random.Random()
@@ -329,6 +332,9 @@ class InferenceSession:
             raise PromptTooLongError(
                 f"{self.position + hidden.shape[1]} tokens exceed the session's max_length={self.max_length}"
             )
+        limit = self.longrope_limit
+        if limit is not None and 0 < self.position <= limit < self.position + hidden.shape[1]:
+            return self._restart(hidden, position_ids, attention_mask)
         if not self._streams:
             self._open(hidden.shape[0])
         first, x, full = 0, hidden, 0
@@ -362,6 +368,22 @@ class InferenceSession:
         self._step_id += 1
         self.position += hidden.shape[1]
         return out.to(hidden.device)  # replies arrive on the CPU; the caller's tensors may live on a GPU
+
+    def _restart(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Run the whole session again, this step included, as one step on fresh server sessions.
+
+        Longrope picks its short or long rotary table by the longest position of a pass, so the keys cached
+        before a session grows past `longrope_limit` were made with the short table. transformers' Phi-3
+        generate drops its cache there and recomputes the whole sequence with the long one; so does this.
+        Returns the outputs of this step's tokens."""
+        past = self._streams[0].history if self._streams else []
+        inputs = torch.cat([h for h, _, _ in past] + [hidden], dim=1)
+        positions = torch.cat([p for _, p, _ in past] + [position_ids], dim=1)
+        logger.debug("session %s: recomputing %d tokens past longrope's limit of %d", self.session_id[:8],
+                     inputs.shape[1], self.longrope_limit)
+        loop.run(self._close_all(self._streams))
+        self._streams, self.position, self.session_id = [], 0, uuid.uuid4().hex
+        return self.step(inputs, positions, attention_mask)[:, -hidden.shape[1] :]
 
     def _replace(self, index: int, error: BaseException) -> None:
         """Swap stream `index` for a new route over its blocks, with its history replayed there."""

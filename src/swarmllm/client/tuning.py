@@ -38,7 +38,7 @@ class ClientTuning(nn.Module):
     def __init__(
         self, mode: TuningMode | None, num_blocks: int, hidden_size: int, pre_seq_len: int = 0,
         lora_spec: lora.LoraSpec | None = None, lora_init: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
-        adapter: str | None = None, seed: int = 0,
+        adapter: str | None = None, seed: int = 0, embed_size: int | None = None,
     ):
         super().__init__()
         self.mode, self.num_blocks, self.adapter = mode, num_blocks, adapter
@@ -46,7 +46,9 @@ class ClientTuning(nn.Module):
         if mode in ("ptune", "deep_ptune"):
             if pre_seq_len < 1:
                 raise ValueError(f"tuning_mode={mode!r} needs pre_seq_len >= 1")
-            self.prompts = nn.Parameter(torch.randn(1, pre_seq_len, hidden_size) * 0.02)
+            # Prompts are virtual input embeddings: in the embeddings' width, which differs from the blocks' where
+            # a family projects in (OPT-350m).
+            self.prompts = nn.Parameter(torch.randn(1, pre_seq_len, embed_size or hidden_size) * 0.02)
         if mode == "deep_ptune":
             # Zeros: training starts from plain prompt tuning and learns per-block corrections.
             self.deep_prompts = nn.Parameter(torch.zeros(num_blocks, 1, pre_seq_len, hidden_size))

@@ -35,7 +35,8 @@ from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.tuning import ClientTuning, TuningMode
 from swarmllm.models.device import resolve_device, resolve_dtype
-from swarmllm.models.family import family_of
+from swarmllm.models.ends import client_paths, enter, leave, submodule
+from swarmllm.models.family import family_of, longrope_limit, root_of
 from swarmllm.models.shards import client_key_filter
 from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import load_span, meta_block, text_config
@@ -77,20 +78,26 @@ class RemoteCache(DynamicCache):
 
 
 class DistributedBackbone(nn.Module):
-    """Embeddings and final norm run here; the blocks run remotely (or, for trainable blocks, here too).
-    Attribute names match transformers'."""
+    """The embeddings and the family's other client modules (models/ends.py) run here; the blocks run remotely
+    (or, for trainable blocks, here too). The client modules are taken from the model's own base model and
+    kept at the same paths (`embed_tokens`, OPT's `decoder.embed_tokens`), so that names match transformers'."""
 
-    def __init__(self, config: PretrainedConfig, embed_tokens: nn.Module, norm: nn.Module,
-                 layers: RemoteSequential | Pipeline, tuning: ClientTuning | None = None):
+    def __init__(self, config: PretrainedConfig, base: nn.Module, layers: RemoteSequential | Pipeline,
+                 tuning: ClientTuning | None = None):
         super().__init__()
-        self.config, self.embed_tokens, self.norm, self.layers = config, embed_tokens, norm, layers
+        self.config, self.family = config, family_of(config)
+        for path in client_paths(self.family):
+            module = submodule(base, path)
+            if module is not None:
+                _place(self, path, module)
+        self.layers = layers
         self.__dict__["tuning"] = tuning  # registered on the model, not here
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.embed_tokens
+        return self.get_submodule(self.family.embeddings)
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.embed_tokens = value
+        _place(self, self.family.embeddings, value)
 
     def forward(
         self,
@@ -108,7 +115,7 @@ class DistributedBackbone(nn.Module):
         if output_router_logits:  # an MoE model's auxiliary load-balancing loss needs them
             raise ValueError("output_router_logits is not supported through the swarm: the routers run on the "
                              "servers, which return hidden states only")
-        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (batch, seq, hidden)
+        embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds  # (batch, seq, embed)
         session = cache.session if isinstance(cache, RemoteCache) else None
         past = session.position if session is not None else 0
         prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
@@ -124,16 +131,27 @@ class DistributedBackbone(nn.Module):
         if position_ids is None or prefix:
             position_ids = _positions(attention_mask, past, seq, batch, embeds.device)
         position_ids = position_ids.expand(batch, -1).contiguous()
+        hidden = enter(self, self.family, embeds, position_ids)  # (batch, seq, hidden)
         # An all-ones mask carries no information: leave it out so servers use the fast causal path.
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
         if mask is not None:
             mask = mask.to(torch.int64)
         if session is not None:
-            hidden = session.step(embeds, position_ids, mask)
+            hidden = session.step(hidden, position_ids, mask)
         else:
-            hidden = self.layers(embeds, position_ids, mask)
+            hidden = self.layers(hidden, position_ids, mask)
         # The MoE output type: mixture-of-experts heads read its `router_logits` (None: not returned).
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden[:, added:]), cache=cache)
+        return MoeModelOutputWithPast(last_hidden_state=leave(self, self.family, hidden[:, added:]), cache=cache)
+
+
+def _place(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Register `module` at the dotted `path` under `root`, making empty containers on the way."""
+    *parents, name = path.split(".")
+    for part in parents:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    root.add_module(name, module)
 
 
 def _positions(attention_mask: torch.Tensor | None, past: int, seq: int, batch: int,
@@ -148,9 +166,14 @@ def _positions(attention_mask: torch.Tensor | None, past: int, seq: int, batch: 
 class DistributedMixin:
     """Mixed into the model's own transformers class. Adds sessions and session-aware `generate`."""
 
-    _keys_to_ignore_on_load_unexpected = [r"(^|\.)layers\.\d+\."]  # blocks are remote: never loaded here
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)(layers|h)\.\d+\."]  # blocks are remote: never loaded here
     sequence_manager: SequenceManager
     _trainable_blocks: list[int] = []
+
+    @property
+    def backbone(self) -> DistributedBackbone:
+        """Where the blocks and the client's modules live: the base model, or OPT's `model.decoder`."""
+        return root_of(self, family_of(text_config(self.config)))
 
     # Per thread, so that several threads can generate concurrently with one model (an API server does).
     _sessions = threading.local()
@@ -169,7 +192,15 @@ class DistributedMixin:
         if self._active_session is not None:
             raise RuntimeError("an inference session is already active on this model in this thread")
         prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
-        session = self.base_model.layers.inference_session(max_length + prefix, batch_size)
+        session = self.backbone.layers.inference_session(max_length + prefix, batch_size)
+        limit = longrope_limit(text_config(self.config))
+        if limit is not None:
+            if not isinstance(session, InferenceSession):
+                session.close()
+                raise ValueError("a longrope model (Phi-3 128k) cannot run blocks on the client in a session yet "
+                                 "(local_blocks, trainable_blocks): their caches would not be recomputed past "
+                                 f"{limit} tokens as the servers' are")
+            session.longrope_limit = limit
         self._active_session = session
         try:
             yield session
@@ -197,7 +228,9 @@ class DistributedMixin:
             raise ValueError("this model has no tuning parameters (load it with tuning_mode=...)")
         if t.mode == "lora":
             weights = {b: {p: (a.detach(), bb.detach()) for p, (a, bb) in m.items()} for b, m in t.lora_weights().items()}
-            lora_lib.save_peft(path, weights, t.lora_spec, self.base_model_prefix, self._swarm_model_name)
+            family = family_of(text_config(self.config))
+            stack = ".".join(p for p in (self.base_model_prefix, family.root, family.layers) if p)
+            lora_lib.save_peft(path, weights, t.lora_spec, stack, self._swarm_model_name)
         else:
             save_prompts(path, t, self.config, self._swarm_model_name)
         return path
@@ -212,7 +245,7 @@ class DistributedMixin:
         return Path(path)
 
     def _local_blocks(self) -> list[LocalBlocks]:
-        layers = self.base_model.layers
+        layers = self.backbone.layers
         return [s for s in layers.segments if isinstance(s, LocalBlocks)] if isinstance(layers, Pipeline) else []
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
@@ -306,9 +339,9 @@ class AutoDistributedModelForCausalLM:
         if private and (tuning_mode == "lora" or init_adapter is not None):
             raise ValueError("local_blocks cannot be combined with LoRA training yet: the local blocks would get no LoRA")
         local = sorted(set(trainable) | private)
-        tuning = _make_tuning(tuning_mode, text, num_blocks, pre_seq_len, lora, init_adapter, local, client)
+        embed_size = model.get_input_embeddings().embedding_dim
+        tuning = _make_tuning(tuning_mode, text, num_blocks, pre_seq_len, lora, init_adapter, local, client, embed_size)
         manager = SequenceManager(client, model_display_name(name), num_blocks)
-        backbone = model.base_model
         model.sequence_manager = manager
         model._swarm_model_name = model_display_name(name)
         if tuning_mode is not None or trainable:
@@ -320,8 +353,11 @@ class AutoDistributedModelForCausalLM:
             layers = _pipeline(manager, tuning, model_dir, dtype, num_blocks, local, set(trainable))
             model._base_hashes = block_ckpt.base_hashes(model_dir, trainable)
         family = family_of(text)
-        embeddings, norm = backbone.get_submodule(family.embeddings), backbone.get_submodule(family.norm)
-        setattr(model, model.base_model_prefix, DistributedBackbone(text, embeddings, norm, layers, tuning))
+        backbone = DistributedBackbone(text, root_of(model, family), layers, tuning)
+        if family.root:  # OPT's head calls `model.decoder`
+            setattr(model.base_model, family.root, backbone)
+        else:
+            setattr(model, model.base_model_prefix, backbone)
         # Embeddings, norm, head, client-side blocks and tuning parameters (registered as `model.tuning`) all
         # move; tuning parameters keep their identity, so optimizers made afterwards see the moved ones.
         return model.to(where).eval()
@@ -339,7 +375,7 @@ def _distributed_class(base_cls: type) -> type:
 
 
 def _make_tuning(mode, text: PretrainedConfig, num_blocks: int, pre_seq_len: int, lora_config, init_adapter,
-                 local: list[int], client: ClientConfig) -> ClientTuning:
+                 local: list[int], client: ClientConfig, embed_size: int) -> ClientTuning:
     init = None
     if init_adapter is not None:
         if mode not in (None, "lora"):
@@ -358,7 +394,8 @@ def _make_tuning(mode, text: PretrainedConfig, num_blocks: int, pre_seq_len: int
         init = fresh
     elif mode is not None and mode not in ("ptune", "deep_ptune"):
         raise ValueError(f"tuning_mode must be one of ptune, deep_ptune, lora; got {mode!r}")
-    return ClientTuning(mode, num_blocks, text.hidden_size, pre_seq_len, lora_config, init, adapter=client.adapter)
+    return ClientTuning(mode, num_blocks, text.hidden_size, pre_seq_len, lora_config, init, adapter=client.adapter,
+                        embed_size=embed_size)
 
 
 def _private_blocks(client: ClientConfig, num_blocks: int) -> set[int]:
@@ -394,7 +431,7 @@ def save_prompts(path: Path, tuning: ClientTuning, config: PretrainedConfig, mod
         save_file({"prompt_embeddings": tuning.prompts.detach()[0].contiguous()}, str(path / lora_lib.PEFT_WEIGHTS))
         (path / lora_lib.PEFT_CONFIG).write_text(json.dumps({
             "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": tuning.pre_seq_len,
-            "token_dim": text.hidden_size, "num_transformer_submodules": 1,
+            "token_dim": tuning.prompts.shape[-1], "num_transformer_submodules": 1,
             "num_attention_heads": text.num_attention_heads, "num_layers": text.num_hidden_layers,
             "prompt_tuning_init": "RANDOM", "inference_mode": True, "base_model_name_or_path": model_name,
         }, indent=2))

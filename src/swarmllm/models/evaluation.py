@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swarmllm.models.family import family_of
+from swarmllm.models.family import family_of, root_of
 from swarmllm.models.quant import QuantMode, quantize_blocks
 from swarmllm.models.span import text_config
 
@@ -117,5 +117,6 @@ def quantized_copy(model: nn.Module, mode: QuantMode) -> nn.Module:
     quantized (a plain copy for "none"); embeddings, final norm and lm_head stay as they are, as on a
     swarm, where servers hold only blocks. `model` itself is left unchanged."""
     clone = copy.deepcopy(model)
-    quantize_blocks(clone.base_model.get_submodule(family_of(text_config(clone.config)).layers), mode)
+    family = family_of(text_config(clone.config))
+    quantize_blocks(root_of(clone, family).get_submodule(family.layers), mode)
     return clone

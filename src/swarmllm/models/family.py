@@ -1,8 +1,10 @@
 """The small table of per-family differences that the generic span runner needs.
 
-Every supported decoder family runs through the same code path (`swarmllm.models.span`). What differs is
-only *which attention pattern each layer uses* and *whether the rotary embedding depends on that
-pattern*. Keeping those facts here, as data, is what lets us avoid one wrapper class per model.
+Every supported decoder family runs through the same code path (`swarmllm.models.span` on servers,
+`swarmllm.models.ends` on clients). What differs is kept here as data: where transformers keeps the blocks
+and the client's modules, which position information the blocks take (rotary tables, ALiBi biases, or none:
+OPT adds learned positions on the client), which attention pattern each layer uses, and the few keywords
+that differ. That is what lets us avoid one wrapper class per model.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PretrainedConfig
@@ -35,13 +38,37 @@ class Family:
     # What transformers runs the family's attention with by default: Gemma 2 softcaps its attention scores,
     # which its code does in eager attention only (it refuses sdpa).
     attention: str = "sdpa"
-    # Where transformers keeps things, within the base model (`model.base_model`): the stack of blocks, the
-    # embeddings and the final norm (the last two run on the client), and the keyword a block takes its
-    # cache by (GPT-NeoX's blocks still call it `layer_past`).
+    # The module that holds the blocks and the client's modules, and that the causal LM's head calls: the base
+    # model itself (`model.base_model`), or a module within it (OPT's `decoder`). The paths below are within it:
+    # where transformers keeps the stack of blocks, the embeddings and the final norm (the last two run on the
+    # client), and the keyword a block takes its cache by (GPT-NeoX's blocks still call it `layer_past`).
+    root: str = ""
     layers: str = "layers"
     embeddings: str = "embed_tokens"
     norm: str = "norm"
     cache_arg: str = "cache"
+    # What tells a block where its tokens are: a rotary table (the server builds it from position ids), an
+    # ALiBi bias (the server builds it from the keys' 2D mask, with the modeling module's own builder), or
+    # nothing, when the client adds learned position embeddings to the hidden states.
+    positions: Literal["rotary", "alibi", "none"] = "rotary"
+    # Client modules, within the base model, that run after the embeddings and before the first block, in
+    # order (BLOOM's embedding layernorm, OPT's project_in), and after the final norm (OPT's project_out); the
+    # learned position embeddings added there (OPT's, which take `position_ids`). A config may leave one out
+    # (transformers then holds None: OPT without a projection).
+    before: tuple[str, ...] = ()
+    learned_positions: str | None = None
+    after: tuple[str, ...] = ()
+    # Key/value heads that a block's cache holds per token when that differs from num_key_value_heads
+    # (Falcon's blocks store keys broadcast to every query head in the 40B/180B layout, one head with
+    # multi-query attention).
+    cache_heads: Callable[[PretrainedConfig], int] | None = None
+
+
+def _falcon_cache_heads(config: PretrainedConfig) -> int:
+    """What FalconAttention caches: every query head (new decoder architecture), one (multi-query), or all."""
+    if config.new_decoder_architecture or not config.multi_query:
+        return config.num_attention_heads
+    return 1
 
 
 FAMILIES: dict[str, Family] = {
@@ -63,6 +90,16 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_moe", sliding_from_window=True),
         # Pythia and GPT-NeoX-20B: fused query_key_value projections, partial rotary, parallel residuals.
         Family("gpt_neox", embeddings="embed_in", norm="final_layer_norm", cache_arg="layer_past"),
+        # BLOOM: ALiBi instead of rotary, a layernorm after the embeddings, blocks in `.h` returning tuples.
+        Family("bloom", attention="eager", layers="h", embeddings="word_embeddings", norm="ln_f",
+               cache_arg="layer_past", positions="alibi", before=("word_embeddings_layernorm",)),
+        # Falcon 7B (multi-query, parallel attention) and the 40B/180B "new decoder architecture" (grouped
+        # query heads, two layernorms per block); rotary only (falcon-rw's ALiBi is refused in family_of).
+        Family("falcon", layers="h", embeddings="word_embeddings", norm="ln_f", cache_arg="layer_past",
+               cache_heads=_falcon_cache_heads),
+        # OPT: learned positions (offset 2) and optional projections around the blocks, all on the client.
+        Family("opt", root="decoder", norm="final_layer_norm", positions="none", before=("project_in",),
+               learned_positions="embed_positions", after=("project_out",)),
     )
 }
 
@@ -71,10 +108,12 @@ class UnsupportedModelError(ValueError):
     """Raised for a model family that the generic runner has not been checked against."""
 
 
-# Rotary tables that transformers recomputes in every forward pass from the longest position in it: "dynamic"
-# NTK scaling and Phi-3's "longrope". A server's one rotary module would then depend on which sessions share
-# a pass and on earlier passes, and a session's cached keys would mix two tables.
-_SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
+# Rotary tables that transformers recomputes in every forward pass from the longest position in it and from
+# earlier passes ("dynamic" NTK scaling keeps the longest length seen): a server's one rotary module would
+# depend on which sessions shared it before. Phi-3's "longrope" only picks one of two tables by the pass's
+# longest position, which spans reproduce per session step (see `longrope_limit`).
+_SEQUENCE_DEPENDENT_ROPE = ("dynamic",)
+LONGROPE = "longrope"
 
 
 def family_of(config: PretrainedConfig) -> Family:
@@ -87,13 +126,30 @@ def family_of(config: PretrainedConfig) -> Family:
         raise UnsupportedModelError(
             f"model type {config.model_type!r} is not supported yet (supported: {supported})"
         ) from None
-    for rope_type in _rope_types(config):
+    if config.model_type == "falcon" and config.alibi:
+        raise UnsupportedModelError("Falcon with ALiBi (falcon-rw) is not supported yet: only rotary Falcon models are")
+    types = _rope_types(config)
+    for rope_type in types:
         if any(kind in rope_type for kind in _SEQUENCE_DEPENDENT_ROPE):
             raise UnsupportedModelError(
                 f"rope type {rope_type!r} is not supported yet: its rotary tables change with the longest position "
-                "in each pass, which sessions batched on one server would share (static rope types are supported)"
+                "of every pass seen so far, which sessions batched on one server would share (static rope types "
+                "and longrope are supported)"
             )
+    if LONGROPE in types and len(types) > 1:
+        raise UnsupportedModelError("longrope is supported for a model with one rotary table, not per layer type")
     return family
+
+
+def longrope_limit(config: PretrainedConfig) -> int | None:
+    """For longrope (Phi-3 128k): `original_max_position_embeddings`. A pass whose longest position id reaches
+    it uses the long table for all its tokens, a shorter pass the short one; and transformers' Phi-3 generate
+    recomputes the whole cache when a sequence grows past it (InferenceSession does the same). None for every
+    other rope type."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if params.get("rope_type") != LONGROPE:
+        return None
+    return int(params["original_max_position_embeddings"])
 
 
 def _rope_types(config: PretrainedConfig) -> list[str]:
@@ -101,6 +157,19 @@ def _rope_types(config: PretrainedConfig) -> list[str]:
     params = getattr(config, "rope_parameters", None) or {}
     nested = [p for p in params.values() if isinstance(p, dict)]
     return [str(p.get("rope_type", "default")) for p in (nested or [params])]
+
+
+def root_of(model: torch.nn.Module, family: Family) -> torch.nn.Module:
+    """The module of a transformers causal LM that holds the family's blocks and client modules."""
+    return model.base_model.get_submodule(family.root) if family.root else model.base_model
+
+
+def cache_heads(config: PretrainedConfig) -> int:
+    """Key/value heads a block's cache holds per token."""
+    family = family_of(config)
+    if family.cache_heads is not None:
+        return family.cache_heads(config)
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def default_attention(config: PretrainedConfig) -> str:

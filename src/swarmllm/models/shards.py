@@ -42,8 +42,10 @@ __all__ = [
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
-LAYER_KEY = re.compile(r"^(?P<prefix>.*?)layers\.(?P<idx>\d+)\.(?P<rest>.+)$")
-"""A block's tensor: `<prefix>layers.<idx>.<rest>`, e.g. `model.layers.3.mlp.up_proj.weight`."""
+LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*?\.)?)(?:layers|h)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+"""A block's tensor: `<prefix>layers.<idx>.<rest>`, e.g. `model.layers.3.mlp.up_proj.weight`, or `<prefix>h.<idx>.<rest>`
+where BLOOM and Falcon keep their blocks (`transformer.h.3.mlp.dense_4h_to_h.weight`); the stack's name is a
+whole component of the key."""
 
 # Bytes per element of the safetensors dtypes (quantized checkpoints store integer and fp8 tensors too).
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,

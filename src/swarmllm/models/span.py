@@ -10,7 +10,9 @@ of 30 blocks holds about a third of the block weights and never materializes the
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +25,12 @@ from swarmllm.models.conversion import conversions_for, convert
 from swarmllm.models.device import trim_heap
 from swarmllm.models.family import (
     MASK_BUILDERS,
+    Family,
     default_attention,
     family_of,
     layer_type,
+    longrope_limit,
+    root_of,
     rotary_takes_layer_type,
 )
 from swarmllm.models.quant import QuantMode, quantize_blocks
@@ -74,7 +79,7 @@ def check_span(start: int, end: int, num_blocks: int) -> None:
 @dataclass(frozen=True)
 class _Skeleton:
     decoder_cls: type[nn.Module]
-    rotary: nn.Module
+    rotary: nn.Module | None  # None where blocks take no rotary table (family.positions)
     conversions: list  # transformers' checkpoint-key renamings and fusions for this model (models/conversion.py)
 
 
@@ -82,10 +87,11 @@ def _skeleton(config: PretrainedConfig) -> _Skeleton:
     """Find the decoder-layer class and build the rotary module, without allocating any weights."""
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
-    backbone = meta.base_model
-    decoder_cls = type(backbone.get_submodule(family_of(config).layers)[0])
+    family = family_of(config)
+    root = root_of(meta, family)
+    decoder_cls = type(root.get_submodule(family.layers)[0])
     # Rotary tables are computed, not loaded, so they are built for real (on the CPU) from the config.
-    rotary = type(backbone.rotary_emb)(config)
+    rotary = type(root.rotary_emb)(config) if family.positions == "rotary" else None
     return _Skeleton(decoder_cls=decoder_cls, rotary=rotary, conversions=conversions_for(meta))
 
 
@@ -103,16 +109,20 @@ class Span(nn.Module):
     full model's blocks `a..c` given the same position ids, 2D padding mask and cache contents.
     """
 
-    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: list[nn.Module], rotary: nn.Module):
+    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: list[nn.Module], rotary: nn.Module | None):
         super().__init__()
         check_span(start, end, config.num_hidden_layers)
         attention_of(config)
         self.config, self.start, self.end = config, start, end
+        self.family: Family = family_of(config)
         self.layers = nn.ModuleList(layers)
         self.rotary = rotary
         self.types = [layer_type(config, i) for i in range(start, end)]
-        self._cache_arg = family_of(config).cache_arg
-        self._rotary_per_type = rotary_takes_layer_type(rotary)
+        self._rotary_per_type = rotary is not None and rotary_takes_layer_type(rotary)
+        self._longrope = longrope_limit(config)
+        self._alibi = _alibi_builder(type(layers[0])) if self.family.positions == "alibi" else None
+        # Falcon's blocks take `alibi` (None for its rotary models) as a required argument.
+        self._takes_alibi = "alibi" in inspect.signature(type(layers[0]).forward).parameters
 
     def new_cache(self) -> DynamicCache:
         """An empty cache for one session. Layers outside the span stay empty and cost nothing."""
@@ -126,6 +136,8 @@ class Span(nn.Module):
         cache: DynamicCache | None = None,
         prompts: torch.Tensor | None = None,  # (blocks, batch or 1, prefix, hidden) deep prompt tuning
         masks: dict[str, torch.Tensor | None] | None = None,  # prebuilt 4D masks per layer type (batched steps)
+        keys: torch.Tensor | None = None,  # (batch, kv_len) with prebuilt masks: 1 = a real key (ALiBi's positions)
+        tables: torch.Tensor | None = None,  # (batch,) longest position of each row's whole step (longrope)
     ) -> torch.Tensor:
         prebuilt = masks is not None
         masks, rotary = dict(masks or {}), {}
@@ -133,7 +145,7 @@ class Span(nn.Module):
             if lt in rotary:
                 continue
             args = (lt,) if self._rotary_per_type else ()
-            rotary[lt] = self.rotary(hidden, position_ids, *args)
+            rotary[lt] = self._rotary_tables(hidden, position_ids, args, tables) if self.rotary is not None else None
             if prebuilt:
                 continue
             # The mask must be sized from the cache of this span's own first layer of this type: layer 0's
@@ -146,21 +158,59 @@ class Span(nn.Module):
                 position_ids=position_ids,
                 layer_idx=self.start + offset,
             )
+        extra = {self.family.cache_arg: cache}
+        if self._takes_alibi:
+            extra["alibi"] = self._alibi_bias(hidden, attention_mask if keys is None else keys, cache)
         for i, (layer, lt) in enumerate(zip(self.layers, self.types)):
             if prompts is not None:
                 # Deep prompts are added to the prefix positions before every block (out of place, so
                 # autograd sees both the hidden states and the prompts).
                 n = prompts.shape[2]
                 hidden = torch.cat([hidden[:, :n] + prompts[i].to(hidden.dtype), hidden[:, n:]], dim=1)
-            hidden = layer(
+            out = layer(
                 hidden,
                 attention_mask=masks[lt],
                 position_embeddings=rotary[lt],
                 position_ids=position_ids,
                 use_cache=cache is not None,
-                **{self._cache_arg: cache},
+                **extra,
             )
+            hidden = out[0] if isinstance(out, tuple) else out  # BLOOM and Falcon return (hidden, attentions)
         return hidden
+
+    def _rotary_tables(self, hidden: torch.Tensor, position_ids: torch.Tensor, args: tuple,
+                       tables: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for the pass. Longrope picks its long or short table by the longest position of the pass
+        it is called on; a server's pass may hold several sessions' steps, or a chunk of one step, so each row
+        gets the table its own whole step (what the client ran as one pass) picks: rows of each kind are run
+        with one more position that forces the choice (the step's longest, or `limit` for long ones), which is
+        then dropped."""
+        if self._longrope is None or tables is None:
+            return self.rotary(hidden, position_ids, *args)
+        limit = self._longrope
+        long = tables + 1 > limit
+        cos = sin = None
+        for kind in (False, True):
+            rows = long == kind
+            if not bool(rows.any()):
+                continue
+            pin = torch.full((int(rows.sum()), 1), limit if kind else 0, dtype=position_ids.dtype, device=position_ids.device)
+            c, s = self.rotary(hidden[rows], torch.cat([position_ids[rows], pin], dim=1), *args)
+            if cos is None:
+                cos = c.new_empty((hidden.shape[0], *c[:, :-1].shape[1:]))
+                sin = torch.empty_like(cos)
+            cos[rows], sin[rows] = c[:, :-1], s[:, :-1]
+        return cos, sin
+
+    def _alibi_bias(self, hidden: torch.Tensor, keys: torch.Tensor | None, cache) -> torch.Tensor | None:
+        """ALiBi's (batch * heads, 1, kv_len) bias, from the 2D mask over all keys (past and new), as the full
+        model builds it; no mask means every key is real."""
+        if self._alibi is None:
+            return None
+        if keys is None:
+            past = cache.get_seq_length(self.start) if cache is not None else 0
+            keys = torch.ones(hidden.shape[0], past + hidden.shape[1], dtype=torch.long, device=hidden.device)
+        return self._alibi(keys, self.config.num_attention_heads, dtype=hidden.dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -177,6 +227,11 @@ class Span(nn.Module):
         """Bytes of the blocks' weights as held: parameters and buffers (quantized codes and scales)."""
         tensors = [*self.layers.parameters(), *self.layers.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _alibi_builder(decoder_cls: type[nn.Module]) -> Callable[..., torch.Tensor]:
+    """The family's own ALiBi builder, `build_alibi_tensor(mask, num_heads, dtype)` in its modeling module."""
+    return inspect.getmodule(decoder_cls).build_alibi_tensor
 
 
 def load_span(
@@ -200,7 +255,8 @@ def load_span(
     check_span(start, end, config.num_hidden_layers)
     skeleton = _skeleton(config)
     layers = [_load_block(model_dir, config, skeleton, i, dtype, device, quant) for i in range(start, end)]
-    return Span(config, start, end, layers, skeleton.rotary.to(device)).eval()
+    rotary = skeleton.rotary.to(device) if skeleton.rotary is not None else None
+    return Span(config, start, end, layers, rotary).eval()
 
 
 def _load_block(
@@ -257,7 +313,9 @@ def _decoder_tensors(tensors: dict[str, torch.Tensor], names: set[str], idx: int
 
 def span_from_model(model: nn.Module, start: int, end: int) -> Span:
     """A span that shares the blocks of an already loaded transformers model (tests, local blocks)."""
-    backbone = model.base_model
     config = text_config(model.config)
-    stack = backbone.get_submodule(family_of(config).layers)
-    return Span(config, start, end, list(stack[start:end]), backbone.rotary_emb)
+    family = family_of(config)
+    root = root_of(model, family)
+    stack = root.get_submodule(family.layers)
+    rotary = root.rotary_emb if family.positions == "rotary" else None
+    return Span(config, start, end, list(stack[start:end]), rotary)

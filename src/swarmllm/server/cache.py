@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from swarmllm.models.family import cache_heads
 from swarmllm.models.span import Span
 
 
@@ -106,7 +107,7 @@ def bytes_per_token(span: Span, batch: int = 1) -> int:
     too: the mask, not the storage, limits what they see)."""
     config = span.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_heads = cache_heads(config)
     itemsize = torch.finfo(span.dtype).bits // 8
     return 2 * kv_heads * head_dim * itemsize * len(span.layers) * batch
 

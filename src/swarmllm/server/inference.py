@@ -76,6 +76,13 @@ class StepInput:
     hidden: torch.Tensor  # (batch, q, hidden)
     position_ids: torch.Tensor  # (batch, q)
     mask: torch.Tensor | None  # (batch, past + q); None = no padding
+    # The longest position id of the client's whole step, when this is a chunk of it (longrope picks its
+    # rotary table by it); None: this step's own.
+    last_position: int | None = None
+
+    @property
+    def table(self) -> int:
+        return self.last_position if self.last_position is not None else int(self.position_ids.max())
 
     @property
     def rows(self) -> int:
@@ -149,6 +156,17 @@ def _masks(span: Span, steps: list[StepInput], pasts: list[int], q: int, kv_len:
     return masks
 
 
+def _keys(steps: list[StepInput], pasts: list[int], q: int, kv_len: int) -> torch.Tensor:
+    """(rows, kv_len) 1 where a row has a real key: each session's own 2D mask (all ones without padding), then
+    zeros up to the longest session. ALiBi counts a key's position along it, as the full model does."""
+    rows = []
+    for step, past in zip(steps, pasts):
+        keys = torch.zeros(step.rows, kv_len, dtype=torch.long, device=step.hidden.device)
+        keys[:, : past + q] = 1 if step.mask is None else step.mask
+        rows.append(keys)
+    return torch.cat(rows)
+
+
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask as eager attention adds it to the scores: 0 where allowed, the dtype's minimum elsewhere."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -169,8 +187,11 @@ def run_batch(steps: list[StepInput]) -> list[torch.Tensor]:
     position_ids = torch.cat([s.position_ids for s in steps])  # (rows, q)
     prompts = session0._prompts() if len(steps) == 1 else None
     masks = _masks(span, steps, pasts, q, kv_len)
+    keys = _keys(steps, pasts, q, kv_len) if span.family.positions == "alibi" else None
+    tables = torch.cat([torch.full((s.rows,), s.table, device=position_ids.device) for s in steps])
     with session0.extras.applied(span):
-        out = span(hidden, position_ids, cache=_BatchCache(steps, pasts, kv_len), prompts=prompts, masks=masks)
+        out = span(hidden, position_ids, cache=_BatchCache(steps, pasts, kv_len), prompts=prompts, masks=masks, keys=keys,
+                   tables=tables)
     results, row = [], 0
     for s in steps:
         results.append(out[row : row + s.rows].to(s.hidden.dtype))

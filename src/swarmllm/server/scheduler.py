@@ -124,10 +124,11 @@ class Scheduler:
         session.check(hidden, position_ids, mask)
         q, past = hidden.shape[1], session.length
         chunk = q if session.batch_key(q) is None else self.prefill_chunk
-        outs = []
+        outs, last = [], int(position_ids.max())
         for a in range(0, q, chunk):
             b = min(q, a + chunk)
-            piece = StepInput(session, hidden[:, a:b], position_ids[:, a:b], None if mask is None else mask[:, : past + b])
+            piece = StepInput(session, hidden[:, a:b], position_ids[:, a:b], None if mask is None else mask[:, : past + b],
+                              last_position=last)
             task = _Step(piece, session.batch_key(b - a), peer)
             if task.key is not None:
                 with self._cv:
