@@ -1,4 +1,4 @@
-"""Quantized mixture-of-experts blocks (Mixtral, Qwen 2 MoE, Qwen 3 MoE), loaded from checkpoints that store
+"""Quantized mixture-of-experts blocks (Mixtral, Qwen 2 MoE, Qwen 3 MoE, DeepSeek-V3), loaded from checkpoints that store
 one tensor per expert: outputs near float, the experts' bytes actually shrink, gradients reach the input,
 and a layout the runner cannot quantize is refused by name."""
 
@@ -15,7 +15,7 @@ from swarmllm.models.span import load_span
 from tests.unit.test_quant import MODES, REL_TOL, _rel
 from tests.unit.test_span_exact import _model
 
-MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 
 
 def _inputs(hidden: int, rows: int = 2, seq: int = 9):
@@ -36,7 +36,8 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("name", MOE)
 def test_a_quantized_moe_span_is_close_to_float_and_keeps_no_float_experts(name, mode, checkpoints):
     reference, span = load_span(checkpoints / name, 0, 4), load_span(checkpoints / name, 0, 4, quant=mode)
-    assert all(isinstance(layer.mlp.experts, QuantizedExperts) for layer in span.layers)
+    moe = [layer for layer in span.layers if hasattr(layer.mlp, "experts")]  # DeepSeek's first block is dense
+    assert len(moe) >= 3 and all(isinstance(layer.mlp.experts, QuantizedExperts) for layer in moe)
     assert not [n for n, p in span.named_parameters() if p.dim() == 3]
     hidden, pos = _inputs(32)
     with torch.no_grad():

@@ -12,6 +12,7 @@ from swarmllm.models.quant import quantize_blocks
 from swarmllm.models.span import load_span, meta_block
 from swarmllm.server import sizing
 from swarmllm.server.throughput import Throughput, ThroughputCache, cached_measure, measurement_key
+from tests.unit.test_span_exact import _model
 
 GiB = 2**30
 
@@ -27,6 +28,21 @@ def test_block_bytes_equal_what_a_loaded_block_holds(tiny_llama_dir, dtype) -> N
         span = load_span(tiny_llama_dir, 0, 2, dtype)
         quantize_blocks(span.layers, quant)
         assert sizing.block_bytes(config, dtype, quant) * 2 == span.weight_bytes(), quant
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_moe_block_bytes_count_quantized_experts_and_the_largest_block(name, tmp_path) -> None:
+    """Expert weights are quantized too, so sizing counts them quantized; and `--num-blocks` sizes by the
+    largest block (DeepSeek's first block is dense, far smaller than its expert blocks)."""
+    model = _model(name)
+    model.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    for quant in ("none", "int8", "int4", "nf4"):
+        held = [load_span(tmp_path, i, i + 1, quant=quant).weight_bytes() for i in range(config.num_hidden_layers)]
+        assert [sizing.block_bytes(config, torch.float32, quant, i) for i in range(len(held))] == held, quant
+        assert sizing.largest_block_bytes(config, torch.float32, quant) == max(held)
+    if name == "deepseek_v3":
+        assert held[0] < held[1]
 
 
 def test_quantized_storage_per_weight_matches_the_real_layers_at_big_shapes() -> None:

@@ -12,6 +12,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
+    DeepseekV3Config,
     DynamicCache,
     FalconConfig,
     Gemma2Config,
@@ -81,6 +82,14 @@ CONFIGS = {
     # Falcon 40B/180B's "new decoder architecture": grouped key/value heads, separate attention and MLP norms.
     "falcon_new": lambda: FalconConfig(num_hidden_layers=4, vocab_size=97, hidden_size=32, num_attention_heads=4,
                                        num_kv_heads=2, new_decoder_architecture=True, max_position_embeddings=128),
+    # DeepSeek-V3: latent attention (low-rank queries, a compressed key/value latent and a shared rotary key,
+    # value heads wider than the rotary part), a dense first block, then 8 routed experts in 2 groups of which
+    # tokens may use 1, beside a shared expert.
+    "deepseek_v3": lambda: DeepseekV3Config(
+        num_hidden_layers=4, vocab_size=97, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=128, pad_token_id=0),
     # OPT: learned positions, and (as in OPT-350m) projections between a narrower embedding and the blocks.
     "opt": lambda: OPTConfig(num_hidden_layers=4, vocab_size=97, hidden_size=32, ffn_dim=64, num_attention_heads=4,
                              word_embed_proj_dim=16, max_position_embeddings=128, pad_token_id=0),
@@ -192,7 +201,7 @@ def test_invalid_spans_are_refused(start: int, end: int) -> None:
 def test_a_family_not_checked_against_the_runner_is_refused_by_name() -> None:
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported yet \(supported: bloom, falcon, .*mixtral, .*opt, .*qwen3_moe\)"):
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported yet \(supported: bloom, deepseek_v3, falcon, .*mixtral, .*opt, .*qwen3_moe\)"):
         family_of(GPT2Config())
 
 

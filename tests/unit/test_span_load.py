@@ -122,3 +122,18 @@ def test_every_familys_blocks_load_quantized(name, tmp_path):
     with torch.no_grad():
         got, want = loaded(hidden, pos), reference(hidden, pos)
     assert (got - want).norm() / want.norm() < 0.02
+
+
+def test_a_checkpoint_stored_quantized_is_refused_by_name(tmp_path):
+    """DeepSeek-V3 ships FP8 weights with block scales under the weights' own names: loaded as plain weights
+    they would compute garbage without a word."""
+    import json
+
+    from swarmllm.models.span import SpanError
+
+    _model("deepseek_v3").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpanError, match=r"checkpoints stored quantized \(fp8\) are not supported"):
+        load_span(tmp_path, 0, 2)

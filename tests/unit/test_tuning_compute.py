@@ -8,10 +8,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from swarmllm.adapters import lora
-from swarmllm.models.span import span_from_model
+from swarmllm.models.family import family_of, root_of, stack_path
+from swarmllm.models.span import span_from_model, text_config
 from swarmllm.protocol import LoraRef
 from swarmllm.server import compute
 from swarmllm.server.lora_cache import LoraCache, NotCached
+from tests.unit.test_span_exact import CONFIGS, _model
 
 CONFIG = LlamaConfig(
     num_hidden_layers=3, vocab_size=61, hidden_size=32, intermediate_size=48, num_attention_heads=4,
@@ -55,6 +57,40 @@ def test_lora_hooks_equal_peft_and_survive_save_and_reload(model, tmp_path):
     spec2, weights2 = lora.load_peft(tmp_path / "a")
     assert spec2 == spec.model_copy(update={"target_modules": ("q_proj", "v_proj")})
     assert all(torch.equal(weights[b][p][i], weights2[b][p][i]) for b in weights for p in weights[b] for i in (0, 1))
+
+
+# LoRA on each family's attention projections, by their names in transformers' blocks.
+ATTENTION_TARGETS = {"bloom": ("query_key_value",), "falcon": ("query_key_value", "dense"),
+                     "falcon_new": ("query_key_value",), "gpt_neox": ("query_key_value",), "phi3": ("qkv_proj",),
+                     "phi3_longrope": ("qkv_proj",), "deepseek_v3": ("q_b_proj", "kv_b_proj")}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_familys_lora_file_loads_in_peft_and_the_hooks_equal_it(name, tmp_path):
+    """The adapter file names each family's blocks where its model keeps them (BLOOM's `transformer.h`, OPT's
+    `model.decoder.layers`), so peft loads it, and LoRA on the attention projections (MoE families too)
+    computes what peft does."""
+    model = _model(name).requires_grad_(False)
+    family = family_of(text_config(model.config))
+    layers = root_of(model, family).get_submodule(family.layers)
+    targets = ATTENTION_TARGETS.get(name, ("q_proj", "v_proj"))
+    spec = lora.LoraSpec(rank=2, alpha=4, target_modules=targets)
+    g = torch.Generator().manual_seed(1)
+    paths = lora.target_paths(layers[0], targets)
+    weights = {b: {p: (torch.randn(2, layer.get_submodule(p).in_features, generator=g) * 0.3,
+                       torch.randn(layer.get_submodule(p).out_features, 2, generator=g) * 0.3) for p in paths}
+               for b, layer in enumerate(layers)}
+    lora.save_peft(tmp_path / "a", weights, spec, stack_path(model, family))
+    model.save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation=model.config._attn_implementation)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "a").eval()
+    ids = torch.randint(1, 90, (2, 6))
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        with lora.applied(layers, 0, weights, spec.scaling):
+            got = model(ids).logits
+        assert not torch.allclose(model(ids).logits, expected)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_backward_returns_gradients_of_input_prompts_and_lora(model):

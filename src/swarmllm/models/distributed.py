@@ -36,10 +36,10 @@ from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.tuning import ClientTuning, TuningMode
 from swarmllm.models.device import resolve_device, resolve_dtype
 from swarmllm.models.ends import client_paths, enter, leave, submodule
-from swarmllm.models.family import family_of, longrope_limit, root_of
+from swarmllm.models.family import family_of, longrope_limit, root_of, stack_path
 from swarmllm.models.shards import client_key_filter
 from swarmllm.models.source import model_display_name, resolve_model
-from swarmllm.models.span import load_span, meta_block, text_config
+from swarmllm.models.span import load_span, meta_block, refuse_prequantized, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +228,7 @@ class DistributedMixin:
             raise ValueError("this model has no tuning parameters (load it with tuning_mode=...)")
         if t.mode == "lora":
             weights = {b: {p: (a.detach(), bb.detach()) for p, (a, bb) in m.items()} for b, m in t.lora_weights().items()}
-            family = family_of(text_config(self.config))
-            stack = ".".join(p for p in (self.base_model_prefix, family.root, family.layers) if p)
+            stack = stack_path(self, family_of(text_config(self.config)))
             lora_lib.save_peft(path, weights, t.lora_spec, stack, self._swarm_model_name)
         else:
             save_prompts(path, t, self.config, self._swarm_model_name)
@@ -323,6 +322,7 @@ class AutoDistributedModelForCausalLM:
         # Only the embeddings, norm and head, unless blocks run here too (their spans are known only later).
         model_dir = resolve_model(name, tensors=None if trainable_blocks or client.local_blocks else client_key_filter)
         hf_config = AutoConfig.from_pretrained(model_dir)
+        refuse_prequantized(hf_config)
         family_of(text_config(hf_config))
         dist_cls = _distributed_class(AutoModelForCausalLM._model_mapping[type(hf_config)])
         # Load with zero blocks: transformers then reads only embeddings, norm and head, with its own

@@ -58,17 +58,21 @@ class Family:
     before: tuple[str, ...] = ()
     learned_positions: str | None = None
     after: tuple[str, ...] = ()
-    # Key/value heads that a block's cache holds per token when that differs from num_key_value_heads
-    # (Falcon's blocks store keys broadcast to every query head in the 40B/180B layout, one head with
-    # multi-query attention).
-    cache_heads: Callable[[PretrainedConfig], int] | None = None
+    # Elements a block's cache holds per token (keys and values together), where that is not
+    # 2 x num_key_value_heads x head_dim: Falcon's blocks store keys broadcast to every query head in the
+    # 40B/180B layout (one head with multi-query), DeepSeek's store the compressed latent.
+    cache_elements: Callable[[PretrainedConfig], int] | None = None
 
 
-def _falcon_cache_heads(config: PretrainedConfig) -> int:
+def _falcon_cache_elements(config: PretrainedConfig) -> int:
     """What FalconAttention caches: every query head (new decoder architecture), one (multi-query), or all."""
-    if config.new_decoder_architecture or not config.multi_query:
-        return config.num_attention_heads
-    return 1
+    heads = config.num_attention_heads if config.new_decoder_architecture or not config.multi_query else 1
+    return 2 * heads * (config.hidden_size // config.num_attention_heads)
+
+
+def _latent_cache_elements(config: PretrainedConfig) -> int:
+    """Multi-head latent attention caches one compressed key/value latent and one shared rotary key per token."""
+    return config.kv_lora_rank + config.qk_rope_head_dim
 
 
 FAMILIES: dict[str, Family] = {
@@ -96,8 +100,11 @@ FAMILIES: dict[str, Family] = {
         # Falcon 7B (multi-query, parallel attention) and the 40B/180B "new decoder architecture" (grouped
         # query heads, two layernorms per block); rotary only (falcon-rw's ALiBi is refused in family_of).
         Family("falcon", layers="h", embeddings="word_embeddings", norm="ln_f", cache_arg="layer_past",
-               cache_heads=_falcon_cache_heads),
+               cache_elements=_falcon_cache_elements),
         # OPT: learned positions (offset 2) and optional projections around the blocks, all on the client.
+        # DeepSeek-V3: multi-head latent attention (its cache holds the compressed latent), dense first blocks,
+        # then routed experts beside a shared one, with group-limited routing.
+        Family("deepseek_v3", cache_elements=_latent_cache_elements),
         Family("opt", root="decoder", norm="final_layer_norm", positions="none", before=("project_in",),
                learned_positions="embed_positions", after=("project_out",)),
     )
@@ -164,12 +171,19 @@ def root_of(model: torch.nn.Module, family: Family) -> torch.nn.Module:
     return model.base_model.get_submodule(family.root) if family.root else model.base_model
 
 
-def cache_heads(config: PretrainedConfig) -> int:
-    """Key/value heads a block's cache holds per token."""
+def stack_path(model: torch.nn.Module, family: Family) -> str:
+    """Where a transformers causal LM keeps its blocks, from the model itself (`model.layers`, BLOOM's
+    `transformer.h`, OPT's `model.decoder.layers`): what peft files name them by."""
+    return ".".join(p for p in (model.base_model_prefix, family.root, family.layers) if p)
+
+
+def cache_elements(config: PretrainedConfig) -> int:
+    """Elements of keys and values one block's cache holds per token."""
     family = family_of(config)
-    if family.cache_heads is not None:
-        return family.cache_heads(config)
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if family.cache_elements is not None:
+        return family.cache_elements(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
 
 
 def default_attention(config: PretrainedConfig) -> str:

@@ -68,7 +68,20 @@ def attention_of(config: PretrainedConfig) -> str:
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
-    return text_config(AutoConfig.from_pretrained(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)
+    refuse_prequantized(config)
+    return text_config(config)
+
+
+def refuse_prequantized(config: PretrainedConfig) -> None:
+    """A checkpoint stored quantized (DeepSeek-V3's FP8 with block scales, GPTQ, AWQ) keeps codes under the
+    weights' own names: read as plain weights they would load without their scales and compute garbage, so
+    they are refused by name. Servers quantize float checkpoints themselves (`--quant`)."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+        raise SpanError(f"checkpoints stored quantized ({method or 'quantization_config'}) are not supported: use a "
+                        "float16/bfloat16/float32 checkpoint (servers quantize it with --quant)")
 
 
 def check_span(start: int, end: int, num_blocks: int) -> None:
@@ -97,9 +110,14 @@ def _skeleton(config: PretrainedConfig) -> _Skeleton:
 
 def meta_block(config: PretrainedConfig, idx: int) -> nn.Module:
     """Block `idx` on the meta device: its module structure and shapes, without weights."""
+    return meta_blocks(config, [idx])[0]
+
+
+def meta_blocks(config: PretrainedConfig, indices: list[int] | range) -> list[nn.Module]:
+    """Blocks `indices` on the meta device (blocks of one model may differ: DeepSeek's first ones are dense)."""
     decoder_cls = _skeleton(config).decoder_cls
     with torch.device("meta"):
-        return decoder_cls(config, idx)
+        return [decoder_cls(config, idx) for idx in indices]
 
 
 class Span(nn.Module):

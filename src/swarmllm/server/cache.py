@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarmllm.models.family import cache_heads
+from swarmllm.models.family import cache_elements
 from swarmllm.models.span import Span
 
 
@@ -105,11 +105,8 @@ class CacheMemory:
 def bytes_per_token(span: Span, batch: int = 1) -> int:
     """Cache bytes one token costs on `span`: keys and values of every block (full length for sliding layers
     too: the mask, not the storage, limits what they see)."""
-    config = span.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = cache_heads(config)
     itemsize = torch.finfo(span.dtype).bits // 8
-    return 2 * kv_heads * head_dim * itemsize * len(span.layers) * batch
+    return cache_elements(span.config) * itemsize * len(span.layers) * batch
 
 
 @dataclass
@@ -135,14 +132,15 @@ class SessionKV:
         return max(0, -(-tokens // self.page_tokens) - self.capacity // self.page_tokens)
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, at: int) -> None:
-        """Store `key`/`value` (batch, kv_heads, q, head_dim) at positions `[at, at + q)` of `layer`."""
+        """Store `key`/`value` (batch, kv_heads, q, head_dim) at positions `[at, at + q)` of `layer`. Keys and values
+        may differ in width (DeepSeek's blocks cache a compressed latent as keys and a rotary key as values)."""
         end = at + key.shape[2]
         assert end <= self.capacity, "pages must be granted before the compute thread writes"
         old = self.keys.get(layer)
         if old is None or old.shape[2] < end:
             # Grow to the granted capacity at once: one copy per page granted, not one per token.
-            shape = (*key.shape[:2], self.capacity, key.shape[3])
-            k, v = key.new_empty(shape), value.new_empty(shape)
+            k = key.new_empty((*key.shape[:2], self.capacity, key.shape[3]))
+            v = value.new_empty((*value.shape[:2], self.capacity, value.shape[3]))
             if old is not None:
                 k[:, :, : old.shape[2]] = old
                 v[:, :, : old.shape[2]] = self.values[layer]

@@ -104,7 +104,7 @@ class _BatchCache:
             kv.write(layer_idx, key, value, past)
             return kv.keys[layer_idx][:, :, : past + q], kv.values[layer_idx][:, :, : past + q]
         out_k = key.new_zeros((key.shape[0], key.shape[1], self.kv_len, key.shape[3]))
-        out_v = torch.zeros_like(out_k)
+        out_v = value.new_zeros((value.shape[0], value.shape[1], self.kv_len, value.shape[3]))
         row = 0
         for step, past in zip(self.steps, self.pasts):
             kv, rows = step.session.kv, slice(row, row + step.rows)

@@ -70,7 +70,7 @@ class Server:
         self.model_name = model_display_name(config.model)
         self.model_config = load_config(self.model_dir)
         num_blocks = self.model_config.num_hidden_layers
-        self.block_bytes = sizing.block_bytes(self.model_config, self.dtype, config.quant)
+        self.block_bytes = sizing.largest_block_bytes(self.model_config, self.dtype, config.quant)
         span_size = self._span_size(num_blocks)
         self.peer = join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
                          host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)

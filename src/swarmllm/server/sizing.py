@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarmllm.models.span import meta_block
+from swarmllm.models.quant_experts import is_fused_experts
+from swarmllm.models.span import meta_block, meta_blocks
 
 GiB = 2**30
 MARGIN_FIXED = 1 * GiB
@@ -57,7 +58,16 @@ def margin_bytes(free: int) -> int:
 
 def block_bytes(config: PretrainedConfig, dtype: torch.dtype, quant: str, idx: int = 0) -> int:
     """Bytes block `idx` holds once loaded in `dtype` with its Linear weights stored as `quant`."""
-    block = meta_block(config, idx)
+    return _bytes_of(meta_block(config, idx), dtype, quant)
+
+
+def largest_block_bytes(config: PretrainedConfig, dtype: torch.dtype, quant: str) -> int:
+    """Bytes of the model's largest block: what `--num-blocks` sizes spans by, since a server's blocks are
+    chosen only later (DeepSeek's first blocks are dense, the others hold experts)."""
+    return max(_bytes_of(block, dtype, quant) for block in meta_blocks(config, range(config.num_hidden_layers)))
+
+
+def _bytes_of(block: nn.Module, dtype: torch.dtype, quant: str) -> int:
     itemsize = torch.finfo(dtype).bits // 8
     total = 0
     counted: set[int] = set()
@@ -66,6 +76,11 @@ def block_bytes(config: PretrainedConfig, dtype: torch.dtype, quant: str, idx: i
             out_f, in_f = module.weight.shape
             total += linear_bytes(out_f, in_f, itemsize, quant)
             counted.add(id(module.weight))
+        elif is_fused_experts(module) and quant != "none":  # quantized per expert (models/quant_experts.py)
+            for weight in module.parameters(recurse=False):
+                experts, out_f, in_f = weight.shape
+                total += experts * linear_bytes(out_f, in_f, itemsize, quant)
+                counted.add(id(weight))
     for p in [*block.parameters(), *block.buffers()]:
         if id(p) not in counted:
             total += p.numel() * itemsize
