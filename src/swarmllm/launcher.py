@@ -117,23 +117,25 @@ class LocalSwarm:
     """A bootstrap peer plus servers on loopback. Use as a context manager; everything stops on exit."""
 
     def __init__(self, model: str, servers: Sequence[ServerSpec], threads: int = 1, ready_timeout: float = 240.0,
-                 echo: bool = False, swarm_key: str | None = None):
+                 echo: bool = False, swarm_key: str | None = None, initial_peers: Sequence[str] = ()):
         """`swarm_key`: a key file path for a private swarm (the bootstrap peer creates it if missing, and
-        every server joins with it); None for a public swarm."""
+        every server joins with it); None for a public swarm. `initial_peers`: join a running swarm's peers
+        instead of starting a bootstrap peer (servers of several models can share one)."""
         self.model, self.specs, self.threads = model, list(servers), threads
         self.swarm_key = swarm_key
         self.ready_timeout, self.echo = ready_timeout, echo
         self.children: list[Child] = []
-        self.initial_peers: list[str] = []
+        self.initial_peers: list[str] = list(initial_peers)
         self.servers: dict[str, Child] = {}
         self.server_lines: dict[str, str] = {}
 
     def start(self) -> LocalSwarm:
         try:
-            private = ["--private", "--swarm-key", self.swarm_key] if self.swarm_key else []
-            boot = self._spawn("dht", ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *private])
-            line = boot.wait_for("initial peers:", self.ready_timeout)
-            self.initial_peers = line.split(":", 1)[1].split()
+            if not self.initial_peers:
+                private = ["--private", "--swarm-key", self.swarm_key] if self.swarm_key else []
+                boot = self._spawn("dht", ["dht", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *private])
+                line = boot.wait_for("initial peers:", self.ready_timeout)
+                self.initial_peers = line.split(":", 1)[1].split()
             for i, spec in enumerate(self.specs):
                 self.add_server(f"server{i}", spec, wait=False)
             for name, child in self.servers.items():

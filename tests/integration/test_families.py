@@ -1,17 +1,26 @@
-"""Every supported family through a real swarm: greedy generation equals the local model, and deep prompt
-tuning's gradients through the remote blocks equal a local run.
+"""Every supported family through a real swarm: greedy generation equals the local model (tokens and logits),
+so do the OpenAI API's completions, and deep prompt tuning's gradients through the remote blocks equal a
+local run.
 
-Each family gets its own swarm of two servers (blocks 0:3 and 3:4). One swarm serving every family was
-tried and was slower: 24 servers starting together took 3 minutes, and then slowed every call."""
+Each family gets its own two servers (blocks 0:3 and 3:4), joined to one bootstrap peer. Servers for every
+family at once were tried and were slower: 24 servers starting together took 3 minutes, and then slowed
+every call."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from starlette.testclient import TestClient
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from swarmllm import AutoDistributedModelForCausalLM
+from swarmllm.api.app import create_app
+from swarmllm.api.config import ApiConfig
+from swarmllm.api.engine import Engine
 from swarmllm.launcher import LocalSwarm, ServerSpec
 from tests.integration.test_finetune import loss_and_grads, run_locally
 from tests.unit.test_span_exact import CONFIGS, _model
@@ -22,13 +31,49 @@ pytestmark = pytest.mark.swarm
 SPEED = ("--step-time", "0.01", "--forward-tps", "1000")
 
 
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: token i is the word `t<i>`."""
+    vocab = {f"t{i}": i for i in range(97)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="t2"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    # The end of sequence is its only special token: the API's text leaves special tokens out.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t96")
+
+
+def _check_api(path: str, swarm, local, prompt: list[int]) -> None:
+    """The OpenAI API's completions over the family's swarm give local greedy's tokens."""
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+    engine = Engine(model, _tokenizer(), "tiny", ApiConfig(model="tiny", max_context=64))
+    try:
+        with TestClient(create_app(engine)) as client:
+            reply = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 6,
+                                                        "temperature": 0})
+    finally:
+        engine.shutdown()
+        model.sequence_manager.shutdown()
+    assert reply.status_code == 200, reply.text
+    want = local.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
+    stop = next((i for i, t in enumerate(want) if t in engine.eos), len(want))
+    want = want[:stop]  # the API stops at an end-of-sequence token, and leaves it out of the text
+    assert want, "the prompt's first greedy token is the end of sequence: nothing would be compared"
+    assert [int(t[1:]) for t in reply.json()["choices"][0]["text"].split()] == want
+
+
+@pytest.fixture(scope="module")
+def bootstrap():
+    """One bootstrap peer for every family's servers: each family's model has its own DHT keys."""
+    with LocalSwarm("", []) as swarm:
+        yield swarm.initial_peers
+
+
 @pytest.fixture
-def family_swarm(request, tmp_path):
-    """The family's tiny model saved by transformers, and a swarm of two servers serving it."""
+def family_swarm(request, tmp_path, bootstrap):
+    """The family's tiny model saved by transformers, and two servers serving it."""
     model = _model(request.param)
     model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id = 0, 96, 1
     model.save_pretrained(tmp_path)
-    with LocalSwarm(str(tmp_path), [ServerSpec("0:3", SPEED), ServerSpec("3:4", SPEED)]) as swarm:
+    servers = [ServerSpec("0:3", SPEED), ServerSpec("3:4", SPEED)]
+    with LocalSwarm(str(tmp_path), servers, initial_peers=bootstrap) as swarm:
         yield str(tmp_path), swarm
 
 
@@ -52,6 +97,7 @@ def test_generate_and_gradients_through_swarm_equal_local(family_swarm) -> None:
     want = local.generate(ids, **kwargs)
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-4, atol=1e-4)
+    _check_api(path, swarm, local, ids[0].tolist())
 
     tuned = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
                                                             tuning_mode="deep_ptune", pre_seq_len=2)

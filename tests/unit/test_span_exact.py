@@ -137,7 +137,24 @@ def _run_full(model, embeds, position_ids, mask, cache):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_chained_spans_equal_full_model(name: str, attention: str) -> None:
     skip_unrun(name, attention)
-    model = _model(name, attention)
+    _check_chained(_model(name, attention), name)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+])
+def test_static_rope_scalings_run_exactly(rope: dict) -> None:
+    """Llama 3.x's rope scaling (and linear, YaRN): tables fixed by the config, built once per server."""
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=4, rope_parameters={"rope_theta": 10000.0, **rope}, **COMMON)
+    config._attn_implementation = "sdpa"
+    _check_chained(AutoModelForCausalLM.from_config(config).eval(), rope["rope_type"])
+
+
+def _check_chained(model, name: str) -> None:
     n = model.config.num_hidden_layers
     spans = [span_from_model(model, 0, 1), span_from_model(model, 1, 3), span_from_model(model, 3, n)]
     norm = final_norm(model)
