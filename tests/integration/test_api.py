@@ -295,7 +295,7 @@ def test_a_client_hanging_up_cancels_and_frees_the_session(api_url, model_id, sm
     connection.sock.shutdown(2)  # hang up mid-answer
     connection.close()
 
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30  # closing waits for the step in flight, slow on a loaded machine
     while time.monotonic() < deadline and any(sample(u, "swarmllm_active_sessions") for u in urls):
         time.sleep(0.2)
     assert all(sample(u, "swarmllm_active_sessions") == 0 for u in urls), "a server kept the session open"

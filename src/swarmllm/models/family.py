@@ -58,21 +58,6 @@ class Family:
     before: tuple[str, ...] = ()
     learned_positions: str | None = None
     after: tuple[str, ...] = ()
-    # Elements a block's cache holds per token (keys and values together), where that is not
-    # 2 x num_key_value_heads x head_dim: Falcon's blocks store keys broadcast to every query head in the
-    # 40B/180B layout (one head with multi-query), DeepSeek's store the compressed latent.
-    cache_elements: Callable[[PretrainedConfig], int] | None = None
-
-
-def _falcon_cache_elements(config: PretrainedConfig) -> int:
-    """What FalconAttention caches: every query head (new decoder architecture), one (multi-query), or all."""
-    heads = config.num_attention_heads if config.new_decoder_architecture or not config.multi_query else 1
-    return 2 * heads * (config.hidden_size // config.num_attention_heads)
-
-
-def _latent_cache_elements(config: PretrainedConfig) -> int:
-    """Multi-head latent attention caches one compressed key/value latent and one shared rotary key per token."""
-    return config.kv_lora_rank + config.qk_rope_head_dim
 
 
 FAMILIES: dict[str, Family] = {
@@ -99,12 +84,11 @@ FAMILIES: dict[str, Family] = {
                cache_arg="layer_past", positions="alibi", before=("word_embeddings_layernorm",)),
         # Falcon 7B (multi-query, parallel attention) and the 40B/180B "new decoder architecture" (grouped
         # query heads, two layernorms per block); rotary only (falcon-rw's ALiBi is refused in family_of).
-        Family("falcon", layers="h", embeddings="word_embeddings", norm="ln_f", cache_arg="layer_past",
-               cache_elements=_falcon_cache_elements),
+        Family("falcon", layers="h", embeddings="word_embeddings", norm="ln_f", cache_arg="layer_past"),
         # OPT: learned positions (offset 2) and optional projections around the blocks, all on the client.
         # DeepSeek-V3: multi-head latent attention (its cache holds the compressed latent), dense first blocks,
         # then routed experts beside a shared one, with group-limited routing.
-        Family("deepseek_v3", cache_elements=_latent_cache_elements),
+        Family("deepseek_v3"),
         Family("opt", root="decoder", norm="final_layer_norm", positions="none", before=("project_in",),
                learned_positions="embed_positions", after=("project_out",)),
     )
@@ -175,15 +159,6 @@ def stack_path(model: torch.nn.Module, family: Family) -> str:
     """Where a transformers causal LM keeps its blocks, from the model itself (`model.layers`, BLOOM's
     `transformer.h`, OPT's `model.decoder.layers`): what peft files name them by."""
     return ".".join(p for p in (model.base_model_prefix, family.root, family.layers) if p)
-
-
-def cache_elements(config: PretrainedConfig) -> int:
-    """Elements of keys and values one block's cache holds per token."""
-    family = family_of(config)
-    if family.cache_elements is not None:
-        return family.cache_elements(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
 
 
 def default_attention(config: PretrainedConfig) -> str:

@@ -10,6 +10,8 @@ of 30 blocks holds about a third of the block weights and never materializes the
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -230,6 +232,26 @@ class Span(nn.Module):
             keys = torch.ones(hidden.shape[0], past + hidden.shape[1], dtype=torch.long, device=hidden.device)
         return self._alibi(keys, self.config.num_attention_heads, dtype=hidden.dtype)
 
+    @functools.cached_property
+    def cache_elements(self) -> int:
+        """Elements of keys and values one block stores in its cache per token, measured: the first block runs
+        on the meta device (no memory, no arithmetic) with a cache that records what it is given. Families
+        differ (Falcon's 40B/180B blocks store keys for every query head in some transformers releases and
+        grouped ones in others; DeepSeek's store a compressed latent), so no formula is trusted."""
+        with torch.device("meta"):
+            block = type(self.layers[0])(self.config, self.start)
+            rotary = copy.deepcopy(self.rotary).to("meta") if self.rotary is not None else None
+        probe = Span(self.config, self.start, self.start + 1, [block], rotary)
+        hidden = torch.zeros(1, 2, self.config.hidden_size, device="meta")
+        position_ids = torch.arange(2, device="meta")[None]
+        masks = {lt: torch.zeros(1, 1, 2, 2, device="meta") for lt in set(probe.types)}
+        recorder = _CacheRecorder()
+        try:
+            probe(hidden, position_ids, cache=recorder, masks=masks, keys=torch.ones(1, 2, dtype=torch.long, device="meta"))
+        except _Recorded:
+            return recorder.elements
+        raise SpanError(f"blocks of {self.config.model_type} stored nothing in their cache")
+
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype: that of the first floating-point weight (quantized linears keep integer codes
@@ -245,6 +267,22 @@ class Span(nn.Module):
         """Bytes of the blocks' weights as held: parameters and buffers (quantized codes and scales)."""
         tensors = [*self.layers.parameters(), *self.layers.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _Recorded(Exception):
+    """The block has stored its keys and values: the rest of it need not run."""
+
+
+class _CacheRecorder:
+    """Stands in for a cache during `Span.cache_elements`: keeps the width of what a block stores per token,
+    then stops the block (its MLP or experts need not run, even on the meta device)."""
+
+    elements = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # (batch, heads, tokens, width) each; keys and values may differ in heads and width (latents).
+        self.elements = key.shape[1] * key.shape[3] + value.shape[1] * value.shape[3]
+        raise _Recorded
 
 
 def _alibi_builder(decoder_cls: type[nn.Module]) -> Callable[..., torch.Tensor]:

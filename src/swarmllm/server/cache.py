@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarmllm.models.family import cache_elements
 from swarmllm.models.span import Span
 
 
@@ -106,7 +105,7 @@ def bytes_per_token(span: Span, batch: int = 1) -> int:
     """Cache bytes one token costs on `span`: keys and values of every block (full length for sliding layers
     too: the mask, not the storage, limits what they see)."""
     itemsize = torch.finfo(span.dtype).bits // 8
-    return cache_elements(span.config) * itemsize * len(span.layers) * batch
+    return span.cache_elements * itemsize * len(span.layers) * batch
 
 
 @dataclass
@@ -147,3 +146,9 @@ class SessionKV:
             self.keys[layer], self.values[layer] = k, v
         self.keys[layer][:, :, at:end] = key
         self.values[layer][:, :, at:end] = value
+
+    def reorder(self, hypo_ids: torch.Tensor) -> None:
+        """Row i becomes what row `hypo_ids[i]` was (beam search reordering its beams); a copy of each tensor."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer].index_select(0, hypo_ids)
+            self.values[layer] = self.values[layer].index_select(0, hypo_ids)
