@@ -10,16 +10,23 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoDistributedModelForCausalLM", "ClientConfig", "LoraSpec", "ServerConfig", "__version__"]
+__all__ = ["AutoDistributedModel", "AutoDistributedModelForCausalLM", "AutoDistributedModelForSequenceClassification",
+           "ClientConfig", "LoraSpec", "ServerConfig", "__version__"]
 
 if TYPE_CHECKING:
     from swarmllm.adapters.lora import LoraSpec
     from swarmllm.client.config import ClientConfig
-    from swarmllm.models.distributed import AutoDistributedModelForCausalLM
+    from swarmllm.models.distributed import (
+        AutoDistributedModel,
+        AutoDistributedModelForCausalLM,
+        AutoDistributedModelForSequenceClassification,
+    )
     from swarmllm.server.config import ServerConfig
 
 _LAZY = {
+    "AutoDistributedModel": "swarmllm.models.distributed",
     "AutoDistributedModelForCausalLM": "swarmllm.models.distributed",
+    "AutoDistributedModelForSequenceClassification": "swarmllm.models.distributed",
     "ClientConfig": "swarmllm.client.config",
     "LoraSpec": "swarmllm.adapters.lora",
     "ServerConfig": "swarmllm.server.config",

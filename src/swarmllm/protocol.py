@@ -230,6 +230,13 @@ class Step(Record):
     # Server-to-server push: the peers after this one in the route, in order. The server sends its output
     # straight to the first of them (which pushes on to the rest) as well as back to the client.
     push_to: tuple[str, ...] = ()
+    # A rewind: before this step the server keeps only the first `keep` tokens of the session's cache
+    # (assisted generation, cache invalidation); None keeps them all. A server too old to know the field
+    # would ignore it: the client checks `StepDone.length`.
+    keep: int | None = None
+    # Beam search: a (batch,) int64 tensor of row indices follows the other tensors; before this step, row i
+    # of the session's cache becomes what row hypo_ids[i] was.
+    has_hypo_ids: bool = False
 
 
 class Push(Record):

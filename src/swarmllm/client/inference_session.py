@@ -23,6 +23,7 @@ import torch
 
 from swarmllm import wire
 from swarmllm.client import loop
+from swarmllm.client.positions import default_positions
 from swarmllm.client.routing import Hop, MissingBlocksError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.verification import VerificationError, odd_one_out, relative_error
@@ -67,6 +68,11 @@ class _ServerStream:
         self.checker: _ServerStream | None = None
         self.checked_once = False
         self.fed = 0
+        # Tokens the server's cache holds, which its replies must confirm; and a rewind or beam reorder to send
+        # with the next step.
+        self.length = 0
+        self.keep: int | None = None
+        self.hypo_ids: torch.Tensor | None = None
 
     async def _requests(self):
         while (msg := await self.queue.get()) is not None:
@@ -85,14 +91,20 @@ class _ServerStream:
         except StopAsyncIteration:
             raise ConnectionError(f"server {self.hop.peer_id[-8:]} closed the session") from None
 
-    async def step(self, step_id: int, hidden, position_ids, mask, push_to: tuple[str, ...] = ()) -> torch.Tensor:
-        tensors = (hidden, position_ids) + ((mask,) if mask is not None else ())
-        step = Step(step_id=step_id, has_mask=mask is not None, push_to=push_to)
+    async def step(self, step_id: int, hidden, position_ids, mask, push_to: tuple[str, ...] = (),
+                   keep: int | None = None, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+        tensors = (hidden, position_ids) + ((mask,) if mask is not None else ()) + ((hypo_ids,) if hypo_ids is not None else ())
+        step = Step(step_id=step_id, has_mask=mask is not None, push_to=push_to, keep=keep,
+                    has_hypo_ids=hypo_ids is not None)
         self.manager.points.count(self.hop.peer_id, self.hop.end - self.hop.start, hidden.shape[0] * hidden.shape[1])
         self.queue.put_nowait(wire.request(step, *tensors, compression=self.manager.config.compression))
         done, (out,) = wire.parse(await self._next(), StepDone, self.hop.peer_id)
         if done.step_id != step_id:
             raise wire.ProtocolError(f"reply to step {done.step_id}, expected {step_id}")
+        length = (self.length if keep is None else keep) + hidden.shape[1]
+        if done.length != length:  # e.g. a server too old to know `keep`, which would have ignored the rewind
+            raise wire.ProtocolError(f"server holds {done.length} tokens after this step, expected {length}")
+        self.length, self.keep, self.hypo_ids = length, None, None
         self.history.append((hidden, position_ids, mask))
         return out
 
@@ -120,7 +132,7 @@ class InferenceSession:
         self.manager, self.start, self.end, self.extras = manager, start, end, extras
         self.max_length, self.batch_size = max_length, batch_size
         self.session_id = uuid.uuid4().hex
-        self.position = 0
+        self._position = 0
         self.prefix = 0  # prompt-tuning tokens the caches hold before the first real token
         # Longrope models (Phi-3 128k): the servers' caches are recomputed when the session grows past this many
         # tokens (see `_restart`); None for every other model.
@@ -136,6 +148,50 @@ class InferenceSession:
     @property
     def route(self) -> list[Hop]:
         return [s.hop for s in self._streams]
+
+    @property
+    def position(self) -> int:
+        """Tokens every server's cache holds (prompt-tuning tokens included). Setting it lower rewinds."""
+        return self._position
+
+    @position.setter
+    def position(self, n: int) -> None:
+        self.rewind(n)
+
+    def rewind(self, n: int) -> None:
+        """Keep only the first `n` cached tokens: the next step continues at position `n` on every server, which
+        drop the rest as that step begins (Petals' cache invalidation; assisted generation dropping rejected
+        draft tokens). A replacement server gets the kept history only."""
+        if not 0 <= n <= self._position:
+            raise ValueError(f"can rewind a session of {self._position} tokens to 0..{self._position}, not {n}")
+        if n == self._position:
+            return
+        for s in self._streams:
+            s.history = _truncated(s.history, n)
+            s.keep = n if s.keep is None else min(s.keep, n)
+        self._drop_checkers()
+        self._position = n
+
+    def reorder(self, hypo_ids: torch.Tensor) -> None:
+        """Beam search: row i continues what row `hypo_ids[i]` was. Every server reorders its cache as the
+        next step begins; the histories kept for replacements are reordered now."""
+        hypo = hypo_ids.detach().to("cpu", torch.int64)
+        if torch.equal(hypo, torch.arange(len(hypo))):
+            return
+        for s in self._streams:
+            s.history = [(h[hypo.to(h.device)], p[hypo.to(p.device)], m if m is None else m[hypo.to(m.device)])
+                         for h, p, m in s.history]
+            s.hypo_ids = hypo if s.hypo_ids is None else s.hypo_ids[hypo]  # two reorders before a step compose
+        self._drop_checkers()
+
+    def _drop_checkers(self) -> None:
+        """Checkers follow a server's history step by step; after a rewind or reorder, new ones catch up on the
+        changed history when next needed."""
+        checkers = [s.checker for s in self._streams if s.checker is not None]
+        for s in self._streams:
+            s.checker = None
+        if checkers:
+            loop.run(self._close_all(checkers))
 
     def _open(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -198,14 +254,15 @@ class InferenceSession:
 
     async def _step_from(self, first: int, hidden, position_ids, mask) -> torch.Tensor:
         """Run the step through streams `first, first+1, ...`; a failure names the stream and its input."""
-        push = self._push_pays()
+        # A rewind or reorder goes with the client's own copy of the step: pushed copies carry neither.
+        push = self._push_pays() and all(s.keep is None and s.hypo_ids is None for s in self._streams)
         for i in range(first, len(self._streams)):
             s = self._streams[i]
             # With push, each server also sends its output straight to the next ones; the client still sends
             # every server its input (whichever copy arrives first is used), so a failed push costs only time.
             push_to = tuple(t.hop.peer_id for t in self._streams[i + 1 :]) if push else ()
             checker = await self._checker(s) if self._verify_now(s) else None
-            calls = [s.step(self._step_id, hidden, position_ids, mask, push_to)]
+            calls = [s.step(self._step_id, hidden, position_ids, mask, push_to, keep=s.keep, hypo_ids=s.hypo_ids)]
             if checker is not None:  # it gets the same input at the same time: no extra round trip
                 calls.append(_catch_up(checker, [*s.history[checker.fed :], (hidden, position_ids, mask)]))
             out, *second = await asyncio.gather(*calls, return_exceptions=True)
@@ -320,14 +377,18 @@ class InferenceSession:
     def step(
         self,
         hidden: torch.Tensor,  # (batch, seq, hidden)
-        position_ids: torch.Tensor,  # (batch, seq)
+        position_ids: torch.Tensor | None = None,  # (batch, seq); None: following the session's position
         attention_mask: torch.Tensor | None = None,  # (batch, position + seq), None if no padding
     ) -> torch.Tensor:
         """One step through every server. A server that fails is replaced (see the module docstring), so a
         step fails only on a bad request, or with MissingBlocksError/SessionFailedError once no replacement
-        can be found."""
+        can be found. A step of no tokens changes nothing and returns its empty input."""
         if self.closed:
             raise SessionFailedError("the inference session is closed")
+        if hidden.shape[1] == 0:
+            return hidden
+        if position_ids is None:
+            position_ids = default_positions(hidden, self.position, attention_mask)
         if self.position + hidden.shape[1] > self.max_length:
             raise PromptTooLongError(
                 f"{self.position + hidden.shape[1]} tokens exceed the session's max_length={self.max_length}"
@@ -366,7 +427,7 @@ class InferenceSession:
                     raise
                 first, x = failed.index, failed.hidden_in
         self._step_id += 1
-        self.position += hidden.shape[1]
+        self._position += hidden.shape[1]
         return out.to(hidden.device)  # replies arrive on the CPU; the caller's tensors may live on a GPU
 
     def _restart(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -382,7 +443,7 @@ class InferenceSession:
         logger.debug("session %s: recomputing %d tokens past longrope's limit of %d", self.session_id[:8],
                      inputs.shape[1], self.longrope_limit)
         loop.run(self._close_all(self._streams))
-        self._streams, self.position, self.session_id = [], 0, uuid.uuid4().hex
+        self._streams, self._position, self.session_id = [], 0, uuid.uuid4().hex
         return self.step(inputs, positions, attention_mask)[:, -hidden.shape[1] :]
 
     def _replace(self, index: int, error: BaseException) -> None:
@@ -430,6 +491,21 @@ class InferenceSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _truncated(history: list, n: int) -> list:
+    """The first `n` tokens of a stream's history of (hidden, position_ids, mask) steps; a mask covers its step's
+    past and new tokens, so a cut step keeps the mask's first `n` columns."""
+    kept, seen = [], 0
+    for hidden, positions, mask in history:
+        q = hidden.shape[1]
+        if seen + q <= n:
+            kept.append((hidden, positions, mask))
+        elif seen < n:
+            k = n - seen
+            kept.append((hidden[:, :k], positions[:, :k], None if mask is None else mask[:, :n]))
+        seen += q
+    return kept
 
 
 async def _catch_up(checker: _ServerStream, new: list) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from swarmllm.client.positions import default_positions
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.tuning import ClientTuning
 from swarmllm.models.span import Span
@@ -43,6 +44,13 @@ class _LocalSession:
         self.length += hidden.shape[1]
         return out
 
+    def rewind(self, n: int) -> None:
+        self.cache.crop(n)
+        self.length = n
+
+    def reorder(self, hypo_ids: torch.Tensor) -> None:
+        self.cache.reorder_cache(hypo_ids.to(self.blocks.span.device))
+
     def close(self) -> None:
         self.cache = None
 
@@ -73,16 +81,40 @@ class PipelineSession:
             for seg in pipeline.segments
         ]
         self.max_length = max_length
-        self.position = 0
+        self._position = 0
         self.prefix = 0
         self.output_ids: torch.Tensor | None = None
         self.attention_mask: torch.Tensor | None = None
 
-    def step(self, hidden, position_ids, attention_mask=None):
+    def step(self, hidden, position_ids=None, attention_mask=None):
+        if hidden.shape[1] == 0:
+            return hidden
+        if position_ids is None:
+            position_ids = default_positions(hidden, self.position, attention_mask)
         for part in self.parts:
             hidden = part.step(hidden, position_ids, attention_mask)
-        self.position += hidden.shape[1]
+        self._position += hidden.shape[1]
         return hidden
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @position.setter
+    def position(self, n: int) -> None:
+        self.rewind(n)
+
+    def rewind(self, n: int) -> None:
+        """As InferenceSession.rewind, for every part."""
+        if not 0 <= n <= self._position:
+            raise ValueError(f"can rewind a session of {self._position} tokens to 0..{self._position}, not {n}")
+        for part in self.parts:
+            part.rewind(n)
+        self._position = n
+
+    def reorder(self, hypo_ids: torch.Tensor) -> None:
+        for part in self.parts:
+            part.reorder(hypo_ids)
 
     def close(self) -> None:
         for part in self.parts:

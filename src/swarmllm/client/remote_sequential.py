@@ -14,6 +14,7 @@ from torch import nn
 from swarmllm import wire
 from swarmllm.client import loop
 from swarmllm.client.inference_session import InferenceSession
+from swarmllm.client.positions import default_positions
 from swarmllm.client.routing import NoHolderError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.tuning import ClientTuning
@@ -58,9 +59,11 @@ class RemoteSequential(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,  # (batch, seq, hidden)
-        position_ids: torch.Tensor,  # (batch, seq)
+        position_ids: torch.Tensor | None = None,  # (batch, seq); None: 0, 1, ... (counting real tokens)
         attention_mask: torch.Tensor | None = None,  # (batch, seq)
     ) -> torch.Tensor:
+        if position_ids is None:  # as nn.Sequential and Petals take blocks: the input alone
+            position_ids = default_positions(hidden, 0, attention_mask)
         t = self.tuning
         prompts = t.deep_prompts[self.start : self.end] if t is not None and t.deep_prompts is not None else None
         lora_tensors = t.lora_tensors(self.start, self.end) if t is not None else []

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DynamicCache,
+    PretrainedConfig,
+)
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
@@ -31,6 +38,7 @@ from swarmllm.adapters import lora as lora_lib
 from swarmllm.client.config import ClientConfig
 from swarmllm.client.inference_session import InferenceSession
 from swarmllm.client.pipeline import LocalBlocks, Pipeline, split_segments
+from swarmllm.client.positions import default_positions
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.tuning import ClientTuning, TuningMode
@@ -42,10 +50,6 @@ from swarmllm.models.source import model_display_name, resolve_model
 from swarmllm.models.span import load_span, meta_block, refuse_prequantized, text_config
 
 logger = logging.getLogger(__name__)
-
-
-BEAMS_UNSUPPORTED = ("beam search is not supported through the swarm yet: the servers' attention caches cannot "
-                     "follow reordered beams (use greedy decoding or sampling)")
 
 
 class RemoteCache(DynamicCache):
@@ -62,10 +66,16 @@ class RemoteCache(DynamicCache):
         return self.session.position - self.session.prefix  # prompt-tuning tokens are invisible to generate
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        # The servers cannot reorder a session's rows yet: skipping a reorder would make every later token
-        # attend to another beam's past, a wrong answer that looks right. Refuse instead.
-        if not torch.equal(beam_idx.cpu(), torch.arange(len(beam_idx))):
-            raise NotImplementedError(BEAMS_UNSUPPORTED)
+        """Beam search: every server reorders the session's rows as its next step begins."""
+        self.session.reorder(beam_idx)
+
+    def crop(self, n: int) -> None:
+        """As DynamicCache.crop: drop `-n` tokens from the end for `n <= 0` (0: none), or keep the first `n`
+        (the older meaning of a positive `n`). Assisted generation drops rejected draft tokens this way; the
+        servers drop them too."""
+        held = self.get_seq_length()
+        keep = held + n if n <= 0 else min(n, held)
+        self.session.rewind(self.session.prefix + max(0, keep))
 
     @property
     def is_linear(self) -> list[bool]:
@@ -96,6 +106,21 @@ class DistributedBackbone(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.get_submodule(self.family.embeddings)
 
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int, batch_size: int | None = None) -> Iterator[InferenceSession]:
+        """Calls inside continue one server-side session (AutoDistributedModel, as Petals' DistributedModel:
+        one session at a time per backbone). A causal LM's own `inference_session` is per thread instead."""
+        if self.__dict__.get("_session") is not None:
+            raise RuntimeError("an inference session is already active on this model")
+        prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
+        session = self.layers.inference_session(max_length + prefix, batch_size)
+        self.__dict__["_session"] = session
+        try:
+            yield session
+        finally:
+            self.__dict__["_session"] = None
+            session.close()
+
     def set_input_embeddings(self, value: nn.Module) -> None:
         _place(self, self.family.embeddings, value)
 
@@ -116,6 +141,8 @@ class DistributedBackbone(nn.Module):
             raise ValueError("output_router_logits is not supported through the swarm: the routers run on the "
                              "servers, which return hidden states only")
         embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds  # (batch, seq, embed)
+        if cache is None and self.__dict__.get("_session") is not None:
+            cache = RemoteCache(self.__dict__["_session"])
         session = cache.session if isinstance(cache, RemoteCache) else None
         past = session.position if session is not None else 0
         prefix = self.tuning.pre_seq_len if self.tuning is not None else 0
@@ -129,7 +156,7 @@ class DistributedBackbone(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], prefix), attention_mask], 1)
         batch, seq = embeds.shape[:2]
         if position_ids is None or prefix:
-            position_ids = _positions(attention_mask, past, seq, batch, embeds.device)
+            position_ids = default_positions(embeds, past, attention_mask)
         position_ids = position_ids.expand(batch, -1).contiguous()
         hidden = enter(self, self.family, embeds, position_ids)  # (batch, seq, hidden)
         # An all-ones mask carries no information: leave it out so servers use the fast causal path.
@@ -152,15 +179,6 @@ def _place(root: nn.Module, path: str, module: nn.Module) -> None:
             root.add_module(part, nn.Module())
         root = getattr(root, part)
     root.add_module(name, module)
-
-
-def _positions(attention_mask: torch.Tensor | None, past: int, seq: int, batch: int,
-               device: torch.device) -> torch.Tensor:
-    if attention_mask is None:
-        return torch.arange(past, past + seq, device=device).expand(batch, -1)
-    # Same rule as transformers' generate: positions count real tokens, padding sits at position 0.
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return positions[:, -seq:]
 
 
 class DistributedMixin:
@@ -247,21 +265,30 @@ class DistributedMixin:
         layers = self.backbone.layers
         return [s for s in layers.segments if isinstance(s, LocalBlocks)] if isinstance(layers, Pipeline) else []
 
-    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
+        """transformers' generate through the swarm. `session` (Petals' meaning): continue in that inference
+        session, as inside `with model.inference_session(...)`."""
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
         config = kwargs.get("generation_config") or self.generation_config
-        if (kwargs.get("num_beams") or config.num_beams or 1) > 1:
-            raise NotImplementedError(BEAMS_UNSUPPORTED)
-        session = self._active_session
+        beams = (kwargs.get("num_beams") or config.num_beams or 1) > 1
+        session = session if session is not None else self._active_session
+        if beams and session is not None:
+            # After beam search the servers hold the beams' rows, not the sequences returned: nothing to go on from.
+            raise ValueError("beam search runs in a session of its own: call generate(num_beams=...) outside "
+                             "inference_session()")
         if session is None:
-            max_length = _max_length(self.generation_config, kwargs, inputs)
+            embeds = kwargs.get("inputs_embeds")
+            max_length = _max_length(self.generation_config, kwargs, inputs if embeds is None else embeds[..., 0])
             with self.inference_session(max_length) as session:
                 return self._generate_in(session, inputs, *args, **kwargs)
         return self._generate_in(session, inputs, *args, **kwargs)
 
     def _generate_in(self, session: InferenceSession, inputs, *args, **kwargs):
         mask = kwargs.pop("attention_mask", None)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and inputs is None and session.output_ids is not None:
+            raise ValueError("inputs_embeds can start a session's generation only: continue it with input_ids")
         if inputs is None and session.output_ids is not None:
             inputs = session.output_ids[:, :0]
         if inputs is not None and mask is None:
@@ -276,6 +303,13 @@ class DistributedMixin:
                 mask = torch.cat([session.attention_mask, mask[:, hist.shape[1] :]], dim=1)
         out = super().generate(inputs, *args, attention_mask=mask, cache=RemoteCache(session), **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        if embeds is not None and inputs is None:
+            # transformers returns only the new tokens; the session also holds the embedded prompt, which
+            # placeholders stand for, so that a later call continues at the right position.
+            fill = self.generation_config.pad_token_id or 0
+            sequences = torch.cat([sequences.new_full((sequences.shape[0], embeds.shape[1]), fill), sequences], 1)
+        if mask is None:  # no inputs, or an embedded prompt: no padding anywhere
+            mask = torch.ones_like(sequences)
         session.output_ids = sequences
         session.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], sequences.shape[1] - mask.shape[1])], 1)
         return out
@@ -293,6 +327,8 @@ def _max_length(generation_config, kwargs: dict, inputs: torch.Tensor | None) ->
 class AutoDistributedModelForCausalLM:
     """Factory: `from_pretrained(name, initial_peers=[...])` returns a distributed model of the right class."""
 
+    _auto: type = AutoModelForCausalLM  # which of the model's transformers classes the client builds on
+
     @classmethod
     def from_pretrained(
         cls,
@@ -307,13 +343,19 @@ class AutoDistributedModelForCausalLM:
         lora: lora_lib.LoraSpec | None = None,
         init_adapter: str | Path | None = None,
         trainable_blocks: list[int] | tuple[int, ...] = (),
+        torch_dtype: torch.dtype | str | None = None,
         **client_options,
     ):
         """Build the distributed model. Tuning: `tuning_mode` ("ptune" and "deep_ptune" with `pre_seq_len`,
         "lora" with `lora`, a LoraSpec, or LoRA weights to train further from `init_adapter`, a peft folder);
         `trainable_blocks` run on the client as trainable modules. Client options (initial_peers,
         adapter, block_override, ...) are those of `ClientConfig`; `dtype` and `device`, when given, override
-        the config's (default: from the device, see `swarmllm.models.device`)."""
+        the config's (default: from the device, see `swarmllm.models.device`). `torch_dtype` is `dtype`'s
+        older name, which most transformers code still passes."""
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: give one")
+            dtype = torch_dtype
         client = config or ClientConfig(initial_peers=list(initial_peers), **client_options)
         if client.num_threads:
             torch.set_num_threads(client.num_threads)
@@ -324,7 +366,10 @@ class AutoDistributedModelForCausalLM:
         hf_config = AutoConfig.from_pretrained(model_dir)
         refuse_prequantized(hf_config)
         family_of(text_config(hf_config))
-        dist_cls = _distributed_class(AutoModelForCausalLM._model_mapping[type(hf_config)])
+        mapping = cls._auto._model_mapping
+        if type(hf_config) not in mapping:
+            raise ValueError(f"{cls._auto.__name__} has no class for model type {hf_config.model_type!r}")
+        dist_cls = _distributed_class(mapping[type(hf_config)])
         # Load with zero blocks: transformers then reads only embeddings, norm and head, with its own
         # handling of tied weights and computed buffers.
         local_config = _without_blocks(hf_config)
@@ -356,11 +401,45 @@ class AutoDistributedModelForCausalLM:
         backbone = DistributedBackbone(text, root_of(model, family), layers, tuning)
         if family.root:  # OPT's head calls `model.decoder`
             setattr(model.base_model, family.root, backbone)
-        else:
+        elif model.base_model is not model:
             setattr(model, model.base_model_prefix, backbone)
         # Embeddings, norm, head, client-side blocks and tuning parameters (registered as `model.tuning`) all
         # move; tuning parameters keep their identity, so optimizers made afterwards see the moved ones.
-        return model.to(where).eval()
+        return cls._finish(model, backbone, tuning_mode is not None or bool(trainable)).to(where).eval()
+
+    @classmethod
+    def _finish(cls, model: nn.Module, backbone: DistributedBackbone, tuned: bool) -> nn.Module:
+        return model
+
+
+class AutoDistributedModelForSequenceClassification(AutoDistributedModelForCausalLM):
+    """A classifier over the swarm's blocks (`<Model>ForSequenceClassification`): Petals' way to fine-tune one
+    is prompt tuning, which trains the prompts and, here as there, the classification head."""
+
+    _auto = AutoModelForSequenceClassification
+
+    @classmethod
+    def _finish(cls, model: nn.Module, backbone: DistributedBackbone, tuned: bool) -> nn.Module:
+        if tuned:  # the head is new for the task (its checkpoint rarely has one): it trains with the prompts
+            prefix = model.base_model_prefix + "."
+            for name, param in model.named_parameters():
+                if not name.startswith(prefix) and not name.startswith("tuning."):
+                    param.requires_grad_(True)
+        return model
+
+
+class AutoDistributedModel(AutoDistributedModelForCausalLM):
+    """The backbone alone (`<Model>Model`): embeddings, the swarm's blocks and the final norm, returning hidden
+    states; `inference_session` keeps server caches across calls, as Petals' DistributedModel does."""
+
+    _auto = AutoModel
+
+    @classmethod
+    def _finish(cls, model: nn.Module, backbone: DistributedBackbone, tuned: bool) -> nn.Module:
+        del backbone.__dict__["tuning"]
+        backbone.add_module("tuning", model.tuning)  # registered here, so optimizers see the tuning parameters
+        backbone.sequence_manager = model.sequence_manager
+        return backbone
 
 
 def _distributed_class(base_cls: type) -> type:

@@ -120,6 +120,13 @@ def check_prompt_shape(span: Span, batch: int, seq: int, prompts: torch.Tensor |
         raise BadRequest("deep prompts must be finite floating point")
 
 
+def check_hypo_ids(hypo_ids: torch.Tensor, batch: int) -> None:
+    """Beam search's row order for a session of `batch` rows: (batch,) integers, each a row of the session."""
+    if hypo_ids.shape != (batch,) or hypo_ids.dtype != torch.int64 or not bool(((hypo_ids >= 0) & (hypo_ids < batch)).all()):
+        raise BadRequest(f"hypo_ids must be ({batch},) int64 row indices below {batch}, got {tuple(hypo_ids.shape)} "
+                         f"{hypo_ids.dtype}")
+
+
 def check_grad(grad_out: torch.Tensor, hidden: torch.Tensor) -> None:
     """The gradient a backward request sends: finite floating point, shaped like the span's input."""
     if grad_out.shape != hidden.shape or not grad_out.is_floating_point() or not torch.isfinite(grad_out).all():

@@ -149,8 +149,22 @@ class Sessions:
             if 0 <= step.step_id <= live.last_done:
                 return None  # the other copy of this step got here first
             live.steps, live.pushed_first = live.steps + 1, live.pushed_first + pushed
-            hidden, position_ids, mask, _ = unpack(tensors, 2, step.has_mask)
-            session.check(hidden, position_ids, mask)
+            hypo_ids = tensors[-1] if step.has_hypo_ids and tensors else None
+            hidden, position_ids, mask, _ = unpack(tensors[:-1] if step.has_hypo_ids else tensors, 2, step.has_mask)
+            past = session.length
+            if step.keep is not None:  # a rewind, checked with the rest of the step: undone if the step is refused
+                if not 0 <= step.keep <= past:
+                    raise compute.BadRequest(f"keep={step.keep}, but the session holds {past} tokens")
+                session.kv.length = step.keep
+            try:
+                session.check(hidden, position_ids, mask)
+                if hypo_ids is not None:
+                    compute.check_hypo_ids(hypo_ids, session.batch_size)
+            except BaseException:
+                session.kv.length = past
+                raise
+            if hypo_ids is not None:  # on the compute thread, which alone touches cache tensors
+                await h.scheduler.run(session.kv.reorder, hypo_ids.to(session.span.device))
             if len(step.push_to) >= session.span.config.num_hidden_layers:  # a route has fewer hops than blocks
                 raise compute.BadRequest(f"push_to names {len(step.push_to)} servers")
             batch, q = hidden.shape[:2]
