@@ -45,8 +45,9 @@ class _LocalSession:
         return out
 
     def rewind(self, n: int) -> None:
-        self.cache.crop(n)
-        self.length = n
+        if n < self.length:  # crop counts the tokens to remove (a positive count meant a size before 5.25)
+            self.cache.crop(n - self.length)
+            self.length = n
 
     def reorder(self, hypo_ids: torch.Tensor) -> None:
         self.cache.reorder_cache(hypo_ids.to(self.blocks.span.device))
