@@ -465,3 +465,34 @@ def test_what_cannot_be_honoured_is_refused_by_name(client, field, value) -> Non
 def test_a_plain_text_response_format_is_accepted(client, chat_answer) -> None:
     response = client.post(CHAT, json=_chat(temperature=0, max_tokens=8, response_format={"type": "text"}))
     assert response.json()["choices"][0]["message"]["content"] == chat_answer["choices"][0]["message"]["content"]
+
+
+class _Manager:
+    """A sequence manager whose cached view predates the servers: only a forced lookup finds them."""
+
+    num_blocks = 30
+
+    def __init__(self, found: list) -> None:
+        self.found, self.lookups = found, []
+
+    def servers(self, force: bool = False) -> list:
+        self.lookups.append(force)
+        return self.found if force else []
+
+    def versions(self, servers: list) -> dict:
+        return {}
+
+
+def test_a_stale_view_of_the_swarm_is_refreshed_before_a_request_is_refused(engine, monkeypatch) -> None:
+    from swarmllm.api.errors import ApiError
+    from swarmllm.protocol import ServerRecord
+
+    record = ServerRecord(peer_id="a", start=0, end=30, dtype="float32", cache_tokens_left=100)
+    manager = _Manager([record])
+    monkeypatch.setattr(engine.model, "sequence_manager", manager, raising=False)
+    engine.check_swarm()  # served: the forced lookup sees every block
+    assert manager.lookups == [False, True]
+    manager.found = [record.model_copy(update={"end": 15})]
+    with pytest.raises(ApiError) as refused:
+        engine.check_swarm()
+    assert refused.value.status == 503 and refused.value.code == "missing_blocks" and "15:30" in refused.value.message

@@ -5,6 +5,7 @@ the RSS itself on SmolLM2)."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -53,12 +54,14 @@ def _mappings_of(path_part: str) -> list[tuple[int, int]]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 @pytest.mark.parametrize("mode", ["none", "int8"])
-def test_no_tensor_of_the_span_lives_in_the_checkpoint_mapping(mode, tiny_llama_dir):
+def test_no_tensor_of_the_span_lives_in_the_checkpoint_mapping(mode, tiny_llama_dir, tmp_path):
     """safetensors hands out tensors inside its mapping of the file; with the same dtype and no quantization
     they would stay there (and keep the whole mapping, and its touched pages, alive) unless copied out."""
-    span = load_span(tiny_llama_dir, 0, 4, quant=mode)
+    # A checkpoint of its own: other tests' transformers models keep the shared one mapped.
+    checkpoint = shutil.copytree(tiny_llama_dir, tmp_path / "checkpoint")
+    span = load_span(checkpoint, 0, 4, quant=mode)
     tensors = [*span.parameters(), *span.buffers()]
-    mapped = _mappings_of(str(tiny_llama_dir))
+    mapped = _mappings_of(str(checkpoint))
     inside = [t for t in tensors for lo, hi in mapped if lo <= t.data_ptr() < hi]
     assert not inside
     assert not mapped  # nothing keeps the file mapped once loading is done

@@ -100,6 +100,9 @@ class Engine:
 
         servers = manager.servers()
         missing = missing_blocks(servers, 0, manager.num_blocks, manager.versions(servers))
+        if missing:  # the cached view may predate the servers (a client that just joined): look once more
+            servers = manager.servers(force=True)
+            missing = missing_blocks(servers, 0, manager.num_blocks, manager.versions(servers))
         if missing:
             raise ApiError(503, f"{MissingBlocksError(missing)} of {self.model_id}: try again when servers hold them",
                            code="missing_blocks")
