@@ -14,6 +14,7 @@ from swarmllm import (
     AutoDistributedModelForCausalLM,
     AutoDistributedModelForSequenceClassification,
 )
+from swarmllm.models.span import span_from_model
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -73,6 +74,41 @@ def test_steps_and_blocks_take_the_hidden_states_alone(smollm2_client, smollm2_l
             assert session.position == ids.shape[1]
     # Two steps and one pass add in other orders: last-bit differences, as in test_real_model's logits.
     torch.testing.assert_close(torch.cat([a, b], 1), stateless, rtol=1e-4, atol=5e-4)
+
+
+def test_blocks_and_steps_take_per_call_deep_prompts(smollm2_swarm, smollm2_dir, smollm2_local,
+                                                    smollm2_tokenizer) -> None:
+    """Petals' `blocks(x, prompts=...)` and `session.step(x, prompts=...)`: deep prompts, one per row here,
+    added to the first positions before each block, with gradients as locally. One row per request
+    (max_chunk_tokens), so each request carries its own row's prompts."""
+    ids = _ids(smollm2_tokenizer).expand(2, -1)
+    hidden = smollm2_local.get_input_embeddings()(ids).detach()
+    torch.manual_seed(0)
+    prompts = (0.1 * torch.randn(30, 2, 2, hidden.shape[2])).requires_grad_(True)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers,
+                                                            max_chunk_tokens=ids.shape[1])
+    try:
+        blocks = model.backbone.layers
+        out = blocks(hidden, prompts=prompts)
+        (grad,) = torch.autograd.grad(out.square().mean(), [prompts])
+        with torch.no_grad(), blocks.inference_session(max_length=16) as session:
+            with pytest.raises(ValueError, match="prompts must be"):
+                session.step(hidden[:, :1], prompts=prompts[:, :, :2])  # a prefix longer than the step
+            a = session.step(hidden[:, :3], prompts=prompts.detach())
+            with pytest.raises(ValueError, match="first step"):
+                session.step(hidden[:, 3:4], prompts=prompts.detach())
+            b = session.step(hidden[:, 3:])
+        with pytest.raises(ValueError, match="prompts must be"):
+            blocks[:10](hidden, prompts=prompts)
+    finally:
+        model.sequence_manager.shutdown()
+    span = span_from_model(smollm2_local, 0, 30)
+    want = span(hidden, torch.arange(ids.shape[1]).expand(2, -1), prompts=prompts)
+    (want_grad,) = torch.autograd.grad(want.square().mean(), [prompts])
+    assert not torch.allclose(want[0], want[1], atol=1e-3)  # each row got its own prompts
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=5e-4)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(torch.cat([a, b], 1), want.detach(), rtol=1e-4, atol=5e-4)
 
 
 def test_torch_dtype_is_dtypes_older_name(smollm2_swarm, smollm2_dir) -> None:

@@ -128,8 +128,12 @@ class InferenceSession:
     def __init__(
         self, manager: SequenceManager, start: int, end: int, max_length: int, batch_size: int | None = None,
         extras: Callable[[Hop], Awaitable[tuple[Tuning, list[torch.Tensor]]]] | None = None,
+        tuned_prompts: bool = False,
     ):
         self.manager, self.start, self.end, self.extras = manager, start, end, extras
+        # Deep prompts given to the first step (`step(prompts=)`); `tuned_prompts`: the model's own are sent.
+        self.prompts: torch.Tensor | None = None
+        self._tuned_prompts = tuned_prompts
         self.max_length, self.batch_size = max_length, batch_size
         self.session_id = uuid.uuid4().hex
         self._position = 0
@@ -246,6 +250,9 @@ class InferenceSession:
 
     async def _open_one(self, s: _ServerStream) -> None:
         tuning, tensors = await self.extras(s.hop) if self.extras is not None else (Tuning(), [])
+        if self.prompts is not None:  # `step` refused them alongside the model's own deep prompts
+            tuning = tuning.model_copy(update={"prompts": True})
+            tensors = [self.prompts[s.hop.start - self.start : s.hop.end - self.start]]
         meta = OpenSession(
             session_id=self.session_id, start=s.hop.start, end=s.hop.end, batch_size=self.batch_size,
             max_length=self.max_length, tuning=tuning, compression=self.manager.config.compression,
@@ -379,12 +386,19 @@ class InferenceSession:
         hidden: torch.Tensor,  # (batch, seq, hidden)
         position_ids: torch.Tensor | None = None,  # (batch, seq); None: following the session's position
         attention_mask: torch.Tensor | None = None,  # (batch, position + seq), None if no padding
+        prompts: torch.Tensor | None = None,  # (blocks, batch or 1, prefix, hidden): the first step's only
     ) -> torch.Tensor:
         """One step through every server. A server that fails is replaced (see the module docstring), so a
         step fails only on a bad request, or with MissingBlocksError/SessionFailedError once no replacement
-        can be found. A step of no tokens changes nothing and returns its empty input."""
+        can be found. A step of no tokens changes nothing and returns its empty input.
+
+        `prompts` are deep prompts, as Petals takes them: added to the first `prefix` positions before each
+        block. They belong to the sequence's first positions, so only the session's first step takes them;
+        every server (a replacement, or after a rewind to 0) adds them whenever it computes those positions."""
         if self.closed:
             raise SessionFailedError("the inference session is closed")
+        if prompts is not None:
+            self._take_prompts(prompts, hidden)
         if hidden.shape[1] == 0:
             return hidden
         if position_ids is None:
@@ -429,6 +443,19 @@ class InferenceSession:
         self._step_id += 1
         self._position += hidden.shape[1]
         return out.to(hidden.device)  # replies arrive on the CPU; the caller's tensors may live on a GPU
+
+    def _take_prompts(self, prompts: torch.Tensor, hidden: torch.Tensor) -> None:
+        if self._streams or self._position:
+            raise ValueError("prompts belong to the sequence's first positions: pass them with the session's "
+                             "first step")
+        if self._tuned_prompts:
+            raise ValueError("prompts were passed to a model that sends its own trained deep prompts: pass one")
+        blocks, batch = self.end - self.start, hidden.shape[0]
+        if (prompts.ndim != 4 or prompts.shape[0] != blocks or prompts.shape[1] not in (1, batch)
+                or not 0 < prompts.shape[2] <= hidden.shape[1] or prompts.shape[3] != hidden.shape[2]):
+            raise ValueError(f"prompts must be ({blocks}, 1 or {batch}, prefix <= {hidden.shape[1]} tokens of this "
+                             f"step, {hidden.shape[2]}), got {tuple(prompts.shape)}")
+        self.prompts = prompts.detach().to("cpu", hidden.dtype)
 
     def _restart(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Run the whole session again, this step included, as one step on fresh server sessions.

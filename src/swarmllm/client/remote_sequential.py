@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
 import time
@@ -61,16 +62,28 @@ class RemoteSequential(nn.Module):
         hidden: torch.Tensor,  # (batch, seq, hidden)
         position_ids: torch.Tensor | None = None,  # (batch, seq); None: 0, 1, ... (counting real tokens)
         attention_mask: torch.Tensor | None = None,  # (batch, seq)
+        prompts: torch.Tensor | None = None,  # (blocks, batch or 1, prefix, hidden), as Petals takes deep prompts
     ) -> torch.Tensor:
+        """The blocks' output; differentiable with respect to `hidden`, `prompts` and the model's tuning."""
         if position_ids is None:  # as nn.Sequential and Petals take blocks: the input alone
             position_ids = default_positions(hidden, 0, attention_mask)
         t = self.tuning
-        prompts = t.deep_prompts[self.start : self.end] if t is not None and t.deep_prompts is not None else None
+        tuned = t.deep_prompts[self.start : self.end] if t is not None and t.deep_prompts is not None else None
+        if prompts is not None:
+            if tuned is not None:
+                raise ValueError("prompts were passed to a model that sends its own trained deep prompts: pass one")
+            if prompts.ndim != 4 or prompts.shape[0] != len(self):
+                raise ValueError(f"prompts must be ({len(self)} blocks, 1 or batch, prefix, hidden), "
+                                 f"got {tuple(prompts.shape)}")
+        else:
+            prompts = tuned
         lora_tensors = t.lora_tensors(self.start, self.end) if t is not None else []
         return _RemoteSpanFn.apply(hidden, position_ids, attention_mask, self, prompts, *lora_tensors)
 
     def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
-        return InferenceSession(self.manager, self.start, self.end, max_length, batch_size, extras=self._session_extras)
+        tuned = self.tuning is not None and self.tuning.deep_prompts is not None
+        return InferenceSession(self.manager, self.start, self.end, max_length, batch_size,
+                                extras=self._session_extras, tuned_prompts=tuned)
 
     async def _session_extras(self, hop) -> tuple[Tuning, list[torch.Tensor]]:
         """What an inference session sends when it opens on `hop`: tuning record and deep prompts."""
@@ -201,6 +214,15 @@ class _Args:
     def __init__(self, remote: RemoteSequential, prompts: torch.Tensor | None, lora_tensors: tuple, keep: bool = False):
         self.remote, self.prompts, self.lora, self.keep = remote, prompts, list(lora_tensors), keep
         self.per_block = remote.tuning.per_block() if remote.tuning is not None and self.lora else 0
+        self.rows = slice(None)  # the batch rows these arguments are for (per-row prompts are cut to them)
+
+    def for_rows(self, rows: slice) -> _Args:
+        """These arguments for a chunk of the batch's rows."""
+        if self.prompts is None or self.prompts.shape[1] == 1:
+            return self
+        part = copy.copy(self)
+        part.prompts, part.rows = self.prompts[:, rows], rows
+        return part
 
     def prompts_for(self, start: int, end: int) -> torch.Tensor | None:
         base = self.remote.start
@@ -267,8 +289,8 @@ class _RemoteSpanFn(torch.autograd.Function):
         rows = max(1, remote.manager.config.max_chunk_tokens // max(1, hidden.shape[1]))
         for i in range(0, hidden.shape[0], rows):
             m = mask[i : i + rows] if mask is not None else None
-            out, chain = _forward_chain(remote, hidden[i : i + rows].detach(), position_ids[i : i + rows], m, args,
-                                        remote.start, remote.end)
+            out, chain = _forward_chain(remote, hidden[i : i + rows].detach(), position_ids[i : i + rows], m,
+                                        args.for_rows(slice(i, i + rows)), remote.start, remote.end)
             outs.append(out)
             saved.append((i, chain))
         ctx.remote, ctx.args, ctx.saved, ctx.position_ids, ctx.mask, ctx.rows = remote, args, saved, position_ids, mask, rows
@@ -289,9 +311,10 @@ class _RemoteSpanFn(torch.autograd.Function):
             pos = ctx.position_ids[i : i + ctx.rows]
             mask = ctx.mask[i : i + ctx.rows] if ctx.mask is not None else None
             grads: dict = {}
+            part = args.for_rows(slice(i, i + ctx.rows))
             for start, end, hidden, keep in reversed(chain):
-                grad = _backward_range(remote, start, end, hidden, grad, pos, mask, args, grads, keep)
-            _accumulate(grads, remote, args, grad_prompts, grad_lora)
+                grad = _backward_range(remote, start, end, hidden, grad, pos, mask, part, grads, keep)
+            _accumulate(grads, remote, part, grad_prompts, grad_lora)
             grad_in.append(grad)
         return (torch.cat(grad_in).to(grad_out.device), None, None, None, grad_prompts, *grad_lora)
 
@@ -300,7 +323,7 @@ def _accumulate(grads: dict, remote: RemoteSequential, args: _Args, grad_prompts
     base, k = remote.start, args.per_block
     for (kind, start, end), g in grads.items():
         if kind == "prompts":
-            grad_prompts[start - base : end - base] += g.to(grad_prompts.device)
+            grad_prompts[start - base : end - base, args.rows] += g.to(grad_prompts.device)
         else:
             for j, gj in enumerate(g):
                 grad_lora[(start - base) * k + j] += gj.to(grad_lora[(start - base) * k + j].device)
