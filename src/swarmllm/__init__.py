@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = ["AutoDistributedModel", "AutoDistributedModelForCausalLM", "AutoDistributedModelForSequenceClassification",
-           "ClientConfig", "LoraSpec", "ServerConfig", "__version__"]
+           "AutoDistributedSpeculativeModel", "ClientConfig", "LoraSpec", "ServerConfig", "__version__"]
 
 if TYPE_CHECKING:
     from swarmllm.adapters.lora import LoraSpec
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         AutoDistributedModel,
         AutoDistributedModelForCausalLM,
         AutoDistributedModelForSequenceClassification,
+        AutoDistributedSpeculativeModel,
     )
     from swarmllm.server.config import ServerConfig
 
@@ -27,6 +28,7 @@ _LAZY = {
     "AutoDistributedModel": "swarmllm.models.distributed",
     "AutoDistributedModelForCausalLM": "swarmllm.models.distributed",
     "AutoDistributedModelForSequenceClassification": "swarmllm.models.distributed",
+    "AutoDistributedSpeculativeModel": "swarmllm.models.distributed",
     "ClientConfig": "swarmllm.client.config",
     "LoraSpec": "swarmllm.adapters.lora",
     "ServerConfig": "swarmllm.server.config",

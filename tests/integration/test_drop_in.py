@@ -5,6 +5,9 @@ a prompt-tuned classifier. Each result equals local transformers."""
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -13,6 +16,7 @@ from swarmllm import (
     AutoDistributedModel,
     AutoDistributedModelForCausalLM,
     AutoDistributedModelForSequenceClassification,
+    AutoDistributedSpeculativeModel,
 )
 from swarmllm.models.span import span_from_model
 
@@ -198,3 +202,72 @@ def test_prompt_lookup_decoding_equals_plain_greedy(smollm2_client, smollm2_toke
     ids = _ids(smollm2_tokenizer, "one two three four five one two three four five one two")
     plain = smollm2_client.generate(ids, max_new_tokens=12, do_sample=False)
     assert torch.equal(smollm2_client.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3), plain)
+    stats = smollm2_client.generation_stats
+    assert stats.new_tokens == 12 and stats.drafted > 0 and stats.steps < 12  # drafts were accepted: fewer steps
+
+
+def _assistant(local) -> torch.nn.Module:
+    """A smaller model with the same tokenizer: SmolLM2's first 24 blocks under its head. Its drafts are
+    sometimes right (accepted) and sometimes wrong (rewound); with 18 blocks or fewer none is accepted."""
+    small = copy.deepcopy(local)
+    small.model.layers = small.model.layers[:24]
+    small.config.num_hidden_layers = 24
+    small.config.layer_types = small.config.layer_types[:24] if getattr(small.config, "layer_types", None) else None
+    return small
+
+
+class _CountForwards:
+    """Counts a model's forward calls (each is one step of its cache)."""
+
+    def __init__(self, model) -> None:
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+
+
+def test_assisted_generation_equals_local_and_reports_its_drafts(smollm2_client, smollm2_local, smollm2_tokenizer,
+                                                                 caplog) -> None:
+    """transformers' assisted generation with a small local assistant: greedy equals plain greedy, the
+    steps through the swarm are the local main model's forward calls, and the stats are logged."""
+    ids = _ids(smollm2_tokenizer, "The history of the city begins")
+    assistant = _assistant(smollm2_local)
+    plain = smollm2_local.generate(ids, max_new_tokens=16, do_sample=False)
+    counter = _CountForwards(smollm2_local)
+    try:
+        local = smollm2_local.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=assistant)
+    finally:
+        counter.handle.remove()
+    with caplog.at_level(logging.INFO, logger="swarmllm.models.distributed"):
+        got = smollm2_client.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=assistant)
+    assert torch.equal(got, plain) and torch.equal(local, plain)
+    stats = smollm2_client.generation_stats
+    assert stats.new_tokens == 16 and stats.steps == counter.calls
+    assert 0 < stats.accepted < stats.drafted  # some drafts accepted, some rejected (rewound)
+    assert f"draft tokens accepted ({stats.acceptance_rate:.0%})" in caplog.text
+
+
+def test_assisted_sampling_equals_local_with_the_same_seed(smollm2_client, smollm2_local, smollm2_tokenizer) -> None:
+    ids = _ids(smollm2_tokenizer, "The history of the city begins")
+    assistant = _assistant(smollm2_local)
+    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=20, assistant_model=assistant)
+    torch.manual_seed(5)
+    want = smollm2_local.generate(ids, **kwargs)
+    torch.manual_seed(5)
+    got = smollm2_client.generate(ids, **kwargs)
+    assert torch.equal(got, want)
+
+
+def test_speculative_model_drafts_with_its_small_model(smollm2_swarm, smollm2_dir, smollm2_local,
+                                                       smollm2_tokenizer) -> None:
+    """Petals' AutoDistributedSpeculativeModel: the same generation, drafted by `small_model`."""
+    ids = _ids(smollm2_tokenizer, "The history of the city begins")
+    model = AutoDistributedSpeculativeModel.from_pretrained(str(smollm2_dir), initial_peers=smollm2_swarm.initial_peers,
+                                                            small_model=_assistant(smollm2_local))
+    try:
+        got = model.generate(ids, max_new_tokens=8, do_sample=False)
+    finally:
+        model.sequence_manager.shutdown()
+    assert torch.equal(got, smollm2_local.generate(ids, max_new_tokens=8, do_sample=False))
+    assert model.generation_stats.drafted > 0

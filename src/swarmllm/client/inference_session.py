@@ -26,6 +26,7 @@ from swarmllm.client import loop
 from swarmllm.client.positions import default_positions
 from swarmllm.client.routing import Hop, MissingBlocksError
 from swarmllm.client.sequence_manager import SequenceManager
+from swarmllm.client.session_base import SessionBase
 from swarmllm.client.verification import VerificationError, odd_one_out, relative_error
 from swarmllm.protocol import RPC_INFERENCE, ErrorCode, OpenSession, SessionOpened, Step, StepDone, Tuning
 
@@ -117,7 +118,7 @@ class _ServerStream:
                 pass
 
 
-class InferenceSession:
+class InferenceSession(SessionBase):
     """A generation session over blocks `[start, end)` with server-side attention caches.
 
     Guarantees: `position` counts the tokens every server's cache holds; a step longer than the declared
@@ -130,14 +131,13 @@ class InferenceSession:
         extras: Callable[[Hop], Awaitable[tuple[Tuning, list[torch.Tensor]]]] | None = None,
         tuned_prompts: bool = False,
     ):
+        super().__init__(max_length)
         self.manager, self.start, self.end, self.extras = manager, start, end, extras
         # Deep prompts given to the first step (`step(prompts=)`); `tuned_prompts`: the model's own are sent.
         self.prompts: torch.Tensor | None = None
         self._tuned_prompts = tuned_prompts
-        self.max_length, self.batch_size = max_length, batch_size
+        self.batch_size = batch_size
         self.session_id = uuid.uuid4().hex
-        self._position = 0
-        self.prefix = 0  # prompt-tuning tokens the caches hold before the first real token
         # Longrope models (Phi-3 128k): the servers' caches are recomputed when the session grows past this many
         # tokens (see `_restart`); None for every other model.
         self.longrope_limit: int | None = None
@@ -145,36 +145,18 @@ class InferenceSession:
         self._step_id = 0
         self._rng = random.Random()
         self.closed = False
-        # Token history kept by `generate` to continue the session in a later call.
-        self.output_ids: torch.Tensor | None = None
-        self.attention_mask: torch.Tensor | None = None
 
     @property
     def route(self) -> list[Hop]:
         return [s.hop for s in self._streams]
 
-    @property
-    def position(self) -> int:
-        """Tokens every server's cache holds (prompt-tuning tokens included). Setting it lower rewinds."""
-        return self._position
-
-    @position.setter
-    def position(self, n: int) -> None:
-        self.rewind(n)
-
-    def rewind(self, n: int) -> None:
-        """Keep only the first `n` cached tokens: the next step continues at position `n` on every server, which
-        drop the rest as that step begins (Petals' cache invalidation; assisted generation dropping rejected
-        draft tokens). A replacement server gets the kept history only."""
-        if not 0 <= n <= self._position:
-            raise ValueError(f"can rewind a session of {self._position} tokens to 0..{self._position}, not {n}")
-        if n == self._position:
-            return
+    def _rewind_parts(self, n: int) -> None:
+        """Every server drops its tokens after `n` as the next step begins; a replacement server gets the kept
+        history only."""
         for s in self._streams:
             s.history = _truncated(s.history, n)
             s.keep = n if s.keep is None else min(s.keep, n)
         self._drop_checkers()
-        self._position = n
 
     def reorder(self, hypo_ids: torch.Tensor) -> None:
         """Beam search: row i continues what row `hypo_ids[i]` was. Every server reorders its cache as the
@@ -441,7 +423,7 @@ class InferenceSession:
                     raise
                 first, x = failed.index, failed.hidden_in
         self._step_id += 1
-        self._position += hidden.shape[1]
+        self._advance(hidden.shape[1])
         return out.to(hidden.device)  # replies arrive on the CPU; the caller's tensors may live on a GPU
 
     def _take_prompts(self, prompts: torch.Tensor, hidden: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from swarmllm.client.positions import default_positions
 from swarmllm.client.remote_sequential import RemoteSequential
+from swarmllm.client.session_base import SessionBase
 from swarmllm.client.tuning import ClientTuning
 from swarmllm.models.span import Span
 
@@ -72,20 +73,16 @@ class Pipeline(nn.Module):
         return PipelineSession(self, max_length, batch_size)
 
 
-class PipelineSession:
+class PipelineSession(SessionBase):
     """An inference session over a pipeline: remote sessions for remote segments, local caches otherwise.
     Exposes the same attributes as `InferenceSession`, which is what `generate` uses."""
 
     def __init__(self, pipeline: Pipeline, max_length: int, batch_size: int | None):
+        super().__init__(max_length)
         self.parts = [
             seg.inference_session(max_length, batch_size) if isinstance(seg, RemoteSequential) else _LocalSession(seg)
             for seg in pipeline.segments
         ]
-        self.max_length = max_length
-        self._position = 0
-        self.prefix = 0
-        self.output_ids: torch.Tensor | None = None
-        self.attention_mask: torch.Tensor | None = None
 
     def step(self, hidden, position_ids=None, attention_mask=None):
         if hidden.shape[1] == 0:
@@ -94,24 +91,12 @@ class PipelineSession:
             position_ids = default_positions(hidden, self.position, attention_mask)
         for part in self.parts:
             hidden = part.step(hidden, position_ids, attention_mask)
-        self._position += hidden.shape[1]
+        self._advance(hidden.shape[1])
         return hidden
 
-    @property
-    def position(self) -> int:
-        return self._position
-
-    @position.setter
-    def position(self, n: int) -> None:
-        self.rewind(n)
-
-    def rewind(self, n: int) -> None:
-        """As InferenceSession.rewind, for every part."""
-        if not 0 <= n <= self._position:
-            raise ValueError(f"can rewind a session of {self._position} tokens to 0..{self._position}, not {n}")
+    def _rewind_parts(self, n: int) -> None:
         for part in self.parts:
             part.rewind(n)
-        self._position = n
 
     def reorder(self, hypo_ids: torch.Tensor) -> None:
         for part in self.parts:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import threading
@@ -41,6 +42,7 @@ from swarmllm.client.pipeline import LocalBlocks, Pipeline, split_segments
 from swarmllm.client.positions import default_positions
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.sequence_manager import SequenceManager
+from swarmllm.client.session_base import GenerationStats
 from swarmllm.client.tuning import ClientTuning, TuningMode
 from swarmllm.models.device import resolve_device, resolve_dtype
 from swarmllm.models.ends import client_paths, enter, leave, submodule
@@ -227,6 +229,12 @@ class DistributedMixin:
             session.close()
 
     @property
+    def generation_stats(self) -> GenerationStats | None:
+        """What this thread's last `generate` call cost: round trips per token and, with draft tokens (an
+        assistant model, prompt lookup), how many were accepted. Also logged at INFO."""
+        return getattr(self._sessions, f"stats{id(self)}", None)
+
+    @property
     def active_adapter(self) -> str | None:
         """The named adapter every server applies to this model's requests (None: the base model)."""
         return self.tuning.adapter
@@ -270,6 +278,8 @@ class DistributedMixin:
         session, as inside `with model.inference_session(...)`."""
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
+        if self.__dict__.get("small_model") is not None:  # AutoDistributedSpeculativeModel
+            kwargs.setdefault("assistant_model", self.__dict__["small_model"])
         config = kwargs.get("generation_config") or self.generation_config
         beams = (kwargs.get("num_beams") or config.num_beams or 1) > 1
         session = session if session is not None else self._active_session
@@ -301,8 +311,15 @@ class DistributedMixin:
                 mask = torch.cat([session.attention_mask, mask], dim=1)
             else:
                 mask = torch.cat([session.attention_mask, mask[:, hist.shape[1] :]], dim=1)
+        before = dataclasses.replace(session.counters)
         out = super().generate(inputs, *args, attention_mask=mask, cache=RemoteCache(session), **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        # transformers returns the prompt and the new tokens; an embedded prompt's are new tokens only, and a
+        # call without inputs starts from its own BOS token.
+        given = 0 if embeds is not None and inputs is None else 1 if inputs is None else inputs.shape[1]
+        stats = GenerationStats.between(before, session.counters, sequences.shape[1] - given)
+        setattr(self._sessions, f"stats{id(self)}", stats)
+        logger.info("generate: %s", stats)
         if embeds is not None and inputs is None:
             # transformers returns only the new tokens; the session also holds the embedded prompt, which
             # placeholders stand for, so that a later call continues at the right position.
@@ -440,6 +457,18 @@ class AutoDistributedModel(AutoDistributedModelForCausalLM):
         backbone.add_module("tuning", model.tuning)  # registered here, so optimizers see the tuning parameters
         backbone.sequence_manager = model.sequence_manager
         return backbone
+
+
+class AutoDistributedSpeculativeModel(AutoDistributedModelForCausalLM):
+    """Petals' speculative generation, as a name over transformers' assisted generation: `generate` drafts
+    with `small_model` (a local model with the same tokenizer) and checks the drafts through the swarm in one
+    step, unless the call passes its own `assistant_model`."""
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, *args, small_model: nn.Module, **kwargs) -> nn.Module:
+        model = super().from_pretrained(name, *args, **kwargs)
+        model.__dict__["small_model"] = small_model  # not a submodule: its weights are not the model's own
+        return model
 
 
 def _distributed_class(base_cls: type) -> type:
