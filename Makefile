@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/trust.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/constrained.py
 	$(BIN)/python bench/wan.py
 	$(BIN)/python -m pytest -q -s -m big tests/integration/test_big_model.py
 	$(BIN)/python bench/chart.py

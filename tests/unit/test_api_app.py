@@ -453,8 +453,13 @@ def test_logit_bias_moves_greedy_to_what_the_biased_logits_pick(client, chat_ans
     ("logit_bias", {"hello": 5}),
     ("logit_bias", {"1": 101}),
     ("logit_bias", {"99999999": 1}),
-    ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("response_format", {"type": "yaml"}),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),  # SmolLM2's template has no tool support
+    ("tool_choice", "auto"),  # without tools
+    ("reasoning_effort", "low"),
+    ("functions", [{"name": "f"}]),
+    ("store", True),
+    ("modalities", ["text", "audio"]),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(client, field, value) -> None:
     response = client.post(CHAT, json=_chat(temperature=0, max_tokens=2, **{field: value}))

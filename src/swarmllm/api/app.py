@@ -54,7 +54,7 @@ def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = No
 
     async def chat_completions(request: Request) -> Response:
         body = await _parse(request, schemas.ChatRequest, engine)
-        prompt = engine.chat_prompt(body.chat())
+        prompt = engine.chat_prompt(body.chat(), body.template_tools(), body.calls_tools)
         return await _complete(request, engine, body, [prompt], chat=True)
 
     async def completions(request: Request) -> Response:
@@ -209,9 +209,11 @@ async def _complete(request: Request, engine: Engine, body: schemas.Request, pro
         raise ApiError(400, f"{len(prompts)} prompts x n={body.n or 1} choices is over {schemas.MAX_CHOICES} "
                             "completions per request", param="prompt" if len(prompts) > 1 else "n")
     samplings = [body.samplings(engine.budget(p, body.requested_tokens)) for p in prompts]
-    engine.check_bias(samplings[0][0])
+    # Off the event loop: the first constrained request builds the vocabulary (~0.5 s), check_swarm may ask the DHT.
+    await asyncio.get_running_loop().run_in_executor(None, engine.check_sampling, samplings[0][0])
     await asyncio.get_running_loop().run_in_executor(None, engine.check_swarm)
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
+    calls_tools = chat and body.calls_tools
     echoes = [engine.tokenizer.decode(p, skip_special_tokens=True) if not chat and body.echo else "" for p in prompts
               for _ in samplings[0]]
     key = request.scope.get(KEY_SCOPE)
@@ -222,11 +224,11 @@ async def _complete(request: Request, engine: Engine, body: schemas.Request, pro
         # stream is only produced once decoding runs, so admission errors surface here.
         firsts = await _firsts(streams)
         events = _events(streams, firsts, rid, engine.model_id, chat, body.include_usage, echoes, samplings[0][0],
-                         body.n or 1)
+                         body.n or 1, calls_tools)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     choices = await _until_done(request, streams)
-    return JSONResponse(schemas.chat_response(rid, engine.model_id, choices) if chat
+    return JSONResponse(schemas.chat_response(rid, engine.model_id, choices, calls_tools) if chat
                         else schemas.text_response(rid, engine.model_id, choices, echoes, body.n or 1))
 
 
@@ -280,10 +282,12 @@ async def _until_done(request: Request, streams: list[Stream]) -> list[Completio
 
 
 async def _events(streams: list[Stream], firsts: list[Piece | Completion], rid: str, model: str, chat: bool,
-                  include_usage: bool, echoes: list[str], sampling: Sampling, n: int) -> AsyncIterator[str]:
+                  include_usage: bool, echoes: list[str], sampling: Sampling, n: int,
+                  calls_tools: bool = False) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's shape, every choice's chunks as they come, each with its index. When the
     client disconnects, Starlette cancels this generator; closing the streams then cancels the decoding.
-    `n`: choices per prompt."""
+    `n`: choices per prompt. `calls_tools`: a reply may be tool calls, known only once it ends; its text is
+    held back until then, and goes out as one `tool_calls` or `content` delta."""
     created = int(time.time())
     offsets = [0] * len(streams)  # completions' text_offset per choice (see schemas.text_logprobs)
 
@@ -312,6 +316,7 @@ async def _events(streams: list[Stream], firsts: list[Piece | Completion], rid: 
         queue.put_nowait((i, first))
     tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(streams)]
     finished: dict[int, Completion] = {}
+    held: dict[int, list] = {}  # logprobs of held-back text, per choice (calls_tools)
     try:
         for i in range(len(streams)):
             if chat:
@@ -325,7 +330,14 @@ async def _events(streams: list[Stream], firsts: list[Piece | Completion], rid: 
                 break
             if isinstance(item, Completion):
                 finished[i] = item
-                yield chunk(i, finish=item.finish_reason)
+                finish = item.finish_reason
+                if calls_tools:
+                    message, finish = schemas.chat_message(item, True)
+                    yield _held_reply(chunk(i, message["content"], entries=held.pop(i, None)), message, rid, model,
+                                      created, i)
+                yield chunk(i, finish=finish)
+            elif calls_tools:
+                held.setdefault(i, []).extend(item.logprobs)
             elif item.prompt_logprobs is not None:
                 yield chunk(i, echoes[i], entries=item.prompt_logprobs)
             elif item.text or item.logprobs:
@@ -338,6 +350,14 @@ async def _events(streams: list[Stream], firsts: list[Piece | Completion], rid: 
         yield "data: [DONE]\n\n"
     finally:
         await _close(streams, tasks)
+
+
+def _held_reply(content_chunk: str, message: dict, rid: str, model: str, created: int, i: int) -> str:
+    """A held-back reply as one event: its text (`content_chunk`), or its tool calls, each with its index."""
+    if "tool_calls" not in message:
+        return content_chunk
+    calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+    return f"data: {json.dumps(schemas.chat_chunk(rid, model, created, i, {'tool_calls': calls}))}\n\n"
 
 
 class _Cached:

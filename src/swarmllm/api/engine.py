@@ -17,7 +17,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+from swarmllm.api import tool_calls
 from swarmllm.api.config import ApiConfig
+from swarmllm.api.constrained import Vocabulary
 from swarmllm.api.errors import ApiError
 from swarmllm.api.generation import Completion, Piece, Sampling, complete
 from swarmllm.api.metrics import ApiMetrics
@@ -40,14 +42,27 @@ class Engine:
         self._admitted = 0
         self._lock = threading.Lock()
         self.metrics = ApiMetrics()
+        self._vocabulary: Vocabulary | None = None  # built on the first constrained request (~0.5 s)
+        self._vocabulary_lock = threading.Lock()
 
     # Prompts
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer.chat_template is None:
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, calls_tools: bool = False) -> list[int]:
+        """`tools` rendered by the template; `calls_tools`: the reply may call them (tool_choice is not 'none')."""
+        template = self.tokenizer.chat_template
+        if template is None:
             raise ApiError(400, f"model {self.model_id} has no chat template: use /v1/completions", param="messages")
+        cannot = tool_calls.template_error(str(template))
+        if cannot and calls_tools:
+            raise ApiError(400, f"{cannot}: call model {self.model_id} without tools, or with tool_choice 'none'",
+                           param="tools")
+        if cannot and any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            raise ApiError(400, f"{cannot}, so it cannot show tool calls and results", param="messages")
+        if cannot:
+            tools = None  # tool_choice 'none': the reply calls none, and this template cannot show them
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                     return_dict=True)["input_ids"]
         except Exception as e:  # a template may refuse e.g. two user turns in a row
             raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
         return list(ids)
@@ -81,12 +96,23 @@ class Engine:
                            param="messages", code="context_length_exceeded")
         return requested if requested is not None else min(self.config.default_max_tokens, room)
 
-    def check_bias(self, sampling: Sampling) -> None:
+    @property
+    def vocabulary(self) -> Vocabulary:
+        with self._vocabulary_lock:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self.tokenizer, self.eos)
+            return self._vocabulary
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        """400 for what the request's schema could not check without the model: logit_bias ids past the
+        vocabulary, a JSON schema that cannot be enforced."""
         vocab = text_config(self.model.config).vocab_size  # the LM head's width, which the tokenizer's length may not reach
         bad = [t for t, _ in sampling.logit_bias if t >= vocab]
         if bad:
             raise ApiError(400, f"logit_bias names token ids outside the vocabulary (0:{vocab}): {bad[:5]}",
                            param="logit_bias")
+        if sampling.grammar is not None:
+            self.vocabulary.check(sampling.grammar, sampling.grammar_param)
 
     # Running
 
@@ -138,7 +164,8 @@ class Engine:
             if cancel.is_set():  # cancelled while queued: never open a session
                 return
             try:
-                put(complete(self.model, self.tokenizer, prompt, sampling, self.eos, cancel, put))
+                vocabulary = self.vocabulary if sampling.grammar is not None else None
+                put(complete(self.model, self.tokenizer, prompt, sampling, self.eos, cancel, put, vocabulary))
             except BaseException as e:  # delivered to the request, which answers with an error
                 put(e)
 

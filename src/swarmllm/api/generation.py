@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from swarmllm.api.constrained import Vocabulary
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -39,6 +41,9 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before picking)
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely tokens there
     prompt_logprobs: bool = False  # also score the prompt's tokens (completions' echo), in the same prefill
+    # Output constrained to this llguidance grammar (response_format's JSON modes; see api/constrained.py).
+    grammar: str | None = None
+    grammar_param: str = "response_format"  # the request field it came from, which errors name
 
 
 @dataclass(frozen=True)
@@ -73,11 +78,14 @@ class Completion:
 
 
 def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
-         counts: dict[int, int] | None = None) -> int:
+         counts: dict[int, int] | None = None, allowed: torch.Tensor | None = None) -> int:
     """The next token from one position's logits (vocab,). OpenAI's penalties subtract from the logits of
     tokens already generated: presence once, frequency per occurrence; `logit_bias` adds to the logits of the
-    tokens it names (-100 bans a token in practice, 100 all but forces it)."""
+    tokens it names (-100 bans a token in practice, 100 all but forces it). `allowed` (vocab,) bool: the
+    only tokens that may be picked (a grammar's)."""
     logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))  # a copy: the reported logprobs stay the model's
     penalised = counts and (sampling.presence_penalty or sampling.frequency_penalty)
     if penalised or sampling.logit_bias:
         logits = logits.clone()  # the caller's logits also feed the reported logprobs: leave them alone
@@ -161,10 +169,13 @@ def _cache(model, max_length: int) -> Iterator[DynamicCache]:
 
 
 def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: frozenset[int],
-             cancel: threading.Event | None = None, emit: Callable[[Piece], None] | None = None) -> Completion:
+             cancel: threading.Event | None = None, emit: Callable[[Piece], None] | None = None,
+             vocabulary: Vocabulary | None = None) -> Completion:
     """Decode up to `sampling.max_tokens` tokens after `prompt`, calling `emit` with each piece of final text.
     Stops at an end-of-sequence token, a stop string, the token budget, or when `cancel` is set.
-    `max_tokens` may be 0: with `prompt_logprobs`, that scores the prompt alone."""
+    `max_tokens` may be 0: with `prompt_logprobs`, that scores the prompt alone. A `sampling.grammar` needs
+    the tokenizer's `vocabulary`; the end of sequence then comes only where the grammar may end."""
+    matcher = vocabulary.matcher(sampling.grammar) if sampling.grammar is not None else None
     if sampling.max_tokens == 0 and not sampling.prompt_logprobs:  # nothing to compute: open no session
         return Completion("", "length", len(prompt), 0, logprobs=[] if sampling.logprobs is not None else None)
     cancel = cancel or threading.Event()
@@ -198,7 +209,10 @@ def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: froze
                 logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].cpu()
             else:
                 logits, ahead = ahead, None
-            token = pick(logits, sampling, generator, counts)
+            allowed = matcher.allowed(logits.shape[-1]) if matcher is not None else None
+            token = pick(logits, sampling, generator, counts, allowed)
+            if matcher is not None and token not in eos:
+                matcher.advance(token)
             counts[token] = counts.get(token, 0) + 1
             if k is not None:
                 [entry] = score(tokenizer, logits[None], [token], k)

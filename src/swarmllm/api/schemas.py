@@ -1,7 +1,7 @@
 """The OpenAI API's request and response records, as far as swarmllm serves them.
 
-Requests ignore fields we do not know (clients send many), but a field we know and cannot honour (tools,
-suffix, best_of, a JSON response_format) is refused with a clear error rather than silently dropped.
+Requests ignore fields we do not know (clients send many), but a field we know and cannot honour (suffix,
+best_of > 1, ...) is refused with a clear error rather than silently dropped: docs/openai.md lists them.
 
 `n` > 1 asks for several choices of one prompt: each is its own completion (and server-side session),
 decoded concurrently; with a `seed`, choice i samples with seed + i, so every choice is reproducible and
@@ -21,6 +21,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from swarmllm.api import tool_calls
+from swarmllm.api.constrained import grammar_for
 from swarmllm.api.errors import ApiError
 from swarmllm.api.generation import Completion, Sampling, TokenLogprob
 
@@ -28,8 +30,31 @@ MAX_STOPS = 4  # as OpenAI
 MAX_CHOICES = 16  # each choice is a session on every server of its route: keep one request's share bounded
 
 
+# Fields OpenAI defines that swarmllm cannot honour, with the values it can (docs/openai.md lists every field).
+_REFUSED: dict[str, tuple[tuple, str]] = {
+    "audio": ((None,), "audio output is not supported"),
+    "functions": ((None,), "functions are OpenAI's deprecated form of tools: pass tools"),
+    "function_call": ((None,), "function_call is OpenAI's deprecated form of tool_choice: pass tools and tool_choice"),
+    "modalities": ((None, ["text"]), "only text output is supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "reasoning_effort": ((None,), "this model does not reason in separate tokens"),
+    "service_tier": ((None, "auto", "default"), "there is one service tier"),
+    "store": ((None, False), "completions are not stored"),
+    "verbosity": ((None,), "verbosity is not supported"),
+    "web_search_options": ((None,), "web search is not supported"),
+}
+
+
 class Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_what_cannot_be_honoured(cls, data):
+        for name, (allowed, why) in _REFUSED.items():
+            if isinstance(data, dict) and name in data and data[name] not in allowed:
+                raise ApiError(400, f"{name}: {why}", param=name)
+        return data
 
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -54,15 +79,6 @@ class Request(BaseModel):
                 raise ApiError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias")
         return v
 
-    @field_validator("response_format")
-    @classmethod
-    def _plain_text_only(cls, v: ResponseFormat | None) -> ResponseFormat | None:
-        # JSON modes need constrained decoding, which swarmllm does not do: answering with whatever text the
-        # model writes would break callers that parse it.
-        if v is not None and v.type != "text":
-            raise ApiError(400, f"response_format {v.type!r} is not supported (only 'text')", param="response_format")
-        return v
-
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
@@ -81,6 +97,7 @@ class Request(BaseModel):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
             logprobs=top, prompt_logprobs=prompt,
+            grammar=self.response_format.grammar() if self.response_format is not None else None,
         )
 
     def samplings(self, max_tokens: int) -> list[Sampling]:
@@ -98,10 +115,42 @@ class Request(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: Annotated[str, Field(max_length=64)]
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    # OpenAI's strict mode promises output that validates; without it, a best effort. The schema is always
+    # enforced here, so both get output that validates.
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
+    """`text`; `json_object`: some JSON object; `json_schema`: JSON that validates against the schema. The JSON
+    modes are enforced token by token (api/constrained.py), so the output parses unless max_tokens cuts it
+    short (finish_reason "length")."""
+
     model_config = ConfigDict(extra="ignore")
 
     type: str
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.type not in ("text", "json_object", "json_schema"):
+            raise ApiError(400, f"response_format {self.type!r} is not one of 'text', 'json_object', 'json_schema'",
+                           param="response_format")
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ApiError(400, "response_format json_schema needs its json_schema", param="response_format")
+        return self
+
+    def grammar(self) -> str | None:
+        if self.type == "json_object":
+            return grammar_for({"type": "object"}, "response_format")
+        if self.type == "json_schema":
+            return grammar_for(self.json_schema.schema_ or {}, "response_format")  # OpenAI: no schema, any JSON
+        return None
 
 
 class StreamOptions(BaseModel):
@@ -117,16 +166,47 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def for_template(self, names: dict[str, str]) -> dict:
+        """The message as chat templates take it: "developer" is OpenAI's newer name for "system", tool call
+        arguments are objects, and a tool turn carries its function's name (`names`: call id -> name)."""
+        out: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": tool_calls.parse_arguments(c.function.arguments)}}
+                for c in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+            out["name"] = self.name or names.get(self.tool_call_id or "", "")
+        return out
 
 
 class ChatRequest(Request):
@@ -134,24 +214,44 @@ class ChatRequest(Request):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    tools: list | None = None
+    tools: Annotated[list[tool_calls.Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | tool_calls.NamedChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _chat_supported(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        if self.tools:
-            raise ApiError(400, "tools are not supported", param="tools")
+        tool_calls.check_choice(self.tools, self.tool_choice)
+        if self.calls_tools and self.response_format is not None and self.response_format.type != "text":
+            raise ApiError(400, "response_format cannot constrain a reply that may call tools: pass one or the "
+                                "other, or tool_choice 'none'", param="response_format")
         return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """The reply may be tool calls (OpenAI's default with tools is 'auto')."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def sampling(self, max_tokens: int) -> Sampling:
+        first = super().sampling(max_tokens)
+        if not self.calls_tools:
+            return first
+        grammar = tool_calls.grammar(self.tools, self.tool_choice or "auto", self.parallel_tool_calls is not False)
+        return dataclasses.replace(first, grammar=grammar, grammar_param="tools")
 
     def logprob_request(self) -> tuple[int | None, bool]:
         if not self.logprobs:
             return None, False
         return self.top_logprobs or 0, False
 
-    def chat(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def chat(self) -> list[dict]:
+        names = {c.id: c.function.name for m in self.messages for c in m.tool_calls or ()}
+        return [m.for_template(names) for m in self.messages]
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as chat templates take them (OpenAI's own shape); None without tools."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
     @property
     def requested_tokens(self) -> int | None:
@@ -221,11 +321,20 @@ def text_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict |
             "text_offset": offsets}
 
 
-def chat_response(rid: str, model: str, choices: list[Completion]) -> dict:
+def chat_message(c: Completion, calls_tools: bool) -> tuple[dict, str]:
+    """The assistant's message and the finish reason: with tools, a reply made of tool calls comes back in
+    OpenAI's `tool_calls` form (finish reason "tool_calls")."""
+    calls = tool_calls.parse_calls(c.text) if calls_tools and c.finish_reason == "stop" else None
+    if calls:
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": c.text}, c.finish_reason
+
+
+def chat_response(rid: str, model: str, choices: list[Completion], calls_tools: bool = False) -> dict:
+    messages = [chat_message(c, calls_tools) for c in choices]
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
-                        for i, c in enumerate(choices)],
+            "choices": [{"index": i, "message": message, "logprobs": chat_logprobs(c.logprobs), "finish_reason": finish}
+                        for i, (c, (message, finish)) in enumerate(zip(choices, messages))],
             "usage": usage(choices, len(choices))}
 
 
