@@ -228,6 +228,15 @@ class DistributedMixin:
             self._active_session = None
             session.close()
 
+    def forward(self, *args, **kwargs):
+        """The model's own forward. Inside `inference_session()`, a call without a cache continues the session
+        (Petals' form: `with model.inference_session(...): model(next_ids)`): each call's tokens follow the
+        session's, instead of starting a sequence of their own."""
+        session = self._active_session
+        if session is not None and kwargs.get("cache") is None and len(args) < 4:  # cache is forward's 4th argument
+            kwargs["cache"] = RemoteCache(session)
+        return super().forward(*args, **kwargs)
+
     @property
     def generation_stats(self) -> GenerationStats | None:
         """What this thread's last `generate` call cost: round trips per token and, with draft tokens (an
