@@ -14,7 +14,7 @@ reported in full (`Agreement` in tests/cuda/conftest.py): equal or not, first di
 swarm's tokens that are local's top-1 on the swarm's own prefix, and the worst gap against the rounding
 bound. The run fails (exit 1) only if some disagreement is larger than rounding explains.
 
-Usage: python bench/gpu_bench.py [--new-tokens 64] [--repeats 3] [--out $OUT/gpu_bench.json]
+Usage: python bench/gpu_bench.py [--new-tokens 32] [--repeats 5] [--out $OUT/gpu_bench.json]
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ SERVERS_PER_VARIANT = 3
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens to decode per timed run")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens to decode per timed run")
     p.add_argument("--prompt-tokens", type=int, default=32, help="length of the (random) prompt")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per side; medians are reported")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per side; medians are reported")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_bench.json",
                    help="where the JSON goes (default: $OUT/gpu_bench.json, else ./gpu_bench.json)")
     return p.parse_args()

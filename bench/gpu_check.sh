@@ -4,7 +4,7 @@
 #
 #   run(command="bash bench/gpu_check.sh", carry=[".gpu-wheels"], timeout_s=540)
 #
-# Phases, each under its own time limit so that one hang cannot eat the call (7.8 minutes at most):
+# Phases, each under its own time limit so that one hang cannot eat the call (8.1 minutes at most):
 #   gpu        nvidia-smi and torch.cuda must see a GPU; without one the script stops here (exit 2)
 #   install    the carried wheels, offline, into a folder put first on PYTHONPATH (with src/), so the
 #              image's torch and the rest of its packages are used, and the carried ones win over its own
@@ -25,8 +25,9 @@ OUT=${OUT:-$(mktemp -d /tmp/gpu-check.XXXXXX)}
 PY=${GPU_PYTHON:-python3}
 SITE=${GPU_SITE:-/tmp/swarmllm-gpu-site}
 WHEELS=.gpu-wheels
-# Seconds per phase: guesses, about twice what each should take (no GPU has run this yet); 7.8 minutes in all.
-LIMIT_GPU=30 LIMIT_INSTALL=45 LIMIT_PREFLIGHT=60 LIMIT_TESTS=180 LIMIT_BENCH=150
+# Seconds per phase: about 1.5 times what each took on an H200 on 2026-12-04 (gpu 4, install 5, preflight 20,
+# tests 102, bench 116); 8.1 minutes in all.
+LIMIT_GPU=30 LIMIT_INSTALL=45 LIMIT_PREFLIGHT=60 LIMIT_TESTS=150 LIMIT_BENCH=200
 export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 # No network there: never let transformers or the hub try it (a local folder needs none).
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

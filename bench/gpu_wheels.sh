@@ -6,7 +6,7 @@
 # transformers (5.17) predates the `cache=` keyword that swarmllm calls (transformers 5.24).
 #
 # The versions are the ones this checkout's .venv runs (`make setup`), so the GPU machine runs what the
-# tests here ran. What travels with a `run` call is capped at 64 MiB in all (the working tree included):
+# tests here ran, except where a pin says why not. What travels with a `run` call is capped at 64 MiB in all (the working tree included):
 # this script fails if the wheels pass 60 MiB. bitsandbytes (41 MiB as published, with native libraries for
 # every CUDA, ROCm and XPU release) is trimmed here to its CPU library and the CUDA 13 ones, since the GPU
 # machine's torch is 2.11+cu130; the wheel keeps its name and a RECORD that matches, so pip installs it as
@@ -32,7 +32,8 @@ BINARY=(
     pydantic pydantic-core annotated-types typing-inspection typing-extensions
     protobuf                                      # hivemind's messages need >= 5.27; the machine's is unknown
     starlette uvicorn gguf
-    transformers                                  # 5.24+: the `cache=` keyword (the machine has 5.17)
+    transformers==5.24.0                          # the `cache=` keyword needs 5.24 (the machine has 5.17);
+                                                  # 5.25 needs huggingface_hub 2.4+, the machine has 1.33
     bitsandbytes                                  # the CUDA int8 and nf4 kernels (models/quant_cuda.py)
 )
 # Published as source only; pure Python, so the wheels built here run on any CPython 3.
@@ -40,7 +41,8 @@ SOURCE=(varint python-baseconv prefetch-generator)
 
 [[ -x $PIP ]] || { echo "no $PIP: run 'make setup' first (the versions come from it)" >&2; exit 1; }
 
-pinned() {  # NAME -> NAME==VERSION as installed in .venv
+pinned() {  # NAME -> NAME==VERSION as installed in .venv; NAME==VERSION stays as it is
+    [[ $1 == *==* ]] && { echo "$1"; return; }
     local version
     version=$("$PIP" show "$1" 2>/dev/null | sed -n 's/^Version: //p')
     [[ -n $version ]] || { echo "$1 is not installed in .venv: run 'make setup'" >&2; exit 1; }
