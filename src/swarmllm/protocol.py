@@ -10,9 +10,10 @@ here say what those tensors mean.
 from __future__ import annotations
 
 import enum
+import json
 from typing import Annotated, Literal, NewType
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from swarmllm import __version__
 
@@ -38,18 +39,42 @@ RPC_LORA_PUT = f"swarmllm.v{PROTOCOL_VERSION}.lora_put"
 RPC_PUSH = f"swarmllm.v{PROTOCOL_VERSION}.push"
 
 
-class Record(BaseModel):
-    """Base of every wire record: immutable, strict about types, tolerant of unknown fields."""
+# Block indices: a range [start, end) of a model's blocks.
+BlockStart = Annotated[int, Field(ge=0)]
+BlockEnd = Annotated[int, Field(gt=0)]
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+
+class Record(BaseModel):
+    """Base of every wire record: immutable, strict about types (`"7"` is not an int, nor `"yes"` a bool),
+    tolerant of unknown fields. A record with a block range needs `start < end`."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
 
     version: int = PROTOCOL_VERSION
+
+    @model_validator(mode="after")
+    def _a_range_is_not_empty(self):
+        start, end = getattr(self, "start", None), getattr(self, "end", None)
+        if isinstance(start, int) and isinstance(end, int) and end <= start:
+            raise ValueError(f"block range {start}:{end} is empty")
+        return self
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
 
     @classmethod
     def from_bytes(cls, data: bytes):
+        return cls.model_validate_json(data)
+
+    @classmethod
+    def from_value(cls, value: object):
+        """A record out of a DHT value (what `model_dump(mode="json")` stored), read as strictly as from the
+        wire: as JSON, where an enum is its string and a tuple a list, but `"7"` is still no int. Raises
+        ValueError (pydantic's ValidationError is one) for anything else."""
+        try:
+            data = json.dumps(value)
+        except (TypeError, ValueError) as e:  # bytes, or a circular structure: not a record
+            raise ValueError(f"not a {cls.__name__}: {e}") from e
         return cls.model_validate_json(data)
 
 
@@ -64,8 +89,8 @@ class ServerRecord(Record):
     """What a server announces about itself in the DHT, under the model's key with its peer id as subkey."""
 
     peer_id: PeerIdStr
-    start: Annotated[int, Field(ge=0)]
-    end: Annotated[int, Field(gt=0)]
+    start: BlockStart
+    end: BlockEnd
     dtype: SettingName  # float32, float16, bfloat16, or a newer peer's
     quant: SettingName = "none"  # how its linear weights are stored: none, int8, int4, nf4 (see models/quant.py)
     device: SettingName = "cpu"  # the kind of device its blocks run on: cpu, cuda, mps (for monitors)
@@ -122,6 +147,14 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
 
 
+# How clients treat each error, in one place. The request itself is wrong: every server would refuse it the
+# same way, so nothing is retried elsewhere and no server is blamed.
+CALLER_ERRORS = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.VERSION, ErrorCode.ADAPTER,
+                           ErrorCode.NOT_MEMBER})
+# A healthy server that is full or busy right now: never banned, retried a bounded number of times.
+BUSY_ERRORS = frozenset({ErrorCode.CACHE_FULL, ErrorCode.RATE_LIMITED})
+
+
 class ErrorReply(Record):
     """Sent instead of a result. The server keeps serving everyone else."""
 
@@ -167,8 +200,8 @@ class LoraPut(Record):
     """
 
     lora: LoraRef
-    start: int
-    end: int
+    start: BlockStart
+    end: BlockEnd
     blocks: tuple[int, ...]
 
 
@@ -184,8 +217,8 @@ class SpanRequest(Record):
     the forward pass for backward, so it keeps no activations between calls.
     """
 
-    start: int
-    end: int
+    start: BlockStart
+    end: BlockEnd
     has_mask: bool = False
     tuning: Tuning = Tuning()
     # forward: keep the autograd graph under this id for a backward soon; backward: use the graph kept
@@ -205,8 +238,8 @@ class OpenSession(Record):
     """First message of an `inference` stream: declares the session's size so it can be admitted."""
 
     session_id: SessionId
-    start: int
-    end: int
+    start: BlockStart
+    end: BlockEnd
     batch_size: Annotated[int, Field(ge=1)]
     max_length: Annotated[int, Field(ge=1)]
     tuning: Tuning = Tuning()  # deep prompts, if any, travel as this message's one tensor
@@ -219,13 +252,18 @@ class SessionOpened(Record):
     cache_tokens: int
 
 
+# The step id of a replay: a replacement (or checking) server rebuilding its cache from the session's
+# history. Server-to-server pushes never carry it, so the server never mistakes it for a duplicate.
+REPLAY_STEP = -1
+
+
 class Step(Record):
     """One step of a session. Tensors: (hidden, position_ids[, attention_mask]).
 
     `attention_mask` is the full 2D padding mask (past + new tokens); it is omitted when there is no padding.
     """
 
-    step_id: int
+    step_id: int  # counts the client's steps from 0 (a pushed copy and the client's share it), or REPLAY_STEP
     has_mask: bool = False
     # Server-to-server push: the peers after this one in the route, in order. The server sends its output
     # straight to the first of them (which pushes on to the rest) as well as back to the client.
@@ -247,7 +285,7 @@ class Push(Record):
     """
 
     session_id: SessionId
-    start: int  # the receiving hop's first block: one server may run two hops of a route
+    start: BlockStart  # the receiving hop's first block: one server may run two hops of a route
     step: Step
 
 
@@ -323,8 +361,8 @@ class Report(Record):
 
     reporter: PeerIdStr
     offender: PeerIdStr
-    start: Annotated[int, Field(ge=0)]
-    end: Annotated[int, Field(gt=0)]
+    start: BlockStart
+    end: BlockEnd
     error: Annotated[float, Field(ge=0)]
     tolerance: Annotated[float, Field(ge=0)]
     at: float  # unix time of the mismatch

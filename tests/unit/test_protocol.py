@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from swarmllm import wire
 from swarmllm.dht.records import parse_servers
-from swarmllm.protocol import ErrorCode, OpenSession, ServerRecord, ServerState, Step, StepDone
+from swarmllm.protocol import ErrorCode, OpenSession, ServerRecord, ServerState, SpanRequest, Step, StepDone
 
 
 def test_records_ignore_unknown_fields_from_newer_peers() -> None:
@@ -36,6 +36,24 @@ def test_records_are_frozen_and_validated() -> None:
         step.step_id = 2
     with pytest.raises(ValidationError):
         OpenSession(session_id="s", start=0, end=2, batch_size=0, max_length=8)
+
+
+@pytest.mark.parametrize("fields", [
+    {"step_id": "7"},  # a string is not an int
+    {"step_id": 1, "has_mask": "yes"},  # nor a bool
+    {"step_id": 1.5},
+])
+def test_records_do_not_coerce_types(fields) -> None:
+    with pytest.raises(ValidationError):
+        Step.from_bytes(json.dumps(fields).encode())
+
+
+@pytest.mark.parametrize(("start", "end"), [(-1, 2), (3, 3), (4, 2)])
+def test_block_ranges_are_bounded_and_not_empty(start, end) -> None:
+    with pytest.raises(ValidationError):
+        OpenSession(session_id="s", start=start, end=end, batch_size=1, max_length=8)
+    with pytest.raises(ValidationError):
+        SpanRequest.from_bytes(json.dumps({"start": start, "end": end}).encode())
 
 
 def test_tensors_round_trip_with_their_record() -> None:

@@ -17,7 +17,6 @@ import logging
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
-from pydantic import ValidationError
 
 from swarmllm.protocol import PROTOCOL_VERSION, AdapterProvider, AdapterRecord, PeerIdStr
 
@@ -50,8 +49,8 @@ def parse_names(raw: dict | None) -> dict[str, AdapterRecord]:
         return out
     for subkey, item in raw.items():
         try:
-            record = AdapterRecord.model_validate(item.value)
-        except ValidationError:
+            record = AdapterRecord.from_value(item.value)
+        except ValueError:  # ValidationError is one
             logger.debug("ignoring an invalid adapter record under %s", subkey)
             continue
         # A record is believed only under its own name, so one entry cannot shadow another name.
@@ -67,8 +66,8 @@ def parse_providers(raw: dict | None) -> list[str]:
         return out
     for subkey, item in raw.items():
         try:
-            record = AdapterProvider.model_validate(item.value)
-        except ValidationError:
+            record = AdapterProvider.from_value(item.value)
+        except ValueError:  # ValidationError is one
             continue
         if record.peer_id == subkey and record.version == PROTOCOL_VERSION:
             out.append(record.peer_id)

@@ -28,7 +28,18 @@ from swarmllm.client.routing import Hop, MissingBlocksError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.session_base import SessionBase
 from swarmllm.client.verification import VerificationError, odd_one_out, relative_error
-from swarmllm.protocol import RPC_INFERENCE, ErrorCode, OpenSession, SessionOpened, Step, StepDone, Tuning
+from swarmllm.protocol import (
+    BUSY_ERRORS,
+    CALLER_ERRORS,
+    REPLAY_STEP,
+    RPC_INFERENCE,
+    ErrorCode,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepDone,
+    Tuning,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +58,6 @@ class _HopFailed(Exception):
     def __init__(self, hop: Hop, index: int = 0, hidden_in: torch.Tensor | None = None):
         super().__init__(f"server {hop.peer_id[-8:]} (blocks {hop.start}:{hop.end}) failed")
         self.hop, self.index, self.hidden_in = hop, index, hidden_in
-
-
-# Errors of a healthy server that is busy or full right now: never banned, retried a bounded number of times.
-_BUSY = (ErrorCode.CACHE_FULL, ErrorCode.RATE_LIMITED)
-# Errors after which the server is healthy and the session's request itself is at fault: no failover.
-_CALLER_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.ADAPTER, ErrorCode.VERSION, ErrorCode.NOT_MEMBER)
 
 
 class _ServerStream:
@@ -210,9 +215,9 @@ class InferenceSession(SessionBase):
             except _HopFailed as failed:
                 loop.run(self._close_all(streams))
                 error = failed.__cause__
-                if isinstance(error, wire.RemoteError) and error.code in _CALLER_ERRORS:
+                if isinstance(error, wire.RemoteError) and error.code in CALLER_ERRORS:
                     raise error from None  # our request is wrong: no other server would accept it either
-                if isinstance(error, wire.RemoteError) and error.code in _BUSY:
+                if isinstance(error, wire.RemoteError) and error.code in BUSY_ERRORS:
                     full[failed.hop.peer_id] = error
                     continue
                 self.manager.ban(failed.hop.peer_id, repr(error))
@@ -346,7 +351,7 @@ class InferenceSession(SessionBase):
                 await self._open_one(stream)
                 return stream
             except Exception as e:
-                if isinstance(e, wire.RemoteError) and e.code in _CALLER_ERRORS:
+                if isinstance(e, wire.RemoteError) and e.code in CALLER_ERRORS:
                     raise  # the request, not the server: every holder would refuse it
                 logger.warning("session %s: could not open a checker on %s: %r", self.session_id[:8], peer[-8:], e)
                 self.manager.ban(peer, repr(e))
@@ -404,12 +409,12 @@ class InferenceSession(SessionBase):
                 raise
             except _HopFailed as failed:
                 error = failed.__cause__
-                if isinstance(error, wire.RemoteError) and error.code in _CALLER_ERRORS:
+                if isinstance(error, wire.RemoteError) and error.code in CALLER_ERRORS:
                     # The request is wrong, not the server; earlier servers already took this step, so the
                     # session's caches disagree now and it cannot go on.
                     self.close()
                     raise error from None
-                if isinstance(error, wire.RemoteError) and error.code in _BUSY:
+                if isinstance(error, wire.RemoteError) and error.code in BUSY_ERRORS:
                     # Busy servers are not banned, so the same one may come back: bound the retries.
                     full += 1
                     if full > self.manager.config.max_failovers:
@@ -460,7 +465,7 @@ class InferenceSession(SessionBase):
         old = self._streams[index]
         # A server that timed out our idle session, or had no cache memory left for it, is healthy (and may
         # take the session again later): only faulty servers are banned.
-        if not (isinstance(error, wire.RemoteError) and error.code in (ErrorCode.SESSION_TIMEOUT, *_BUSY)):
+        if not (isinstance(error, wire.RemoteError) and error.code in {ErrorCode.SESSION_TIMEOUT, *BUSY_ERRORS}):
             self.manager.ban(old.hop.peer_id, repr(error))
         logger.warning("session %s: replacing server %s (blocks %d:%d) after %r", self.session_id[:8],
                        old.hop.peer_id[-8:], old.hop.start, old.hop.end, error)
@@ -479,7 +484,7 @@ class InferenceSession(SessionBase):
         mask = history[-1][2]
         for s in streams:
             try:
-                hidden = await s.step(-1, hidden, positions, mask)
+                hidden = await s.step(REPLAY_STEP, hidden, positions, mask)
             except Exception as e:
                 raise _HopFailed(s.hop) from e
 
@@ -522,5 +527,5 @@ async def _catch_up(checker: _ServerStream, new: list) -> torch.Tensor:
     checked), as one chunk, and return its output for that step's positions."""
     hidden = torch.cat([h for h, _, _ in new], dim=1)
     positions = torch.cat([p for _, p, _ in new], dim=1)
-    out = await checker.step(-1, hidden, positions, new[-1][2])
+    out = await checker.step(REPLAY_STEP, hidden, positions, new[-1][2])
     return out[:, -new[-1][0].shape[1] :]

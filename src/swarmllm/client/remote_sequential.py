@@ -20,12 +20,17 @@ from swarmllm.client.routing import NoHolderError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.tuning import ClientTuning
 from swarmllm.client.verification import VerificationError, odd_one_out, relative_error
-from swarmllm.protocol import RPC_BACKWARD, RPC_FORWARD, ErrorCode, SpanReply, SpanRequest, Tuning
+from swarmllm.protocol import (
+    CALLER_ERRORS,
+    RPC_BACKWARD,
+    RPC_FORWARD,
+    ErrorCode,
+    SpanReply,
+    SpanRequest,
+    Tuning,
+)
 
 logger = logging.getLogger(__name__)
-
-# Errors that say the request itself is wrong: retrying elsewhere would fail the same way.
-_CALLER_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LONG, ErrorCode.VERSION, ErrorCode.ADAPTER, ErrorCode.NOT_MEMBER)
 
 
 class RemoteSequential(nn.Module):
@@ -153,7 +158,7 @@ class RemoteSequential(nn.Module):
                 try:
                     return other, self._call_once(other, verb, msg, start, end, ref, lora_tensors, tokens)
                 except wire.RemoteError as e:
-                    if e.code in _CALLER_ERRORS:  # the request, not the checker: every holder would refuse it
+                    if e.code in CALLER_ERRORS:  # the request, not the checker: every holder would refuse it
                         raise
                     if e.code == ErrorCode.NOT_CACHED:
                         self.tuning.forget(other, ref.sha256)
@@ -186,7 +191,7 @@ class RemoteSequential(nn.Module):
             try:
                 out = self._call_once(peer, verb, msg, start, end, ref, lora_tensors, tokens)
             except wire.RemoteError as e:
-                if e.code in _CALLER_ERRORS:
+                if e.code in CALLER_ERRORS:
                     raise
                 error = e
                 if e.code == ErrorCode.NOT_CACHED:  # evicted since the upload: send the weights again

@@ -15,7 +15,6 @@ from typing import TypeVar
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
-from pydantic import ValidationError
 
 from swarmllm.protocol import PROTOCOL_VERSION, ModelEntry, PeerIdStr, Record, ServerRecord, ServerState
 
@@ -56,8 +55,8 @@ def parse_subkeyed(raw: dict | None, cls: type[R], subkey_of: Callable[[R], str]
     out = []
     for subkey, item in (raw or {}).items():
         try:
-            record = cls.model_validate(item.value)
-        except ValidationError:
+            record = cls.from_value(item.value)
+        except ValueError:  # ValidationError is one
             logger.debug("ignoring an invalid %s under %s", cls.__name__, subkey)
             continue
         if subkey == subkey_of(record) and record.version == PROTOCOL_VERSION:
