@@ -61,6 +61,9 @@ class Sessions:
     def __init__(self, handler: Handler):
         self.handler = handler
         self.active = 0
+        # Pushes in flight: the event loop keeps only weak references to tasks, so one held nowhere else could
+        # be collected before it runs.
+        self._pushes: set[asyncio.Task] = set()
         self.inboxes: dict[tuple[str, int], asyncio.Queue] = {}  # (session id, first block) -> step inbox
 
     async def rpc_inference(
@@ -189,7 +192,9 @@ class Sessions:
         live.tokens += batch * q
         live.last_done = max(live.last_done, step.step_id)
         if step.push_to:
-            asyncio.create_task(self._push(meta, step, out, position_ids, mask))
+            push = asyncio.create_task(self._push(meta, step, out, position_ids, mask))
+            self._pushes.add(push)
+            push.add_done_callback(self._pushes.discard)
         return wire.response(StepDone(step_id=step.step_id, length=session.length), out, compression=meta.compression)
 
     def _close(self, live: _Live, inbox: asyncio.Queue | None, peer: str) -> None:
