@@ -4,13 +4,13 @@ stop after the answer)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 import threading
 import time
 
+from swarmllm.cli.configs import LocalConfig
 from swarmllm.launcher import LocalSwarm, ServerSpec
 
 
@@ -19,7 +19,7 @@ def even_spans(num_blocks: int, servers: int) -> list[str]:
     return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
 
 
-def run_local(args: argparse.Namespace) -> None:
+def run_local(args: LocalConfig) -> None:
     import torch
     from transformers import TextStreamer
 
@@ -68,7 +68,7 @@ def run_local(args: argparse.Namespace) -> None:
     print("swarm stopped.", file=sys.stderr)
 
 
-def _start_api(args: argparse.Namespace, model):
+def _start_api(args: LocalConfig, model):
     """The API and web UI on localhost, sharing the model above; on another port if the asked one is taken."""
     from swarmllm.api.config import ApiConfig
     from swarmllm.api.serve import ApiServer, swarm_engine

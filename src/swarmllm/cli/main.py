@@ -17,6 +17,14 @@ import threading
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from swarmllm.cli.adapters import add_adapter_commands
+from swarmllm.cli.configs import (
+    ChatConfig,
+    DhtConfig,
+    GenerateConfig,
+    LocalConfig,
+    PointsConfig,
+    StatusConfig,
+)
 from swarmllm.cli.options import add_config_args, config_from_args
 from swarmllm.client.config import ClientConfig
 from swarmllm.server.config import ServerConfig
@@ -46,17 +54,19 @@ def cmd_dht(args: argparse.Namespace) -> None:
     from swarmllm.dht.node import join
     from swarmllm.trust.swarm_key import SwarmKey
 
-    if args.private:
-        key_path = Path(args.swarm_key or "swarm.key")
+    config = config_from_args(DhtConfig, args)
+    swarm_key = config.swarm_key
+    if config.private:
+        key_path = Path(config.swarm_key or "swarm.key")
         if key_path.exists():
             key = SwarmKey.load(key_path)  # restarting the bootstrap peer of an existing private swarm
         else:
             key = SwarmKey.create(key_path)
             print(f"created a new private swarm: its key is {key_path.resolve()} (give it to every member)", flush=True)
-        args.swarm_key = str(key_path)
+        swarm_key = str(key_path)
         print(f"private swarm {key.fingerprint}: members join with --swarm-key {key_path.resolve()}", flush=True)
-    peer = join(identity=args.identity, swarm_key=args.swarm_key, host_maddrs=args.host_maddrs,
-                announce_maddrs=args.announce_maddrs)
+    peer = join(identity=config.identity, swarm_key=swarm_key, host_maddrs=config.host_maddrs,
+                announce_maddrs=config.announce_maddrs)
     dht = peer.dht
     print("initial peers: " + " ".join(str(m) for m in dht.get_visible_maddrs()), flush=True)
     stop = threading.Event()
@@ -87,14 +97,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from swarmllm.models.shards import no_tensors
     from swarmllm.models.source import resolve_model
 
+    config = config_from_args(GenerateConfig, args)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model, tensors=no_tensors))
     model = _client_model(args)
     try:
-        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        ids = tokenizer(config.prompt, return_tensors="pt").input_ids
         streamer = TextStreamer(tokenizer, skip_prompt=False)
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                             temperature=args.temperature or None, streamer=streamer)
+        out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=config.temperature > 0,
+                             temperature=config.temperature or None, streamer=streamer)
         dt = time.perf_counter() - t0
         new = out.shape[1] - ids.shape[1]
         print(f"\n[{new} tokens in {dt:.2f}s: {new / dt:.2f} tokens/s]", file=sys.stderr)
@@ -105,7 +116,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from swarmllm.cli.chat import chat_loop
 
-    chat_loop(_client_model(args), args.model, args.max_new_tokens, args.max_length)
+    config = config_from_args(ChatConfig, args)
+    chat_loop(_client_model(args), args.model, config.max_new_tokens, config.max_length)
 
 
 def cmd_points(args: argparse.Namespace) -> None:
@@ -115,13 +127,14 @@ def cmd_points(args: argparse.Namespace) -> None:
     from swarmllm.dht.points import get_receipts
     from swarmllm.observe.snapshot import accounts
 
-    peer = join(args.initial_peers, swarm_key=args.swarm_key, host_maddrs=["/ip4/0.0.0.0/tcp/0"], client_mode=True)
+    config = config_from_args(PointsConfig, args)
+    peer = join(config.initial_peers, swarm_key=config.swarm_key, host_maddrs=["/ip4/0.0.0.0/tcp/0"], client_mode=True)
     try:
         receipts = get_receipts(peer.dht)
     finally:
         peer.dht.shutdown()
     rows = accounts(receipts)
-    if args.json:
+    if config.json_output:
         print(json.dumps([r.model_dump(include={"account", "balance", "served", "used"}) for r in rows]))
         return
     print(f"{'account':<48} {'balance':>14} {'served':>14} {'used':>14}")
@@ -157,13 +170,13 @@ def cmd_api(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     from swarmllm.cli.status import cmd_status as run
 
-    run(args)
+    run(config_from_args(StatusConfig, args))
 
 
 def cmd_local(args: argparse.Namespace) -> None:
     from swarmllm.cli.local import run_local
 
-    run_local(args)
+    run_local(config_from_args(LocalConfig, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,31 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("dht", help="start a bootstrap peer and print its multiaddrs")
-    p.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/0"], help="multiaddrs to listen on")
-    p.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs to announce")
-    p.add_argument("--private", action="store_true",
-                   help="start a private swarm: create its key file (--swarm-key, default ./swarm.key) unless it exists")
-    p.add_argument("--swarm-key", default=None, help="key file of the private swarm to bootstrap")
-    p.add_argument("--identity", default=None, help="identity file (created if missing) that fixes this peer's id")
+    add_config_args(p, DhtConfig)
     p.set_defaults(func=cmd_dht)
 
     p = sub.add_parser("serve", help="serve a span of blocks of a model")
     add_config_args(p, ServerConfig, positional=("model",))
     p.set_defaults(func=cmd_serve)
 
-    for name, func, help_text in (
-        ("generate", cmd_generate, "generate text from a prompt through the swarm"),
-        ("chat", cmd_chat, "interactive chat through the swarm, with the model's chat template"),
+    for name, func, config, help_text in (
+        ("generate", cmd_generate, GenerateConfig, "generate text from a prompt through the swarm"),
+        ("chat", cmd_chat, ChatConfig, "interactive chat through the swarm, with the model's chat template"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("model", help="model: a local folder, a .gguf file, a hub repo id, or a shortcut (smollm2)")
         add_config_args(p, ClientConfig)
-        p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+        add_config_args(p, config)
         p.set_defaults(func=func)
-    generate = sub.choices["generate"]
-    generate.add_argument("--prompt", required=True, help="the prompt text")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    sub.choices["chat"].add_argument("--max-length", type=int, default=2048, help="tokens the chat session may hold")
 
     from swarmllm.api.config import ApiConfig
 
@@ -206,26 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("status", help="show the swarm: models, block coverage, servers, spans, speed and state")
-    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any peers in the swarm")
-    p.add_argument("--swarm-key", default=None, help="key file of a private swarm")
-    p.add_argument("--model", nargs="*", default=[], help="models to show even if no server announces them now")
-    p.add_argument("--json", action="store_true", help="print the snapshot as JSON (the monitor's /api/swarm format)")
+    add_config_args(p, StatusConfig)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("local", help="start a local swarm (bootstrap + servers) with the API and web UI, answer a chat prompt")
-    p.add_argument("model", nargs="?", default="smollm2", help="model to serve (default: smollm2)")
-    p.add_argument("--servers", type=int, default=3, help="number of servers, splitting the blocks evenly")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores)")
-    p.add_argument("--prompt", default="What is a swarm of computers good for? Answer in two sentences.")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--port", type=int, default=8000, help="port of the API and web UI on 127.0.0.1 (default: 8000)")
-    p.add_argument("--once", action="store_true", help="stop after answering the prompt instead of serving the web UI")
+    add_config_args(p, LocalConfig, positional=("model",))
     p.set_defaults(func=cmd_local)
 
     p = sub.add_parser("points", help="show every account's contribution points, from the receipts in the swarm")
-    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any peers in the swarm")
-    p.add_argument("--swarm-key", default=None, help="key file of a private swarm")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_config_args(p, PointsConfig)
     p.set_defaults(func=cmd_points)
 
     p = sub.add_parser("adapters", help="publish, list and fetch trained adapters (in the swarm or a hub)")

@@ -11,24 +11,32 @@ from pydantic import BaseModel, ValidationError
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_cls: type[BaseModel], positional: tuple[str, ...] = ()) -> None:
+    """A flag per field (`--field-name`, or `--alias`), with the field's description and default; `positional`
+    fields are arguments instead (optional ones when the field has a default). A required field is a
+    required flag."""
     for name, field in config_cls.model_fields.items():
         kind, args = _kind(field.annotation)
         help_text = field.description or ""
-        if name in positional:
-            parser.add_argument(name, help=help_text)
-            continue
-        flag = "--" + name.replace("_", "-")
         default = None if field.is_required() else field.get_default(call_default_factory=True)
         if default is not None and kind is not bool:
             help_text += f" (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif kind is list:
-            parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
-        elif kind is Literal:
-            parser.add_argument(flag, choices=args, default=argparse.SUPPRESS, help=help_text)
+        if name in positional:
+            optional = {} if field.is_required() else {"nargs": "?", "default": argparse.SUPPRESS}
+            parser.add_argument(name, help=help_text, **optional)
+            continue
+        flag, options = "--" + (field.alias or name).replace("_", "-"), {"dest": name, "help": help_text}
+        if field.is_required():
+            options["required"] = True
         else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+            options["default"] = argparse.SUPPRESS
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        elif kind is list:
+            parser.add_argument(flag, nargs="+" if field.is_required() else "*", **options)
+        elif kind is Literal:
+            parser.add_argument(flag, choices=args, **options)
+        else:
+            parser.add_argument(flag, type=kind, **options)
 
 
 def config_from_args(config_cls: type[BaseModel], ns: argparse.Namespace, **extra: Any):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+from swarmllm.cli.configs import StatusConfig
 from swarmllm.observe.snapshot import ModelView, SwarmSnapshot
 
 
-def cmd_status(args: argparse.Namespace) -> None:
+def cmd_status(args: StatusConfig) -> None:
     from swarmllm.client import loop
     from swarmllm.dht.node import join
     from swarmllm.observe.snapshot import collect
@@ -20,7 +20,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         snap = collect(peer, p2p, models=args.model or ())
     finally:
         peer.dht.shutdown()
-    if args.json:
+    if args.json_output:
         print(json.dumps(snap.model_dump(mode="json")))
         return
     if args.swarm_key:
