@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from swarmllm.points.priority import PriorityPolicy
 from swarmllm.protocol import ErrorCode
 from swarmllm.server.cache import CacheMemory
 from swarmllm.server.config import ServerConfig
@@ -20,7 +21,7 @@ def value(metrics: ServerMetrics, name: str, **labels: str) -> float | None:
 
 def test_counters_histogram_and_gauges_move() -> None:
     metrics = ServerMetrics()
-    memory, sessions, scheduler = CacheMemory(1000, 1.0), [0], SimpleNamespace(steps_run=0, passes_run=0)
+    memory, sessions, scheduler = CacheMemory(1000, 1.0), [0], SimpleNamespace(steps_run=0, passes_run=0, policy=None)
     metrics.watch(memory, lambda: sessions[0], scheduler)
     metrics.set_info("tiny", 0, 4, "QmPeer", "float32", "none")
     # Every label exists from the start, at 0, so a rate is defined before the first event.
@@ -55,6 +56,21 @@ def test_counters_histogram_and_gauges_move() -> None:
     metrics.set_info("tiny", 2, 4, "QmPeer", "float32", "none")  # a move: one series, the new span
     assert value(metrics, "swarmllm_server_info", **info) is None
     assert value(metrics, "swarmllm_server_info", **{**info, "blocks": "2:4"}) == 1
+
+
+def test_contested_picks_count_the_priority_policys_choices() -> None:
+    """With points on, the scheduler's policy says who led each contested pass; without, there is no series."""
+    metrics = ServerMetrics()
+    metrics.watch(CacheMemory(1000, 1.0), lambda: 0, SimpleNamespace(steps_run=0, passes_run=0, policy=None))
+    assert value(metrics, "swarmllm_contested_picks_total", to="contributor") is None
+
+    policy = PriorityPolicy(lambda peer: 5.0 if peer == "rich" else 0.0)
+    metrics.watch(CacheMemory(1000, 1.0), lambda: 0, SimpleNamespace(steps_run=0, passes_run=0, policy=policy))
+    for _ in range(10):
+        policy.pick(["poor", "rich"])
+    policy.pick(["rich", "rich"])  # nobody without points waits: not contested
+    assert value(metrics, "swarmllm_contested_picks_total", to="contributor") == 8
+    assert value(metrics, "swarmllm_contested_picks_total", to="newcomer") == 2
 
 
 def test_http_endpoint_serves_parseable_text_and_stops() -> None:

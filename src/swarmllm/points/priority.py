@@ -31,7 +31,10 @@ class PriorityPolicy:
         # Exact arithmetic: with floats, five credits of 0.2 might not quite make one.
         self.share = Fraction(newcomer_share).limit_denominator(10**6)
         self._credit = Fraction(0)  # stays in [0, 1)
-        self.newcomer_picks = 0  # picks that went to a newcomer because of the share
+        # Picks made while a contributor and a newcomer both waited, by who got them: the newcomer ones
+        # because of the share. Counted so that a server's own ordering of work can be read (metrics, tests).
+        self.contributor_picks = 0
+        self.newcomer_picks = 0
 
     @property
     def max_wait(self) -> float:
@@ -62,4 +65,5 @@ class PriorityPolicy:
             self._credit -= 1
             self.newcomer_picks += 1
             return newcomer
+        self.contributor_picks += 1
         return best

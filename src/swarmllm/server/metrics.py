@@ -145,3 +145,10 @@ class _Batching(Collector):
         yield CounterMetricFamily("swarmllm_batch_steps", "Inference steps computed", value=scheduler.steps_run)
         yield CounterMetricFamily("swarmllm_batch_passes", "Forward passes that computed the inference steps",
                                   value=scheduler.passes_run)
+        if scheduler.policy is not None:
+            picks = CounterMetricFamily("swarmllm_contested_picks",
+                                        "Tasks run while a peer with points and one without both waited, by "
+                                        "who got the pass (newcomer: by the guaranteed share)", labels=["to"])
+            picks.add_metric(["contributor"], scheduler.policy.contributor_picks)
+            picks.add_metric(["newcomer"], scheduler.policy.newcomer_picks)
+            yield picks
