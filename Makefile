@@ -47,6 +47,7 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check src tests bench examples
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV)

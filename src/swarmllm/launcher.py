@@ -95,6 +95,7 @@ def spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None, ech
     child = Child(name, proc)
 
     def pump() -> None:
+        assert proc.stdout is not None  # started with stdout=PIPE
         for line in proc.stdout:
             child.log.append(line)
             child.lines.put(line)

@@ -92,7 +92,8 @@ def split(msg, max_part_bytes: int = MAX_PART_BYTES) -> list:
     """One ExpertRequest/ExpertResponse -> parts of the same type, each at most about `max_part_bytes`."""
     cls = type(msg)
     pieces = [p for t in msg.tensors for p in split_for_streaming(t, max_part_bytes)]
-    parts, current, size = [cls(metadata=msg.metadata)], [], 0
+    current: list[runtime_pb2.Tensor] = []
+    parts, size = [cls(metadata=msg.metadata)], 0
     for piece in pieces:
         if current and size + len(piece.buffer) > max_part_bytes:
             parts[-1].tensors.extend(current)

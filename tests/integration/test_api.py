@@ -251,7 +251,7 @@ def test_status_shows_the_swarm(smollm2_swarm) -> None:
     for s in online:
         assert s["rtt_ms"] is not None and s["inference_tps"] > 0
     # The table is the same snapshot rendered (one process start less: each costs ~15 s on 2 busy cores).
-    table = render(SwarmSnapshot.model_validate(snap))
+    table = render(SwarmSnapshot.model_validate_json(json.dumps(snap)))  # as strictly as from the wire
     assert "all 30 blocks covered" in table and "|" + "1" * 30 + "|" in table
     for peer, blocks in peers.items():
         row = next(line for line in table.splitlines() if peer in line)

@@ -119,7 +119,7 @@ def _dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator) -> torc
 
 @contextlib.contextmanager
 def applied(
-    layers: Sequence[nn.Module], first_block: int, weights: LoraWeights, scaling: float,
+    layers: Sequence[nn.Module] | nn.ModuleList, first_block: int, weights: LoraWeights, scaling: float,
     dropout: float = 0.0, seed: int = 0,
 ) -> Iterator[None]:
     """Apply `weights` to `layers` (blocks first_block, first_block+1, ...) while the context is open.

@@ -12,6 +12,7 @@ other content stops re-announcing it.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import logging
@@ -162,7 +163,7 @@ class SwarmHub:
     async def lookup(self, name: str) -> AdapterRecord | None:
         return (await asyncio.to_thread(records.get_names, self.dht)).get(name)
 
-    async def providers(self, sha256: str) -> list[str]:
+    async def providers(self, sha256: str) -> builtins.list[str]:  # (`list` here is the method above)
         """Peer ids that announce they serve `sha256`."""
         return await asyncio.to_thread(records.get_providers, self.dht, sha256)
 
@@ -352,7 +353,7 @@ class SyncSwarmHub:
     def list(self) -> list[AdapterRecord]:
         return io_loop.run(self.hub.list())
 
-    def providers(self, sha256: str) -> list[str]:
+    def providers(self, sha256: str) -> builtins.list[str]:
         return io_loop.run(self.hub.providers(sha256))
 
     def refresh(self, ttl: float | None = None) -> None:

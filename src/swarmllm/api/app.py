@@ -19,8 +19,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 WEB = Path(__file__).parent / "web"
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 KEY_SCOPE = "swarmllm.api_key"  # ASGI scope entry: the name of the API key a request came with
+R = TypeVar("R", bound=schemas.Request)
 
 
 def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = None, refresh: float = 2.0):
@@ -102,8 +104,9 @@ def create_app(engine: Engine, snapshot: Callable[[], SwarmSnapshot] | None = No
         error = as_api_error(e)
         return JSONResponse(error.body(), status_code=error.status)
 
-    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
-                                                       Exception: internal_error})
+    # (Starlette types each handler as taking any Exception; each of these takes only its own class.)
+    handlers: dict[Any, Callable] = {ApiError: api_error, HTTPException: http_error, Exception: internal_error}
+    app: Starlette | _RequireKey = Starlette(routes=routes, exception_handlers=handlers)
     if engine.config.api_keys_file is not None:
         app = _RequireKey(app, ApiKeys(engine.config.api_keys_file), engine.metrics)
     return _CountResponses(app, engine.metrics, {r.path for r in routes if isinstance(r, Route)})
@@ -168,7 +171,7 @@ async def _drain(request: Request, chunks: AsyncIterator[bytes], read: int) -> N
             return
 
 
-async def _parse(request: Request, schema: type[schemas.Request], engine: Engine) -> schemas.Request:
+async def _parse(request: Request, schema: type[R], engine: Engine) -> R:
     limit = engine.config.max_body_bytes
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > limit:
@@ -201,7 +204,7 @@ async def _parse(request: Request, schema: type[schemas.Request], engine: Engine
     return body
 
 
-async def _complete(request: Request, engine: Engine, body: schemas.Request, prompts: list[list[int]],
+async def _complete(request: Request, engine: Engine, body: schemas.ChatRequest | schemas.CompletionRequest, prompts: list[list[int]],
                     chat: bool) -> Response:
     """`n` choices for each prompt (completions take a batch of prompts), as OpenAI orders them: choice
     index = prompt index x n + choice."""
@@ -213,8 +216,9 @@ async def _complete(request: Request, engine: Engine, body: schemas.Request, pro
     await asyncio.get_running_loop().run_in_executor(None, engine.check_sampling, samplings[0][0])
     await asyncio.get_running_loop().run_in_executor(None, engine.check_swarm)
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
-    calls_tools = chat and body.calls_tools
-    echoes = [engine.tokenizer.decode(p, skip_special_tokens=True) if not chat and body.echo else "" for p in prompts
+    calls_tools = isinstance(body, schemas.ChatRequest) and body.calls_tools
+    echo = isinstance(body, schemas.CompletionRequest) and body.echo
+    echoes = [engine.tokenizer.decode(p, skip_special_tokens=True) if echo else "" for p in prompts
               for _ in samplings[0]]
     key = request.scope.get(KEY_SCOPE)
     streams = [engine.stream(p, s, endpoint=request.url.path, key=key)  # one per choice
@@ -232,21 +236,21 @@ async def _complete(request: Request, engine: Engine, body: schemas.Request, pro
                         else schemas.text_response(rid, engine.model_id, choices, echoes, body.n or 1))
 
 
-Stream = AsyncIterator[Piece | Completion]
+Stream = AsyncGenerator[Piece | Completion, None]
 
 
 async def _firsts(streams: list[Stream]) -> list[Piece | Completion]:
     """The first item of every stream, awaited together (each starts its own decoding); if any fails, all
     are closed and its error raised."""
     firsts = await asyncio.gather(*(anext(p) for p in streams), return_exceptions=True)
-    failed = [f for f in firsts if isinstance(f, BaseException)]
-    if failed:
+    items = [f for f in firsts if not isinstance(f, BaseException)]
+    if len(items) < len(firsts):
         await _close(streams)
-        raise failed[0]
-    return firsts
+        raise next(f for f in firsts if isinstance(f, BaseException))
+    return items
 
 
-async def _close(streams: list[Stream], tasks: list[asyncio.Task] = ()) -> None:
+async def _close(streams: list[Stream], tasks: Sequence[asyncio.Task] = ()) -> None:
     """Stop the tasks iterating `streams`, then close the streams: their decoding is cancelled. (A stream
     cannot be closed while a task is inside it.)"""
     for t in tasks:
@@ -271,8 +275,8 @@ async def _until_done(request: Request, streams: list[Stream]) -> list[Completio
         while True:
             done, pending = await asyncio.wait(tasks, timeout=0.5, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
-                if t.exception() is not None:
-                    raise t.exception()
+                if (error := t.exception()) is not None:
+                    raise error
             if not pending:
                 return [t.result() for t in tasks]
             if await request.is_disconnected():
@@ -330,7 +334,7 @@ async def _events(streams: list[Stream], firsts: list[Piece | Completion], rid: 
                 break
             if isinstance(item, Completion):
                 finished[i] = item
-                finish = item.finish_reason
+                finish: str = item.finish_reason
                 if calls_tools:
                     message, finish = schemas.chat_message(item, True)
                     yield _held_reply(chunk(i, message["content"], entries=held.pop(i, None)), message, rid, model,

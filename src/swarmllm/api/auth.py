@@ -77,7 +77,7 @@ class ApiKeys:
 def parse_keys(text: str) -> list[tuple[str, str]]:
     """(name, key) pairs from a file's text: `KEY` or `NAME KEY` per line; blank lines and `#` comments
     skipped. Raises on no key, a line of three words or more, or a name given twice."""
-    keys = []
+    keys: list[tuple[str, str]] = []
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
         if not words:

@@ -11,14 +11,17 @@ The cost is measured by bench/constrained.py.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from swarmllm.api.errors import ApiError
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 # Compact JSON: a model free to write whitespace may spend its whole budget on it (tiny models do).
-_OPTIONS = {"whitespace_flexible": False}
+_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 _BITS = torch.arange(32, dtype=torch.int32)
 
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from swarmllm.api import tool_calls
@@ -146,7 +146,7 @@ class Engine:
                 self._admitted -= 1
 
     async def stream(self, prompt: list[int], sampling: Sampling, endpoint: str = "",
-                     key: str | None = None) -> AsyncIterator[Piece | Completion]:
+                     key: str | None = None) -> AsyncGenerator[Piece | Completion, None]:
         """Pieces of text (with their logprobs) as they become final, then the Completion. Closing the
         iterator early (the client went away) cancels the decoding; its thread then closes the session.
         `key`: the name of the API key it came with, to count its tokens under."""

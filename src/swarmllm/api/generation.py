@@ -89,13 +89,13 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     penalised = counts and (sampling.presence_penalty or sampling.frequency_penalty)
     if penalised or sampling.logit_bias:
         logits = logits.clone()  # the caller's logits also feed the reported logprobs: leave them alone
-    if penalised:
+    if penalised and counts:
         ids = torch.tensor(list(counts))
         n = torch.tensor(list(counts.values()), dtype=logits.dtype)
         logits[ids] -= sampling.presence_penalty + sampling.frequency_penalty * n
     if sampling.logit_bias:
-        ids, bias = zip(*sampling.logit_bias)
-        logits[list(ids)] += torch.tensor(bias, dtype=logits.dtype)
+        biased, bias = zip(*sampling.logit_bias)
+        logits[list(biased)] += torch.tensor(bias, dtype=logits.dtype)
     if sampling.temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
@@ -175,7 +175,11 @@ def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: froze
     Stops at an end-of-sequence token, a stop string, the token budget, or when `cancel` is set.
     `max_tokens` may be 0: with `prompt_logprobs`, that scores the prompt alone. A `sampling.grammar` needs
     the tokenizer's `vocabulary`; the end of sequence then comes only where the grammar may end."""
-    matcher = vocabulary.matcher(sampling.grammar) if sampling.grammar is not None else None
+    matcher = None
+    if sampling.grammar is not None:
+        if vocabulary is None:
+            raise ValueError("a grammar needs the tokenizer's vocabulary")
+        matcher = vocabulary.matcher(sampling.grammar)
     if sampling.max_tokens == 0 and not sampling.prompt_logprobs:  # nothing to compute: open no session
         return Completion("", "length", len(prompt), 0, logprobs=[] if sampling.logprobs is not None else None)
     cancel = cancel or threading.Event()
@@ -248,7 +252,7 @@ def score(tokenizer, logits: torch.Tensor, tokens: list[int], k: int, rows: int 
         chosen = lp.gather(1, torch.tensor(tokens[start:start + rows])[:, None])[:, 0].tolist()
         top_values, top_ids = lp.topk(k, dim=-1) if k else (None, None)
         for i, token in enumerate(tokens[start:start + rows]):
-            top = () if not k else tuple(
+            top = () if top_ids is None or top_values is None else tuple(
                 (tokenizer.decode([t]), v) for t, v in zip(top_ids[i].tolist(), top_values[i].tolist()))
             out.append(TokenLogprob(tokenizer.decode([token]), chosen[i], top))
     return out

@@ -149,7 +149,8 @@ class ResponseFormat(BaseModel):
         if self.type == "json_object":
             return grammar_for({"type": "object"}, "response_format")
         if self.type == "json_schema":
-            return grammar_for(self.json_schema.schema_ or {}, "response_format")  # OpenAI: no schema, any JSON
+            schema = self.json_schema.schema_ if self.json_schema is not None else None  # (checked: never None)
+            return grammar_for(schema or {}, "response_format")  # OpenAI: no schema, any JSON
         return None
 
 
@@ -237,7 +238,7 @@ class ChatRequest(Request):
         first = super().sampling(max_tokens)
         if not self.calls_tools:
             return first
-        grammar = tool_calls.grammar(self.tools, self.tool_choice or "auto", self.parallel_tool_calls is not False)
+        grammar = tool_calls.grammar(self.tools or [], self.tool_choice or "auto", self.parallel_tool_calls is not False)
         return dataclasses.replace(first, grammar=grammar, grammar_param="tools")
 
     def logprob_request(self) -> tuple[int | None, bool]:
@@ -294,7 +295,7 @@ def usage(choices: list[Completion], n: int = 1) -> dict:
 
 
 def chat_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
-    def one(token: str, logprob: float) -> dict:
+    def one(token: str, logprob: float | None) -> dict:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     if entries is None:

@@ -58,7 +58,7 @@ class NamedChoice(BaseModel):
 def check_choice(tools: list[Tool] | None, choice: str | NamedChoice | None) -> None:
     if choice is not None and not tools:
         raise ApiError(400, "tool_choice needs tools", param="tool_choice")
-    if isinstance(choice, NamedChoice) and choice.function.name not in {t.function.name for t in tools}:
+    if isinstance(choice, NamedChoice) and choice.function.name not in {t.function.name for t in tools or ()}:
         raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
                        param="tool_choice")
 

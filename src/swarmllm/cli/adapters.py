@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 from swarmllm.adapters.config import SwarmHubConfig
@@ -129,7 +130,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     print(f"fetched: {args.name} sha256={sha} -> {path}", flush=True)
 
 
-def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def format_table(header: tuple[str, ...], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 

@@ -21,10 +21,11 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type[BaseModel]
         if default is not None and kind is not bool:
             help_text += f" (default: {default})"
         if name in positional:
-            optional = {} if field.is_required() else {"nargs": "?", "default": argparse.SUPPRESS}
+            optional: dict[str, Any] = {} if field.is_required() else {"nargs": "?", "default": argparse.SUPPRESS}
             parser.add_argument(name, help=help_text, **optional)
             continue
-        flag, options = "--" + (field.alias or name).replace("_", "-"), {"dest": name, "help": help_text}
+        flag = "--" + (field.alias or name).replace("_", "-")
+        options: dict[str, Any] = {"dest": name, "help": help_text}
         if field.is_required():
             options["required"] = True
         else:

@@ -22,6 +22,8 @@ from swarmllm.models.span import Span
 class LocalBlocks(nn.Module):
     """Blocks `[start, end)` run on the client (trainable or not: see each layer's requires_grad)."""
 
+    tuning: ClientTuning | None  # declared for type checkers: kept outside nn.Module's registry
+
     def __init__(self, span: Span, tuning: ClientTuning | None):
         super().__init__()
         self.span, self.start, self.end = span, span.start, span.end

@@ -23,6 +23,7 @@ from swarmllm.protocol import (
     RPC_SETTLE,
     AccountBinding,
     Bound,
+    PeerIdStr,
     Receipt,
     ReceiptRequest,
     Settle,
@@ -62,7 +63,7 @@ class ClientPoints:
 
     async def _bind(self, server: str) -> None:
         binding = AccountBinding(
-            account=self.account.peer_id, account_key=base64.b64encode(self.account.public_der).decode(),
+            account=PeerIdStr(self.account.peer_id), account_key=base64.b64encode(self.account.public_der).decode(),
             signature=base64.b64encode(self.account.sign(binding_bytes(self.peer_id))).decode(),
         )
         wire.parse(await self._call(server, RPC_POINTS_BIND, wire.request(binding)), Bound, server)

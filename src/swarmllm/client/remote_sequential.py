@@ -8,6 +8,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -42,6 +43,8 @@ class RemoteSequential(nn.Module):
     times. If the server that ran a forward is gone by the backward, the backward recomputes that span's
     forward on other servers first, so the step still succeeds with the same gradients.
     """
+
+    tuning: ClientTuning | None  # declared for type checkers: kept outside nn.Module's registry (see below)
 
     def __init__(self, manager: SequenceManager, start: int = 0, end: int | None = None, tuning: ClientTuning | None = None):
         super().__init__()
@@ -97,7 +100,7 @@ class RemoteSequential(nn.Module):
         lora_tensors = [x.detach() for x in t.lora_tensors(hop.start, hop.end)] if t is not None else []
         tuning, ref = self._tuning(hop.start, hop.end, prompts, lora_tensors)
         if ref is not None:
-            await t.ensure_uploaded(self.manager, hop.peer_id, ref, hop.start, hop.end, lora_tensors)
+            await self._uploads().ensure_uploaded(self.manager, hop.peer_id, ref, hop.start, hop.end, lora_tensors)
         return tuning, [prompts] if prompts is not None else []
 
     def _tuning(self, start, end, prompts, lora_tensors):
@@ -112,10 +115,15 @@ class RemoteSequential(nn.Module):
     def _rng(self) -> random.Random:
         return self.manager.verify_rng
 
+    def _uploads(self) -> ClientTuning:
+        """The tuning whose weights a call refers to by hash: a call has a `ref` only when there is one."""
+        assert self.tuning is not None
+        return self.tuning
+
     def _call_once(self, peer: str, verb: str, msg, start: int, end: int, ref, lora_tensors,
                    tokens: int) -> list[torch.Tensor]:
         if ref is not None:
-            loop.run(self.tuning.ensure_uploaded(self.manager, peer, ref, start, end, lora_tensors))
+            loop.run(self._uploads().ensure_uploaded(self.manager, peer, ref, start, end, lora_tensors))
         self.manager.points.count(peer, end - start, tokens)
         reply = loop.run(asyncio.wait_for(self.manager.call_split(peer, verb, msg), self.manager.config.request_timeout))
         return wire.parse(reply, SpanReply, peer)[1]
@@ -161,7 +169,7 @@ class RemoteSequential(nn.Module):
                     if e.code in CALLER_ERRORS:  # the request, not the checker: every holder would refuse it
                         raise
                     if e.code == ErrorCode.NOT_CACHED:
-                        self.tuning.forget(other, ref.sha256)
+                        self._uploads().forget(other, ref.sha256)
                         continue
                     if e.code != ErrorCode.RATE_LIMITED:  # busy is healthy: just ask the next one
                         self.manager.ban(other, repr(e))
@@ -171,7 +179,7 @@ class RemoteSequential(nn.Module):
         return None
 
     def call_span(self, verb: str, start: int, end: int, tensors: list[torch.Tensor], mask: torch.Tensor | None,
-                  prompts: torch.Tensor | None = None, lora_tensors: list[torch.Tensor] = (),
+                  prompts: torch.Tensor | None = None, lora_tensors: Sequence[torch.Tensor] = (),
                   keep: str | None = None) -> list[torch.Tensor]:
         """Run `verb` over blocks `[start, end)` on one server that holds them all, trying another such
         server after a failure. Raises NoHolderError once no unbanned server holds the whole range.
@@ -195,7 +203,7 @@ class RemoteSequential(nn.Module):
                     raise
                 error = e
                 if e.code == ErrorCode.NOT_CACHED:  # evicted since the upload: send the weights again
-                    self.tuning.forget(peer, ref.sha256)
+                    self._uploads().forget(peer, ref.sha256)
                     continue
                 if e.code == ErrorCode.RATE_LIMITED:  # healthy but busy: no ban; wait a little, maybe go elsewhere
                     time.sleep(0.2)

@@ -123,7 +123,7 @@ def fastest_route(
     best[0] = 0.0
     running: dict[str, tuple[float, int]] = {}  # peer -> (min of best[p] - p * t, argmin p) over its current run
     for i, servers in enumerate(at):
-        current = {}
+        current: dict[str, tuple[float, int]] = {}
         for r in servers:
             t = r.step_time or DEFAULT_STEP_TIME
             here = (best[i] - i * t, i)
@@ -138,7 +138,9 @@ def fastest_route(
                 best[i + 1], back[i + 1] = cost, (r, p)
     route, i = [], end - start
     while i > 0:
-        r, p = back[i]
+        step = back[i]
+        assert step is not None  # `_usable` found every block covered (at its version), so each was reached
+        r, p = step
         route.append(Hop(r.peer_id, start + p, start + i))
         i = p
     return route[::-1]

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
@@ -29,7 +30,7 @@ from swarmllm.client.verification import comparable
 from swarmllm.dht.node import SwarmPeer, join
 from swarmllm.dht.records import get_servers
 from swarmllm.dht.reports import get_reports, publish_report, reported
-from swarmllm.protocol import RPC_INFO, Report, ServerRecord
+from swarmllm.protocol import RPC_INFO, PeerIdStr, Report, ServerRecord
 from swarmllm.trust.identity import Identity
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class SequenceManager:
         if stale:
             asyncio.run_coroutine_threadsafe(self._ping_all(stale, now), loop.get_loop())
 
-    async def _ping_all(self, peers: list[str], started: float) -> None:
+    async def _ping_all(self, peers: Sequence[str], started: float) -> None:
         await asyncio.gather(*(self._ping(p, started) for p in peers))
 
     async def _ping(self, peer_id: str, started: float) -> None:
@@ -105,7 +106,7 @@ class SequenceManager:
         old = self.rtts.get(peer_id)
         # A failure is not a measurement: the first answer after one replaces it instead of averaging with it.
         fresh = old is None or old >= self.config.ping_timeout
-        self.rtts[peer_id] = rtt if fresh else 0.7 * old + 0.3 * rtt
+        self.rtts[peer_id] = rtt if old is None or fresh else 0.7 * old + 0.3 * rtt
 
     def ban(self, peer_id: str, reason: str, duration: float | None = None) -> None:
         duration = self.config.ban_time if duration is None else duration
@@ -121,8 +122,8 @@ class SequenceManager:
         """Avoid a server caught returning wrong results, and tell the swarm with a signed report."""
         self.ban(offender, f"its outputs for blocks {start}:{end} were wrong (relative error {error:.3g} > "
                            f"{tolerance:g}, confirmed by a third server)", self.config.offender_ban_time)
-        report = Report(reporter=self.peer.peer_id, offender=offender, start=start, end=end, error=min(error, 1e30),
-                        tolerance=tolerance, at=time.time())
+        report = Report(reporter=PeerIdStr(self.peer.peer_id), offender=PeerIdStr(offender), start=start, end=end,
+                        error=min(error, 1e30), tolerance=tolerance, at=time.time())
         publish_report(self.dht, self.model_name, report, ttl=self.config.offender_ban_time)
 
     def banned(self) -> frozenset[str]:
@@ -155,14 +156,12 @@ class SequenceManager:
             try:
                 servers = self.servers(force=force)
                 excluded, versions = self.banned() | exclude, self.versions(servers)
-                route = spread_route if purpose == "forward" else fastest_route
-                args = (self._rng,) if purpose == "forward" else (self.rtts,)
                 try:  # reported servers only while nobody else holds their blocks
-                    return route(servers, start, end, *args, excluded | self.reported, versions)
+                    return self._route(purpose, servers, start, end, frozenset(excluded | self.reported), versions)
                 except MissingBlocksError:
                     if not self.reported:
                         raise
-                return route(servers, start, end, *args, excluded, versions)
+                return self._route(purpose, servers, start, end, frozenset(excluded), versions)
             except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
                     raise MissingBlocksError(
@@ -192,10 +191,16 @@ class SequenceManager:
             PeerID.from_base58(peer_id), name, self.membership.stamp(request), runtime_pb2.ExpertResponse
         ), self.config.request_timeout)
 
+    def _route(self, purpose: str, servers: list[ServerRecord], start: int, end: int, avoid: frozenset[str],
+               versions: Versions) -> list[Hop]:
+        if purpose == "forward":  # batches: spread over servers by throughput
+            return spread_route(servers, start, end, self._rng, avoid, versions)
+        return fastest_route(servers, start, end, self.rtts, avoid, versions)  # sessions: the fastest chain
+
     def checkers(self, primary: str, start: int, end: int) -> list[str]:
         """Other servers that hold all of `[start, end)` like `primary` does (same dtype, quantization and
         block version), nearest first: who can check its results (see client/verification.py)."""
-        servers = {r.peer_id: r for r in self.servers()}
+        servers: dict[str, ServerRecord] = {r.peer_id: r for r in self.servers()}
         first = servers.get(primary)
         avoid = self.banned() | self.reported | {primary}
         found = [r for r in servers.values() if r.peer_id not in avoid and r.start <= start and end <= r.end

@@ -36,7 +36,7 @@ class Inventory:
 
     @classmethod
     def probe(cls) -> Inventory:
-        cuda = ()
+        cuda: tuple[tuple[str, bool], ...] = ()
         if torch.cuda.is_available():
             cuda = tuple(
                 (torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i) >= (8, 0))

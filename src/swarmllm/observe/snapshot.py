@@ -110,7 +110,7 @@ def model_view(name: str, num_blocks: int, records: Iterable[ServerRecord], rtts
         ServerView(
             peer_id=r.peer_id, start=r.start, end=r.end, state=r.state, dtype=r.dtype, quant=r.quant,
             inference_tps=1.0 / (r.step_time * (r.end - r.start)) if r.step_time > 0 else 0.0,
-            forward_tps=r.forward_tps, rtt_ms=None if rtts.get(r.peer_id) is None else rtts[r.peer_id] * 1e3,
+            forward_tps=r.forward_tps, rtt_ms=None if (rtt := rtts.get(r.peer_id)) is None else rtt * 1e3,
             cache_tokens_left=r.cache_tokens_left, active_sessions=r.active_sessions, tokens_served=r.tokens_served,
             uptime=max(0.0, now - r.started_at) if r.started_at else None, adapters=r.adapters,
             software_version=r.software_version, reported=r.peer_id in offenders,

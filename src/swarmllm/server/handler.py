@@ -109,7 +109,9 @@ class Handler:
         unary = self.gate
         stream = partial(gate_stream, self.membership, on_refuse=self._refused)
         await p2p.add_protobuf_handler(RPC_INFO, unary(self.rpc_info), runtime_pb2.ExpertRequest)
-        for name, rpc, fn in ((RPC_FORWARD, "forward", self.forward), (RPC_BACKWARD, "backward", self.backward)):
+        streamed: tuple[tuple[str, Rpc, Callable], ...] = (
+            (RPC_FORWARD, "forward", self.forward), (RPC_BACKWARD, "backward", self.backward))
+        for name, rpc, fn in streamed:
             await p2p.add_protobuf_handler(
                 name, stream(self._streamed(rpc, fn)), runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
             )
@@ -211,12 +213,12 @@ class Handler:
         try:
             self.limits.admit(str(context.remote_id))
             meta, tensors = parse_request(request, LoraPut, self.device)
-            compute.sub_span(self.span, meta.start, meta.end)
+            span = compute.sub_span(self.span, meta.start, meta.end)  # read once: a move may clear it
             weights = lora.unflatten(tensors, meta.blocks, meta.lora.targets)
             for b in meta.blocks:
                 if not meta.start <= b < meta.end:
                     raise compute.BadRequest(f"block {b} is outside the upload's range {meta.start}:{meta.end}")
-                lora.check_fits(self.span.layers[b - self.span.start], b, weights[b])
+                lora.check_fits(span.layers[b - span.start], b, weights[b])
             complete = self.lora_cache.put(str(context.remote_id), meta.lora, meta.start, meta.end, meta.blocks, tensors)
             return wire.response(LoraStored(complete=complete))
         except Exception as e:
@@ -258,7 +260,8 @@ class Handler:
         everything, so that is how it gets the typed refusal rather than a broken stream."""
 
         async def handler(requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
-            peer, parts, held, refusal = str(context.remote_id), [], 0, None
+            parts: list[runtime_pb2.ExpertRequest] = []
+            peer, held, refusal = str(context.remote_id), 0, None
             self.metrics.request(rpc)
             try:
                 try:

@@ -70,7 +70,8 @@ def take_batch(queue: collections.deque, max_rows: int, head_index: int = 0) -> 
 def add_compatible(queue: collections.deque, group: list[_Step], max_rows: int) -> None:
     """Move every queued step with `group`'s key into `group` (oldest first) while the rows fit in
     `max_rows`. Other tasks keep their order."""
-    key, rows, rest = group[0].key, sum(t.step.rows for t in group), collections.deque()
+    key, rows = group[0].key, sum(t.step.rows for t in group)
+    rest: collections.deque = collections.deque()
     while queue:
         task = queue.popleft()
         if isinstance(task, _Step) and task.key == key and rows + task.step.rows <= max_rows:
@@ -195,6 +196,7 @@ class Scheduler:
         """Wait (up to `batch_wait`, holding the lock only while checking) for steps of sessions with the same
         key that stepped within `recent` seconds but are not in `group` yet, and add them."""
         key = group[0].key
+        assert key is not None  # only steps that can batch are gathered for
         deadline = time.monotonic() + self.batch_wait
         while True:
             now = time.monotonic()

@@ -27,11 +27,20 @@ from swarmllm.models.quant import check_supported as check_quant
 from swarmllm.models.shards import block_key_filter, no_tensors
 from swarmllm.models.source import default_cache_dir, model_display_name, resolve_model
 from swarmllm.models.span import Span, check_span, load_config, load_span
-from swarmllm.protocol import RPC_INFO, RPC_POINTS_BIND, RPC_RECEIPT, RPC_SETTLE, ServerRecord, ServerState
+from swarmllm.protocol import (
+    RPC_INFO,
+    RPC_POINTS_BIND,
+    RPC_RECEIPT,
+    RPC_SETTLE,
+    PeerIdStr,
+    ServerRecord,
+    ServerState,
+)
 from swarmllm.server import sizing
 from swarmllm.server.audit import AuditLog
 from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheMemory, bytes_per_token
+from swarmllm.server.compute import NotServing
 from swarmllm.server.config import ServerConfig, parse_blocks
 from swarmllm.server.handler import Handler, NamedAdapter, Override
 from swarmllm.server.kept_graphs import KeptGraphs
@@ -83,7 +92,8 @@ class Server:
                 self.start, self.end = choose_span(records, num_blocks, span_size)
             logger.info("loading blocks %d:%d of %s (%s on %s, quant %s)", self.start, self.end, self.model_name,
                         dtype_name(self.dtype), self.device, config.quant)
-            self.span = self._load(self.start, self.end)
+            span = self._load(self.start, self.end)
+            self.span: Span | None = span  # None while moving to other blocks
             cache_bytes = config.max_cache_bytes
             if cache_bytes == "auto":
                 cache_bytes = sizing.auto_cache_bytes(free_memory(self.device))
@@ -101,7 +111,7 @@ class Server:
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self.metrics = ServerMetrics()  # counts from the start; served over HTTP only with --metrics-port
         self.handler = Handler(
-            self.span, self.memory, config.session_timeout, self.record,
+            span, self.memory, config.session_timeout, self.record,
             lora_cache=LoraCache(config.lora_cache_bytes), adapter=self.adapter,
             kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl),
             scheduler=Scheduler(config.max_batch_rows, config.prefill_chunk, config.batch_wait,
@@ -118,7 +128,7 @@ class Server:
         self.speed_cache = ThroughputCache(default_cache_dir() / "throughput.json")
         # On the compute thread, like all torch work: OpenMP keeps one thread team per calling thread, and a
         # second team (on the main thread) measurably slows every later step on a small machine.
-        self.throughput = self._measure(self.span, lambda fn, span: self.handler.scheduler.call(fn, span).result())
+        self.throughput = self._measure(span, lambda fn, span: self.handler.scheduler.call(fn, span).result())
         logger.info("speed: %.2f ms per block per inference step, %.0f tokens/s per block forward",
                     self.throughput.step_time * 1e3, self.throughput.forward_tps)
 
@@ -138,6 +148,7 @@ class Server:
             check_span(start, end, num_blocks)  # before joining the swarm, so a bad span leaves nothing behind
             n = end - start
         else:
+            assert isinstance(config.num_blocks, int)  # the config requires --blocks or --num-blocks
             n = min(config.num_blocks, num_blocks)
         if self.device.type != "meta":
             sizing.check_span_fits(budget, self.block_bytes, n, str(self.device))
@@ -145,6 +156,7 @@ class Server:
 
     def _measure(self, span: Span, run) -> Throughput:
         if self.config.step_time is not None:  # the operator's figures, for every span this server holds
+            assert self.config.forward_tps is not None  # the config takes both or neither
             return Throughput(step_time=self.config.step_time, forward_tps=self.config.forward_tps)
         key = measurement_key(self.model_name, span, self.config.quant)
         return cached_measure(span, key, self.speed_cache, self.config.remeasure, run)
@@ -165,7 +177,7 @@ class Server:
 
     def record(self, state: ServerState | None = None) -> ServerRecord:
         return ServerRecord(
-            peer_id=self.peer_id,
+            peer_id=PeerIdStr(self.peer_id),
             start=self.start,
             end=self.end,
             dtype=dtype_name(self.dtype),
@@ -278,19 +290,26 @@ class Server:
                     weights = {b: {path: (la.to(self.device), lb.to(self.device)) for path, (la, lb) in w.items()}
                                for b, w in weights.items() if self.start <= b < self.end}
                     for b, w in weights.items():
-                        lora.check_fits(self.span.layers[b - self.start], b, w)
+                        lora.check_fits(self._serving().layers[b - self.start], b, w)
                 except (lora.LoraShapeError, ValueError) as e:
                     raise AdapterError(f"adapter {name!r} cannot be served by blocks {self.start}:{self.end}: {e}") from None
                 self.adapters[name] = (spec, weights)
                 logger.info("adapter %s loaded (%d of its blocks are here)", name, len(weights))
         return self.adapters[name]
 
+    def _serving(self) -> Span:
+        """The span served now; a request for it during a move is refused as `not_serving`."""
+        if self.span is None:
+            raise NotServing("this server is moving to other blocks")
+        return self.span
+
     async def _load_override(self, name: str) -> Override:
         """Replace this span's weights by the fine-tuned blocks published as `name`, after verifying them."""
         folder = await self._folder(name)
         meta, tensors = block_ckpt.load_blocks(folder, set(range(self.start, self.end)))
         expected = block_ckpt.base_hashes(self.model_dir, list(tensors))
-        layers = {b: self.span.layers[b - self.start] for b in tensors}
+        span = self._serving()
+        layers = {b: span.layers[b - self.start] for b in tensors}
         block_ckpt.apply_blocks(layers, tensors, expected, meta)
         logger.info("serving override %s for blocks %s", name, sorted(tensors))
         return Override(name, frozenset(meta.blocks))

@@ -76,7 +76,8 @@ class Sessions:
         by page as steps arrive (each may wait in the queue too), and all of it is freed when the stream
         ends, whatever the reason. A refused step leaves the session as it was."""
         h = self.handler
-        peer, meta, live, reader, inbox, counted = str(context.remote_id), None, None, None, None, False
+        inbox: asyncio.Queue | None = None
+        peer, meta, live, reader, counted = str(context.remote_id), None, None, None, False
         began, outcome = time.monotonic(), "ok"
         h.metrics.request("inference")
         try:
@@ -223,6 +224,7 @@ class Sessions:
         push = Push(session_id=meta.session_id, start=meta.end, step=nxt)
         msg = wire.request(push, out, position_ids, *([mask] if mask is not None else []), compression=meta.compression)
         h.membership.stamp(msg)
+        assert h.p2p is not None  # registered before any session could open
         try:
             await asyncio.wait_for(h.p2p.call_protobuf_handler(
                 PeerID.from_base58(step.push_to[0]), RPC_PUSH, msg, runtime_pb2.ExpertResponse
@@ -279,6 +281,7 @@ async def _pump(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: async
             except RateLimited as e:
                 await inbox.put(e)
                 continue
+            item: tuple | wire.ProtocolError
             try:
                 item = (*parse_request(msg, Step, device), False, size)
             except wire.ProtocolError as e:

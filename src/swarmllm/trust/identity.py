@@ -67,7 +67,7 @@ class Identity:
         return {"path": str(self.path)}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(Path(state["path"]))
+        Identity.__init__(self, Path(state["path"]))
 
 
 def peer_id_of(public_der: bytes) -> str:

@@ -87,7 +87,7 @@ class SignedRecords(RecordValidatorBase):
         if not data.startswith(_MAGIC):
             return None
         parts = _unframe(data[len(_MAGIC) :], 3)
-        return tuple(parts) if parts is not None else None
+        return (parts[0], parts[1], parts[2]) if parts is not None else None
 
     def validate(self, record: DHTRecord) -> bool:
         opened = self._open(record)

@@ -72,7 +72,7 @@ class SwarmKey:
         return {"secret": self._secret}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["secret"])
+        SwarmKey.__init__(self, state["secret"])
 
     def proof(self, peer_id: str) -> str:
         """What `peer_id` attaches to its requests to show it is a member."""
