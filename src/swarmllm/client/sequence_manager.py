@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections.abc import Sequence
 
@@ -25,7 +26,6 @@ from swarmllm.client.routing import (
     holders,
     spread_route,
 )
-from swarmllm.client.swarm_view import SwarmView
 from swarmllm.client.verification import comparable
 from swarmllm.dht.node import SwarmPeer, join
 from swarmllm.dht.records import get_servers
@@ -54,8 +54,10 @@ class SequenceManager:
         account = Identity.load_or_create(config.account) if config.account else self.peer.identity
         self.points = ClientPoints(account, self.peer.peer_id, self._call_unbound)
         self._settler = asyncio.run_coroutine_threadsafe(self._settle_loop(), loop.get_loop())
-        self.view = SwarmView(self._read_servers, config.update_period)
+        self._servers: list[ServerRecord] = []
+        self._updated = 0.0
         self._bans: dict[str, float] = {}
+        self._lock = threading.Lock()
         self.rtts: dict[str, float] = {}  # peer -> measured round trip (seconds), smoothed
         self._pinged: dict[str, float] = {}  # peer -> when it was last pinged
         self._rng = random.Random()
@@ -63,18 +65,19 @@ class SequenceManager:
         self.verify_rng = random.Random()  # which calls are verified (ClientConfig.verify)
 
     def servers(self, force: bool = False) -> list[ServerRecord]:
-        """Online servers of the model, after the client's allowed/blocked lists. Instant once read: a stale
-        list is refreshed in the background (see client/swarm_view.py); `force` waits for the DHT."""
-        return self.view.get(force)
-
-    def _read_servers(self) -> list[ServerRecord]:
-        found = get_servers(self.dht, self.model_name)
-        allowed, blocked = set(self.config.allowed_servers or ()), set(self.config.blocked_servers)
-        servers = [r for r in found if (not allowed or r.peer_id in allowed) and r.peer_id not in blocked]
-        if self.config.trust_reports > 0:
-            self.reported = reported(get_reports(self.dht, self.model_name), self.config.trust_reports)
-        self._ping_stale(servers)
-        return servers
+        """Online servers of the model, after the client's allowed/blocked lists; refreshed periodically."""
+        with self._lock:
+            if force or time.monotonic() - self._updated > self.config.update_period:
+                found = get_servers(self.dht, self.model_name)
+                allowed, blocked = set(self.config.allowed_servers or ()), set(self.config.blocked_servers)
+                self._servers = [
+                    r for r in found if (not allowed or r.peer_id in allowed) and r.peer_id not in blocked
+                ]
+                if self.config.trust_reports > 0:
+                    self.reported = reported(get_reports(self.dht, self.model_name), self.config.trust_reports)
+                self._updated = time.monotonic()
+                self._ping_stale(self._servers)
+            return list(self._servers)
 
     def _ping_stale(self, servers: list[ServerRecord]) -> None:
         """Measure round trips to servers not pinged for `ping_period`, in the background (routes use the
