@@ -21,7 +21,7 @@ def test_audit_log_records_calls_and_sessions_without_payloads(tiny_llama_dir, t
         model = AutoDistributedModelForCausalLM.from_pretrained(
             str(tiny_llama_dir), initial_peers=swarm.initial_peers, max_retries=0)
         try:
-            me = str(model.sequence_manager.dht.peer_id)
+            me = model.sequence_manager.peer_id
             ids = torch.randint(1, 90, (2, 5))
             model.generate(ids, max_new_tokens=3, do_sample=False)  # one session: prefill + 2 decode steps
             hidden = torch.randn(1, 4, 32, requires_grad=True)

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.inference_session import PromptTooLongError, SessionFailedError
 from swarmllm.client.routing import MissingBlocksError
-from swarmllm.dht.records import get_servers
 from swarmllm.launcher import LocalSwarm, ServerSpec, spawn
 
 pytestmark = pytest.mark.swarm
@@ -232,7 +231,7 @@ def test_shutdown_withdraws_the_record_at_once(tiny_client, tiny_swarm) -> None:
     child.proc.send_signal(signal.SIGTERM)
     assert child.proc.wait(30) == 0
     # The record's TTL is 30 s; it is gone long before that because the server announced itself offline.
-    assert peer not in {r.peer_id for r in get_servers(manager.dht, manager.model_name)}
+    assert peer not in {r.peer_id for r in manager.directory.servers(manager.model_name)}
 
 
 def test_missing_blocks_fail_after_timeout_naming_them(tiny_llama_dir, tiny_swarm, tmp_path) -> None:

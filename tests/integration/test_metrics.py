@@ -80,7 +80,7 @@ def test_metrics_follow_the_servers_work(tiny_llama_dir) -> None:
                 # The swarm snapshot (status, monitor) shows it at once: the ping returns the live record,
                 # where the DHT's is up to announce_ttl/3 old.
                 manager = model.sequence_manager
-                [view] = collect(manager.peer, manager.p2p, [manager.model_name]).models
+                [view] = collect(manager.transport.peer, manager.transport.p2p, [manager.model_name]).models
                 [server] = view.servers
                 assert server.active_sessions == 1 and server.rtt_ms is not None
             closed = wait_until(url, lambda s: get(s, "swarmllm_active_sessions") == 0)

@@ -14,7 +14,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
-from swarmllm.dht.records import get_servers
 from swarmllm.launcher import LocalSwarm, ServerSpec
 from swarmllm.trust.swarm_key import SwarmKey
 from tests.integration.test_metrics import scrape
@@ -34,7 +33,7 @@ def test_outsider_can_neither_announce_nor_call(tiny_llama_dir, tmp_path) -> Non
             str(tiny_llama_dir), initial_peers=swarm.initial_peers, swarm_key=str(key))
         try:
             manager = model.sequence_manager
-            member_proof = SwarmKey.load(key).proof(manager.peer.peer_id)
+            member_proof = SwarmKey.load(key).proof(manager.peer_id)
             outsider = subprocess.run(
                 [sys.executable, "-m", "tests.integration.outsider", manager.model_name, server_id, member_proof,
                  *swarm.initial_peers], capture_output=True, text=True, timeout=120, cwd=ROOT,
@@ -45,7 +44,7 @@ def test_outsider_can_neither_announce_nor_call(tiny_llama_dir, tmp_path) -> Non
             # Sealed records: the outsider sees no server; its own announcement never reaches members.
             assert report["seen_servers"] == []
             time.sleep(1.0)
-            assert [r.peer_id for r in get_servers(manager.dht, manager.model_name)] == [server_id]
+            assert [r.peer_id for r in manager.directory.servers(manager.model_name)] == [server_id]
             # Every RPC refused, whatever proof it tried: none, forged, or a member's (bound to that member).
             for attempt, calls in report["calls"].items():
                 assert calls == dict.fromkeys(("info", "forward", "inference", "lora_put", "push"), "not_member"), attempt
@@ -62,7 +61,7 @@ def test_outsider_can_neither_announce_nor_call(tiny_llama_dir, tmp_path) -> Non
             model.sequence_manager.shutdown()
     # Refused before any work: the server's audit log (one line per call it handled) never names the outsider.
     peers = {json.loads(line)["peer"] for line in audit.read_text().splitlines()}
-    assert report["peer_id"] not in peers and peers == {manager.peer.peer_id}
+    assert report["peer_id"] not in peers and peers == {manager.peer_id}
 
 
 def test_client_without_the_key_sees_no_servers(tiny_llama_dir, tmp_path) -> None:

@@ -12,7 +12,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
-from swarmllm.dht.reports import get_reports
 from swarmllm.launcher import LocalSwarm, ServerSpec
 
 pytestmark = pytest.mark.swarm
@@ -71,7 +70,7 @@ def _reported_by(manager, liar: str, wait: float = 20.0) -> bool:
     reports it, and costs this wait)."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        if (manager.peer.peer_id, liar) in {(r.reporter, r.offender) for r in get_reports(manager.dht, manager.model_name)}:
+        if (manager.peer_id, liar) in {(r.reporter, r.offender) for r in manager.directory.reports(manager.model_name)}:
             return True
         time.sleep(0.2)
     return False
@@ -110,9 +109,9 @@ def test_verification_catches_and_reports_a_corrupting_server(tiny_llama_dir, sw
                              session_checked, liar)
     try:
         manager = checking.sequence_manager
-        reports = get_reports(manager.dht, manager.model_name)
+        reports = manager.directory.reports(manager.model_name)
         assert {(r.reporter, r.offender) for r in reports} == {
-            (manager.peer.peer_id, liar), (forward_checking.sequence_manager.peer.peer_id, liar)}
+            (manager.peer_id, liar), (forward_checking.sequence_manager.peer_id, liar)}
         assert all(r.error > r.tolerance for r in reports)
         # The next session routes around it from the start (it is banned here).
         assert manager.make_route(0, 4)[0].peer_id != liar

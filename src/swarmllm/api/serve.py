@@ -12,6 +12,7 @@ from swarmllm.api.app import create_app
 from swarmllm.api.config import ApiConfig
 from swarmllm.api.engine import Engine
 from swarmllm.client.config import ClientConfig
+from swarmllm.client.transport import HivemindTransport
 from swarmllm.observe.snapshot import collect
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,12 @@ class ApiServer:
         config = engine.config
         manager = getattr(engine.model, "sequence_manager", None)
         snapshot = None
-        if manager is not None:
+        # The monitor pings servers over libp2p and reads the DHT itself: only a hivemind client has one.
+        if manager is not None and isinstance(manager.transport, HivemindTransport):
+            transport, name = manager.transport, manager.model_name
+
             def snapshot():
-                return collect(manager.peer, manager.p2p, models=[manager.model_name])
+                return collect(transport.peer, transport.p2p, models=[name])
         app = create_app(engine, snapshot, config.monitor_refresh)
         self.socket = socket.create_server((config.host, config.port if port is None else port))
         host, port = self.socket.getsockname()[:2]

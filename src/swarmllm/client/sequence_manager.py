@@ -7,13 +7,10 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
-from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.utils.asyncio import as_aiter
 
-from swarmllm import wire
 from swarmllm.client import loop
 from swarmllm.client.config import ClientConfig
 from swarmllm.client.points import ClientPoints
@@ -26,10 +23,10 @@ from swarmllm.client.routing import (
     holders,
     spread_route,
 )
+from swarmllm.client.transport import DhtDirectory, Directory, HivemindTransport, Transport
 from swarmllm.client.verification import comparable
 from swarmllm.dht.node import SwarmPeer, join
-from swarmllm.dht.records import get_servers
-from swarmllm.dht.reports import get_reports, publish_report, reported
+from swarmllm.dht.reports import reported
 from swarmllm.protocol import RPC_INFO, PeerIdStr, Report, ServerRecord
 from swarmllm.trust.identity import Identity
 
@@ -44,15 +41,14 @@ class SequenceManager:
     `missing_blocks_timeout` seconds.
     """
 
-    def __init__(self, config: ClientConfig, model_name: str, num_blocks: int, peer: SwarmPeer | None = None):
+    def __init__(self, config: ClientConfig, model_name: str, num_blocks: int, transport: Transport,
+                 directory: Directory, identity: Identity):
+        """Over any transport and directory (`join` makes the hivemind ones; `swarmllm.loopback` in-process
+        ones). `identity` is who this client is to servers; its points account is `config.account` if set."""
         self.config, self.model_name, self.num_blocks = config, model_name, num_blocks
-        self._own_dht = peer is None
-        self.peer = peer or join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
-                                 host_maddrs=config.host_maddrs, client_mode=config.client_mode)
-        self.dht, self.membership = self.peer.dht, self.peer.membership
-        self.p2p: P2P = loop.run(self.dht.replicate_p2p(), timeout=config.request_timeout)
-        account = Identity.load_or_create(config.account) if config.account else self.peer.identity
-        self.points = ClientPoints(account, self.peer.peer_id, self._call_unbound)
+        self.transport, self.directory, self.peer_id = transport, directory, identity.peer_id
+        account = Identity.load_or_create(config.account) if config.account else identity
+        self.points = ClientPoints(account, self.peer_id, self._call_unbound)
         self._settler = asyncio.run_coroutine_threadsafe(self._settle_loop(), loop.get_loop())
         self._servers: list[ServerRecord] = []
         self._updated = 0.0
@@ -64,17 +60,33 @@ class SequenceManager:
         self.reported: frozenset[str] = frozenset()  # servers others reported for wrong results (see dht/reports.py)
         self.verify_rng = random.Random()  # which calls are verified (ClientConfig.verify)
 
+    @classmethod
+    def join(cls, config: ClientConfig, model_name: str, num_blocks: int, peer: SwarmPeer | None = None) -> SequenceManager:
+        """A manager on hivemind: over `peer`'s DHT, or a DHT node of its own (joined from the config's
+        initial peers), stopped by `shutdown`."""
+        own = peer is None
+        peer = peer or join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
+                            host_maddrs=config.host_maddrs, client_mode=config.client_mode)
+        try:
+            p2p = loop.run(peer.dht.replicate_p2p(), timeout=config.request_timeout)
+        except BaseException:
+            if own:
+                peer.dht.shutdown()
+            raise
+        return cls(config, model_name, num_blocks, HivemindTransport(p2p, peer, owns_p2p=own),
+                   DhtDirectory(peer.dht, owns_dht=own), peer.identity)
+
     def servers(self, force: bool = False) -> list[ServerRecord]:
         """Online servers of the model, after the client's allowed/blocked lists; refreshed periodically."""
         with self._lock:
             if force or time.monotonic() - self._updated > self.config.update_period:
-                found = get_servers(self.dht, self.model_name)
+                found = self.directory.servers(self.model_name)
                 allowed, blocked = set(self.config.allowed_servers or ()), set(self.config.blocked_servers)
                 self._servers = [
                     r for r in found if (not allowed or r.peer_id in allowed) and r.peer_id not in blocked
                 ]
                 if self.config.trust_reports > 0:
-                    self.reported = reported(get_reports(self.dht, self.model_name), self.config.trust_reports)
+                    self.reported = reported(self.directory.reports(self.model_name), self.config.trust_reports)
                 self._updated = time.monotonic()
                 self._ping_stale(self._servers)
             return list(self._servers)
@@ -125,9 +137,9 @@ class SequenceManager:
         """Avoid a server caught returning wrong results, and tell the swarm with a signed report."""
         self.ban(offender, f"its outputs for blocks {start}:{end} were wrong (relative error {error:.3g} > "
                            f"{tolerance:g}, confirmed by a third server)", self.config.offender_ban_time)
-        report = Report(reporter=PeerIdStr(self.peer.peer_id), offender=PeerIdStr(offender), start=start, end=end,
+        report = Report(reporter=PeerIdStr(self.peer_id), offender=PeerIdStr(offender), start=start, end=end,
                         error=min(error, 1e30), tolerance=tolerance, at=time.time())
-        publish_report(self.dht, self.model_name, report, ttl=self.config.offender_ban_time)
+        self.directory.publish_report(self.model_name, report, ttl=self.config.offender_ban_time)
 
     def banned(self) -> frozenset[str]:
         now = time.monotonic()
@@ -190,9 +202,7 @@ class SequenceManager:
             await self.points.settle_all()
 
     async def _call_unbound(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-        return await asyncio.wait_for(self.p2p.call_protobuf_handler(
-            PeerID.from_base58(peer_id), name, self.membership.stamp(request), runtime_pb2.ExpertResponse
-        ), self.config.request_timeout)
+        return await asyncio.wait_for(self.transport.call(peer_id, name, request), self.config.request_timeout)
 
     def _route(self, purpose: str, servers: list[ServerRecord], start: int, end: int, avoid: frozenset[str],
                versions: Versions) -> list[Hop]:
@@ -210,26 +220,20 @@ class SequenceManager:
                  and (first is None or comparable(r, first))]
         return [r.peer_id for r in sorted(found, key=lambda r: self.rtts.get(r.peer_id, 0.05))]
 
+    # Calls are bound to this client's points account first (see client/points.py), then carried as they are.
+
     async def call(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         await self.points.bind(peer_id)
-        return await self.p2p.call_protobuf_handler(
-            PeerID.from_base58(peer_id), name, self.membership.stamp(request), runtime_pb2.ExpertResponse
-        )
+        return await self.transport.call(peer_id, name, request)
 
     async def call_split(self, peer_id: str, name: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         """Call a handler that takes and returns messages split into parts (forward, backward)."""
         await self.points.bind(peer_id)
-        replies = await self.p2p.iterate_protobuf_handler(
-            PeerID.from_base58(peer_id), name, as_aiter(*wire.split(self.membership.stamp(request))),
-            runtime_pb2.ExpertResponse
-        )
-        return wire.join([part async for part in replies])
+        return await self.transport.call_split(peer_id, name, request)
 
-    async def open_stream(self, peer_id: str, name: str, requests) -> object:
+    async def open_stream(self, peer_id: str, name: str, requests) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         await self.points.bind(peer_id)
-        return await self.p2p.iterate_protobuf_handler(
-            PeerID.from_base58(peer_id), name, self.membership.stamp_stream(requests), runtime_pb2.ExpertResponse
-        )
+        return await self.transport.open_stream(peer_id, name, requests)
 
     def override_for(self, start: int, end: int) -> str | None:
         """The override name to send with a request for blocks [start, end): only if it touches its blocks."""
@@ -242,9 +246,8 @@ class SequenceManager:
             loop.run(self.points.settle_all(final=True), timeout=10)
         except Exception:
             logger.debug("final settlement failed", exc_info=True)
-        if self._own_dht:
-            try:
-                loop.run(self.p2p.shutdown(), timeout=5)
-            except Exception:  # already gone; nothing to release
-                pass
-            self.dht.shutdown()
+        try:
+            loop.run(self.transport.close(), timeout=5)
+        except Exception:  # already gone; nothing to release
+            pass
+        self.directory.close()

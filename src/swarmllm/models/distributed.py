@@ -412,7 +412,7 @@ class AutoDistributedModelForCausalLM:
         local = sorted(set(trainable) | private)
         embed_size = model.get_input_embeddings().embedding_dim
         tuning = _make_tuning(tuning_mode, text, num_blocks, pre_seq_len, lora, init_adapter, local, client, embed_size)
-        manager = SequenceManager(client, model_display_name(name), num_blocks)
+        manager = SequenceManager.join(client, model_display_name(name), num_blocks)
         model.sequence_manager = manager
         model._swarm_model_name = model_display_name(name)
         if tuning_mode is not None or trainable:

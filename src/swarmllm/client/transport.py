@@ -1,0 +1,114 @@
+"""The client's two seams to the swarm: a `Transport` that carries RPCs to a server, and a `Directory` that
+says which servers exist and who reported whom.
+
+`SequenceManager` talks to the swarm only through these. The hivemind implementations here are what real
+clients use (libp2p streams, the DHT); `swarmllm.loopback` implements both in-process, over real server
+handlers, so that sessions, failover and verification can be tested in milliseconds without processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, TypeAlias
+
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import as_aiter
+
+from swarmllm import wire
+from swarmllm.dht.node import SwarmPeer
+from swarmllm.dht.records import get_servers
+from swarmllm.dht.reports import get_reports, publish_report
+from swarmllm.protocol import Report, ServerRecord
+from swarmllm.trust.membership import Membership
+
+Request: TypeAlias = runtime_pb2.ExpertRequest
+Reply: TypeAlias = runtime_pb2.ExpertResponse
+
+
+class Transport(Protocol):
+    """Carries requests to servers by peer id. Errors surface as exceptions: a server's typed refusal arrives
+    as a reply (parsed by `wire`), while an unreachable or crashed server raises (hivemind's errors,
+    ConnectionError, or a closed reply stream)."""
+
+    async def call(self, peer_id: str, name: str, request: Request) -> Reply:
+        """One request, one reply."""
+        ...
+
+    async def call_split(self, peer_id: str, name: str, request: Request) -> Reply:
+        """A handler that takes and returns messages split into parts (forward, backward): `request` is split
+        on the way out and the reply joined on the way in."""
+        ...
+
+    async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncIterator[Reply]:
+        """A long-lived stream (inference sessions): requests are read from `requests` as they come."""
+        ...
+
+    async def close(self) -> None:
+        """Release what this transport holds (for hivemind, the client's own p2p daemon, if it owns one)."""
+        ...
+
+
+class Directory(Protocol):
+    """The swarm's shared records: servers' announcements, and reports of servers caught lying."""
+
+    def servers(self, model: str) -> list[ServerRecord]:
+        ...
+
+    def reports(self, model: str) -> list[Report]:
+        ...
+
+    def publish_report(self, model: str, report: Report, ttl: float) -> None:
+        """Without blocking: the report is stored in the background."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class HivemindTransport:
+    """libp2p streams through hivemind's p2p daemon. Every request carries this peer's membership proof in a
+    private swarm (the first message of a stream carries it for the whole stream)."""
+
+    def __init__(self, p2p: P2P, peer: SwarmPeer, owns_p2p: bool):
+        self.p2p, self.peer, self._owns_p2p = p2p, peer, owns_p2p
+        self.membership: Membership = peer.membership
+
+    async def call(self, peer_id: str, name: str, request: Request) -> Reply:
+        return await self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), name, self.membership.stamp(request), Reply)
+
+    async def call_split(self, peer_id: str, name: str, request: Request) -> Reply:
+        replies = await self.p2p.iterate_protobuf_handler(
+            PeerID.from_base58(peer_id), name, as_aiter(*wire.split(self.membership.stamp(request))), Reply
+        )
+        return wire.join([part async for part in replies])
+
+    async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncIterator[Reply]:
+        return await self.p2p.iterate_protobuf_handler(
+            PeerID.from_base58(peer_id), name, self.membership.stamp_stream(requests), Reply
+        )
+
+    async def close(self) -> None:
+        if self._owns_p2p:
+            await self.p2p.shutdown()
+
+
+class DhtDirectory:
+    """The records in hivemind's DHT (see dht/records.py and dht/reports.py for the key schema)."""
+
+    def __init__(self, dht: DHT, owns_dht: bool):
+        self.dht, self._owns_dht = dht, owns_dht
+
+    def servers(self, model: str) -> list[ServerRecord]:
+        return get_servers(self.dht, model)
+
+    def reports(self, model: str) -> list[Report]:
+        return get_reports(self.dht, model)
+
+    def publish_report(self, model: str, report: Report, ttl: float) -> None:
+        publish_report(self.dht, model, report, ttl)
+
+    def close(self) -> None:
+        if self._owns_dht:
+            self.dht.shutdown()

@@ -1,0 +1,85 @@
+"""A swarm in this process: real server handlers over spans of a tiny random Llama, and real clients, joined
+by `swarmllm.loopback` (no processes, no p2p daemon). A session step takes milliseconds."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+from swarmllm.client import loop
+from swarmllm.client.config import ClientConfig
+from swarmllm.client.sequence_manager import SequenceManager
+from swarmllm.loopback import LoopbackNetwork
+from swarmllm.models.span import span_from_model
+from swarmllm.protocol import ServerRecord
+from swarmllm.server.cache import CacheMemory
+from swarmllm.server.handler import Handler
+from swarmllm.trust.identity import Identity
+
+MODEL = "tiny-loopback"
+BLOCKS = 4
+HIDDEN = 32
+CACHE_BYTES = 2**22  # per server: room for many sessions of the tiny model
+
+
+class LoopbackSwarm:
+    """Servers of blocks of one seeded model; `client()` makes sequence managers over the same network.
+    `local(...)` is the reference: the same blocks run in this process with a plain transformers cache."""
+
+    def __init__(self, spans: list[tuple[int, int]], session_timeout: float = 30.0):
+        torch.manual_seed(0)
+        config = LlamaConfig(num_hidden_layers=BLOCKS, vocab_size=50, hidden_size=HIDDEN, intermediate_size=64,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+        config._attn_implementation = "sdpa"
+        self.model = AutoModelForCausalLM.from_config(config).eval()
+        self.network = LoopbackNetwork()
+        self.session_timeout = session_timeout
+        self.handlers: dict[str, Handler] = {}
+        self.managers: list[SequenceManager] = []
+        self.peers = [self.add_server(start, end) for start, end in spans]
+
+    def add_server(self, start: int, end: int, **handler_options) -> str:
+        host = self.network.host()
+        peer = str(host.peer_id)
+        memory = CacheMemory(CACHE_BYTES, queue_timeout=5.0)
+
+        def record() -> ServerRecord:
+            return ServerRecord(peer_id=peer, start=start, end=end, dtype="float32", num_blocks=BLOCKS,
+                                cache_tokens_left=memory.budget - memory.used)
+
+        handler = Handler(span_from_model(self.model, start, end), memory, self.session_timeout, record,
+                          **handler_options)
+        loop.run(handler.register(host))
+        self.network.announce(MODEL, peer, record)
+        self.handlers[peer] = handler
+        return peer
+
+    def client(self, **options) -> SequenceManager:
+        """A client of the swarm; `options` are ClientConfig fields (missing blocks fail at once by default)."""
+        config = ClientConfig(**{"missing_blocks_timeout": 0.0, "update_period": 1e-3, **options})
+        identity = Identity.ephemeral()
+        manager = SequenceManager(config, MODEL, BLOCKS, self.network.transport(identity), self.network, identity)
+        self.managers.append(manager)
+        return manager
+
+    def local_steps(self, steps: list[torch.Tensor], start: int = 0, end: int = BLOCKS) -> list[torch.Tensor]:
+        """What blocks [start, end) give for these consecutive steps with a cache, in this process."""
+        span, cache, position, outs = span_from_model(self.model, start, end), DynamicCache(), 0, []
+        with torch.no_grad():
+            for hidden in steps:  # (batch, seq, hidden)
+                positions = torch.arange(position, position + hidden.shape[1])[None].expand(hidden.shape[0], -1)
+                outs.append(span(hidden, positions, None, cache))
+                position += hidden.shape[1]
+        return outs
+
+    def close(self) -> None:
+        for manager in self.managers:
+            manager.shutdown()
+        for handler in self.handlers.values():
+            handler.scheduler.shutdown()
+
+
+def steps(*lengths: int, batch: int = 1, seed: int = 1) -> list[torch.Tensor]:
+    """Random hidden states for consecutive steps of these many tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, n, HIDDEN, generator=generator) for n in lengths]

@@ -1,0 +1,172 @@
+"""Inference sessions, failover, verification and refusals over the loopback transport: the client's and the
+server's real code on a tiny model, in milliseconds. What only real processes show (kills of a process,
+the DHT, the CLI) stays in tests/integration."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from swarmllm import wire
+from swarmllm.client.inference_session import InferenceSession, SessionFailedError
+from swarmllm.client.routing import MissingBlocksError
+from swarmllm.client.verification import VerificationError
+from swarmllm.protocol import RPC_INFERENCE, ErrorCode
+from swarmllm.server.limits import Limits, PeerLimits
+from tests.unit.loopback_swarm import BLOCKS, LoopbackSwarm, steps
+
+
+@pytest.fixture
+def make_swarm():
+    made: list[LoopbackSwarm] = []
+
+    def make(spans, **options) -> LoopbackSwarm:
+        made.append(LoopbackSwarm(spans, **options))
+        return made[-1]
+
+    yield make
+    for swarm in made:
+        swarm.close()
+
+
+def run(session: InferenceSession, inputs: list[torch.Tensor], between=None) -> list[torch.Tensor]:
+    """The session's outputs for these steps; `between(i)` runs before step i (to inject a fault)."""
+    outs = []
+    for i, hidden in enumerate(inputs):
+        if between is not None:
+            between(i)
+        outs.append(session.step(hidden))
+    return outs
+
+
+def assert_outputs(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_a_session_over_two_servers_equals_local_blocks(make_swarm):
+    swarm = make_swarm([(0, 2), (2, BLOCKS)])
+    inputs = steps(5, 1, 1, 3)
+    with InferenceSession(swarm.client(), 0, BLOCKS, max_length=16) as session:
+        outs = run(session, inputs)
+        assert [hop.peer_id for hop in session.route] == swarm.peers
+        assert session.position == 10
+    assert_outputs(outs, swarm.local_steps(inputs))
+    # Closed: every server freed the session's cache.
+    assert all(h.memory.used == 0 for h in swarm.handlers.values())
+
+
+def test_a_killed_server_is_replaced_mid_session_and_its_history_replayed(make_swarm):
+    swarm = make_swarm([(0, 2), (0, 2), (2, BLOCKS)])
+    manager = swarm.client()
+    inputs = steps(4, 1, 1, 1)
+    killed: list[str] = []
+
+    def kill_first_hop(i: int) -> None:
+        if i == 2:
+            killed.append(session.route[0].peer_id)
+            swarm.network.kill(killed[0])
+
+    with InferenceSession(manager, 0, BLOCKS, max_length=16) as session:
+        outs = run(session, inputs, kill_first_hop)
+        [replacement] = [p for p in swarm.peers[:2] if p not in killed]
+        assert session.route[0].peer_id == replacement
+    assert killed[0] in manager.banned()
+    assert_outputs(outs, swarm.local_steps(inputs))
+    # The replacement got one session, opened after the kill: it rebuilt the cache from the history.
+    opened = [callee for _, callee, rpc in swarm.network.calls if rpc == RPC_INFERENCE]
+    assert opened.count(replacement) == 1
+
+
+def test_a_stalled_server_times_out_and_is_replaced(make_swarm):
+    swarm = make_swarm([(0, BLOCKS), (0, BLOCKS)])
+    manager = swarm.client(request_timeout=0.5)
+    inputs = steps(3, 1, 1)
+    stalled: list[str] = []
+
+    def stall(i: int) -> None:
+        if i == 1:
+            stalled.append(session.route[0].peer_id)
+            swarm.network.stall(stalled[0])
+
+    with InferenceSession(manager, 0, BLOCKS, max_length=8) as session:
+        outs = run(session, inputs, stall)
+        assert session.route[0].peer_id != stalled[0]
+    assert stalled[0] in manager.banned()
+    assert_outputs(outs, swarm.local_steps(inputs))
+    swarm.network.resume(stalled[0])
+
+
+def measured(manager, rtts: dict[str, float]) -> None:
+    """Let the client's first pings land, then set what they measured: routes and checkers follow rtts."""
+    manager.servers()
+    wait_for(lambda: len(manager.rtts) == len(rtts))
+    manager.rtts.update(rtts)
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("role", ["primary", "checker"])
+def test_a_lying_server_is_caught_reported_and_replaced(make_swarm, role):
+    swarm = make_swarm([(0, BLOCKS), (0, BLOCKS), (0, BLOCKS)])
+    honest, liar, referee = swarm.peers
+    swarm.handlers[liar].corrupt = 1.0
+    manager = swarm.client(verify=1.0)
+    # The nearest server is the primary, the next its checker, the last the referee.
+    measured(manager, {liar: 0.001, honest: 0.002, referee: 0.003} if role == "primary"
+             else {honest: 0.001, liar: 0.002, referee: 0.003})
+    inputs = steps(4, 1, 1)
+    with InferenceSession(manager, 0, BLOCKS, max_length=8) as session:
+        outs = run(session, inputs)
+        assert liar not in {hop.peer_id for hop in session.route}
+    # Two honest servers outvoted it on the first step: it is reported once, avoided, and never answered.
+    assert [(r.reporter, r.offender) for r in swarm.network.reports("tiny-loopback")] == [(manager.peer_id, liar)]
+    assert liar in manager.banned()
+    assert_outputs(outs, swarm.local_steps(inputs))
+
+
+def test_two_servers_that_disagree_with_no_third_end_the_session(make_swarm):
+    swarm = make_swarm([(0, BLOCKS), (0, BLOCKS)])
+    swarm.handlers[swarm.peers[1]].corrupt = 1.0
+    session = InferenceSession(swarm.client(verify=1.0), 0, BLOCKS, max_length=8)
+    with pytest.raises(VerificationError, match="no third"):
+        session.step(steps(3)[0])
+    assert session.closed
+
+
+def test_a_caller_error_is_raised_at_once_and_bans_nobody(make_swarm):
+    swarm = make_swarm([(0, BLOCKS), (0, BLOCKS)])
+    manager = swarm.client()
+    with InferenceSession(manager, 0, BLOCKS, max_length=8) as session:
+        session.step(steps(2)[0])
+        with pytest.raises(wire.RemoteError) as refused:
+            session.step(torch.randn(1, 1, 16))  # the wrong hidden size: no server would take it
+    assert refused.value.code in {ErrorCode.BAD_REQUEST}
+    assert manager.banned() == frozenset()
+    opened = [callee for _, callee, rpc in swarm.network.calls if rpc == RPC_INFERENCE]
+    assert len(opened) == 1  # not retried on the other server
+
+
+def test_a_server_over_its_session_limit_is_skipped_not_banned(make_swarm):
+    swarm = make_swarm([(0, BLOCKS)])
+    strict = swarm.add_server(0, BLOCKS, limits=PeerLimits(Limits(max_sessions=1)))
+    manager = swarm.client(allowed_servers=[strict])
+    with InferenceSession(manager, 0, BLOCKS, max_length=8) as first:
+        first.step(steps(1)[0])
+        with pytest.raises(SessionFailedError, match="no server can hold this session"):
+            InferenceSession(manager, 0, BLOCKS, max_length=8).step(steps(1)[0])
+    assert strict not in manager.banned()
+
+
+def test_missing_blocks_are_named(make_swarm):
+    swarm = make_swarm([(0, 2)])
+    with pytest.raises(MissingBlocksError, match="2"):
+        InferenceSession(swarm.client(), 0, BLOCKS, max_length=8).step(steps(1)[0])
