@@ -35,6 +35,8 @@ class LoopbackSwarm:
         self.network = LoopbackNetwork()
         self.session_timeout = session_timeout
         self.handlers: dict[str, Handler] = {}
+        # Forward throughput each server announces (stateless calls go to holders in proportion to it).
+        self.speeds: dict[str, float] = {}
         self.managers: list[SequenceManager] = []
         self.peers = [self.add_server(start, end) for start, end in spans]
 
@@ -45,7 +47,7 @@ class LoopbackSwarm:
 
         def record() -> ServerRecord:
             return ServerRecord(peer_id=peer, start=start, end=end, dtype="float32", num_blocks=BLOCKS,
-                                cache_tokens_left=memory.budget - memory.used)
+                                cache_tokens_left=memory.budget - memory.used, forward_tps=self.speeds.get(peer, 1.0))
 
         handler = Handler(span_from_model(self.model, start, end), memory, self.session_timeout, record,
                           **handler_options)

@@ -11,9 +11,11 @@ import torch
 
 from swarmllm import wire
 from swarmllm.client.inference_session import InferenceSession, SessionFailedError
+from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.verification import VerificationError
-from swarmllm.protocol import RPC_INFERENCE, ErrorCode
+from swarmllm.models.span import span_from_model
+from swarmllm.protocol import RPC_FORWARD, RPC_INFERENCE, ErrorCode
 from swarmllm.server.limits import Limits, PeerLimits
 from tests.unit.loopback_swarm import BLOCKS, LoopbackSwarm, steps
 
@@ -170,3 +172,69 @@ def test_missing_blocks_are_named(make_swarm):
     swarm = make_swarm([(0, 2)])
     with pytest.raises(MissingBlocksError, match="2"):
         InferenceSession(swarm.client(), 0, BLOCKS, max_length=8).step(steps(1)[0])
+
+
+def test_a_server_between_spans_refuses_and_the_session_goes_elsewhere(make_swarm):
+    swarm = make_swarm([(0, BLOCKS), (0, BLOCKS)])
+    moving, other = swarm.peers
+    swarm.handlers[moving].span = None  # what a server moving to other blocks holds meanwhile
+    manager = swarm.client()
+    measured(manager, {moving: 0.001, other: 0.002})  # the moving one looks best
+    inputs = steps(3, 1)
+    with InferenceSession(manager, 0, BLOCKS, max_length=8) as session:
+        outs = run(session, inputs)
+        assert [hop.peer_id for hop in session.route] == [other]
+    assert_outputs(outs, swarm.local_steps(inputs))
+
+
+# --- stateless forward and backward (training) ---
+
+
+def local_forward(swarm: LoopbackSwarm, hidden: torch.Tensor) -> torch.Tensor:
+    span = span_from_model(swarm.model, 0, BLOCKS)
+    return span(hidden, torch.arange(hidden.shape[1])[None].expand(hidden.shape[0], -1))
+
+
+def test_forward_and_backward_over_two_servers_equal_local_gradients(make_swarm):
+    swarm = make_swarm([(0, 2), (2, BLOCKS)])
+    remote = RemoteSequential(swarm.client())
+    x = steps(5, batch=2)[0].requires_grad_(True)
+    remote(x).square().sum().backward()
+    x_local = x.detach().clone().requires_grad_(True)
+    local_forward(swarm, x_local).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_local.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_forward_on_a_killed_server_is_retried_on_another(make_swarm):
+    swarm = make_swarm([(0, BLOCKS), (0, BLOCKS)])
+    dead, alive = swarm.peers
+    swarm.speeds[dead] = 1e12  # stateless calls pick holders by throughput: the dead one first
+    manager = swarm.client()
+    swarm.network.kill(dead)
+    x = steps(4)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(RemoteSequential(manager)(x), local_forward(swarm, x), rtol=1e-4, atol=1e-5)
+    assert [callee for _, callee, rpc in swarm.network.calls if rpc == RPC_FORWARD] == [dead, alive]
+    assert dead in manager.banned()
+
+
+@pytest.mark.parametrize("role", ["primary", "checker"])
+def test_a_lying_server_is_outvoted_on_a_forward(make_swarm, role):
+    swarm = make_swarm([(0, BLOCKS), (0, BLOCKS), (0, BLOCKS)])
+    honest, liar, referee = swarm.peers
+    swarm.handlers[liar].corrupt = 1.0
+    # The primary is picked by throughput, its checkers nearest first.
+    swarm.speeds[liar if role == "primary" else honest] = 1e12
+    manager = swarm.client(verify=1.0)
+    measured(manager, {liar: 0.001, honest: 0.002, referee: 0.003} if role == "checker"
+             else {honest: 0.001, referee: 0.002, liar: 0.003})
+    x = steps(4)[0]
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(RemoteSequential(manager)(x), local_forward(swarm, x), rtol=1e-4, atol=1e-5)
+    # The first forward: the liar and an honest server disagree, the third sides with the honest one. The
+    # second runs on the two honest servers only.
+    forwards = [callee for _, callee, rpc in swarm.network.calls if rpc == RPC_FORWARD]
+    assert forwards[:3] == ([liar, honest, referee] if role == "primary" else [honest, liar, referee])
+    assert liar not in forwards[3:]
+    assert [(r.reporter, r.offender) for r in swarm.network.reports("tiny-loopback")] == [(manager.peer_id, liar)]

@@ -65,10 +65,10 @@ def parse_subkeyed(raw: dict | None, cls: type[R], subkey_of: Callable[[R], str]
 
 
 def parse_servers(raw: dict | None) -> list[ServerRecord]:
-    """Valid, online records out of a DHT value; a record is only believed for the peer that stored it
-    under its own id."""
+    """Valid, online records out of a DHT value (so never an empty block range); a record is only believed
+    for the peer that stored it under its own id."""
     return [r for r in parse_subkeyed(raw, ServerRecord, lambda r: r.peer_id)
-            if r.end > r.start and r.state == ServerState.ONLINE]
+            if r.state == ServerState.ONLINE]  # (Record refuses empty ranges)
 
 
 def get_servers(dht: DHT, model: str, latest: bool = True) -> list[ServerRecord]:

@@ -40,7 +40,7 @@ from swarmllm.server import sizing
 from swarmllm.server.audit import AuditLog
 from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheMemory, bytes_per_token
-from swarmllm.server.compute import NotServing
+from swarmllm.server.compute import sub_span
 from swarmllm.server.config import ServerConfig, parse_blocks
 from swarmllm.server.handler import Handler, NamedAdapter, Override
 from swarmllm.server.kept_graphs import KeptGraphs
@@ -299,9 +299,7 @@ class Server:
 
     def _serving(self) -> Span:
         """The span served now; a request for it during a move is refused as `not_serving`."""
-        if self.span is None:
-            raise NotServing("this server is moving to other blocks")
-        return self.span
+        return sub_span(self.span, self.start, self.end)
 
     async def _load_override(self, name: str) -> Override:
         """Replace this span's weights by the fine-tuned blocks published as `name`, after verifying them."""
