@@ -135,13 +135,21 @@ def test_a_lying_server_is_caught_reported_and_replaced(make_swarm, role):
     assert_outputs(outs, swarm.local_steps(inputs))
 
 
-def test_two_servers_that_disagree_with_no_third_end_the_session(make_swarm):
+@pytest.mark.parametrize("call", ["session", "forward"])
+def test_two_servers_that_disagree_with_no_third_refuse_to_answer(make_swarm, call):
     swarm = make_swarm([(0, BLOCKS), (0, BLOCKS)])
     swarm.handlers[swarm.peers[1]].corrupt = 1.0
-    session = InferenceSession(swarm.client(verify=1.0), 0, BLOCKS, max_length=8)
-    with pytest.raises(VerificationError, match="no third"):
-        session.step(steps(3)[0])
-    assert session.closed
+    manager = swarm.client(verify=1.0)
+    x = steps(3)[0]
+    if call == "session":
+        session = InferenceSession(manager, 0, BLOCKS, max_length=8)
+        with pytest.raises(VerificationError, match="no third holds them"):
+            session.step(x)
+        assert session.closed  # some servers took the step and no honest answer came back
+    else:
+        with torch.no_grad(), pytest.raises(VerificationError, match="no third holds them"):
+            RemoteSequential(manager)(x)
+    assert swarm.network.reports("tiny-loopback") == []  # nobody is blamed without a majority
 
 
 def test_a_caller_error_is_raised_at_once_and_bans_nobody(make_swarm):
@@ -237,4 +245,27 @@ def test_a_lying_server_is_outvoted_on_a_forward(make_swarm, role):
     forwards = [callee for _, callee, rpc in swarm.network.calls if rpc == RPC_FORWARD]
     assert forwards[:3] == ([liar, honest, referee] if role == "primary" else [honest, liar, referee])
     assert liar not in forwards[3:]
+    assert [(r.reporter, r.offender) for r in swarm.network.reports("tiny-loopback")] == [(manager.peer_id, liar)]
+
+
+@pytest.mark.parametrize("call", ["session", "forward"])
+def test_a_dead_checker_is_replaced_by_the_next_holder_not_skipped(make_swarm, call):
+    """The nearest checker of the liar is dead: the client avoids it and checks on the next holder (a third
+    settles the mismatch), instead of returning the liar's output unchecked."""
+    swarm = make_swarm([(0, BLOCKS)] * 4)
+    liar, dead, honest, referee = swarm.peers
+    swarm.handlers[liar].corrupt = 1.0
+    swarm.speeds[liar] = 1e12
+    manager = swarm.client(verify=1.0)
+    measured(manager, {liar: 0.001, dead: 0.002, honest: 0.003, referee: 0.004})
+    swarm.network.kill(dead)
+    inputs = steps(4, 1)
+    if call == "session":
+        with InferenceSession(manager, 0, BLOCKS, max_length=8) as session:
+            assert_outputs(run(session, inputs), swarm.local_steps(inputs))
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(RemoteSequential(manager)(inputs[0]), local_forward(swarm, inputs[0]),
+                                       rtol=1e-4, atol=1e-5)
+    assert {liar, dead} <= manager.banned()
     assert [(r.reporter, r.offender) for r in swarm.network.reports("tiny-loopback")] == [(manager.peer_id, liar)]

@@ -27,7 +27,7 @@ from swarmllm.client.positions import default_positions
 from swarmllm.client.routing import Hop, MissingBlocksError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.session_base import SessionBase
-from swarmllm.client.verification import VerificationError, odd_one_out, relative_error
+from swarmllm.client.verification import VerificationError, relative_error, verdict
 from swarmllm.protocol import (
     BUSY_ERRORS,
     CALLER_ERRORS,
@@ -309,29 +309,25 @@ class InferenceSession(SessionBase):
         logger.warning("session %s: servers %s and %s disagree on blocks %d:%d (relative error %.3g); asking a third",
                        self.session_id[:8], s.hop.peer_id[-8:], checker.hop.peer_id[-8:], s.hop.start, s.hop.end, error)
         third = await self._referee(s, checker)
-        odd = odd_one_out(out, second, third, tolerance)
-        if odd == "primary":
+        if verdict(out, second, third, tolerance, f"blocks {s.hop.start}:{s.hop.end}") == "primary":
             self.manager.report(s.hop.peer_id, s.hop.start, s.hop.end, error, tolerance)
             checker.checked_once, s.checker = True, None
             self._streams[i] = checker  # already holds the session's whole history
             await self._close_all([s])
             return second
-        if odd == "second":
-            self.manager.report(checker.hop.peer_id, s.hop.start, s.hop.end, error, tolerance)
-            s.checker = None
-            await self._close_all([checker])
-            return out
-        raise VerificationError(f"servers disagree on blocks {s.hop.start}:{s.hop.end} and no majority vouches for "
-                                "either answer; refusing to return an unverified result")
+        self.manager.report(checker.hop.peer_id, s.hop.start, s.hop.end, error, tolerance)
+        s.checker = None
+        await self._close_all([checker])
+        return out
 
-    async def _referee(self, s: _ServerStream, checker: _ServerStream) -> torch.Tensor:
+    async def _referee(self, s: _ServerStream, checker: _ServerStream) -> torch.Tensor | None:
+        """A third server's output for the checked step; None if no other server holds the blocks."""
         try:
             referee = await self._open_checker(s.hop, {s.hop.peer_id, checker.hop.peer_id})
         except Exception as e:
             raise VerificationError(f"could not reach a third server for blocks {s.hop.start}:{s.hop.end}: {e!r}") from e
         if referee is None:
-            raise VerificationError(f"two servers disagree on blocks {s.hop.start}:{s.hop.end} and no third holds "
-                                    "them to settle it; refusing to return an unverified result")
+            return None
         try:
             return await _catch_up(referee, s.history)  # (the history includes the step being checked)
         except Exception as e:

@@ -20,7 +20,7 @@ from swarmllm.client.positions import default_positions
 from swarmllm.client.routing import NoHolderError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.tuning import ClientTuning
-from swarmllm.client.verification import VerificationError, odd_one_out, relative_error
+from swarmllm.client.verification import relative_error, verdict
 from swarmllm.protocol import (
     CALLER_ERRORS,
     RPC_BACKWARD,
@@ -142,19 +142,11 @@ class RemoteSequential(nn.Module):
         error = relative_error(_flat(out), _flat(second))
         if error <= tolerance:
             return out
-        answer = self._answer_from(checkers, verb, msg, start, end, ref, lora_tensors, tokens)
-        if answer is None:
-            raise VerificationError(f"two servers disagree on {verb} of blocks {start}:{end} and no third could "
-                                    "settle it; refusing to return an unverified result")
-        odd = odd_one_out(_flat(out), _flat(second), _flat(answer[1]), tolerance)
-        if odd == "primary":
-            manager.report(peer, start, end, error, tolerance)
-            return second
-        if odd == "second":
-            manager.report(second_peer, start, end, error, tolerance)
-            return out
-        raise VerificationError(f"servers disagree on {verb} of blocks {start}:{end} and no majority vouches for "
-                                "either answer")
+        third = self._answer_from(checkers, verb, msg, start, end, ref, lora_tensors, tokens)
+        wrong = verdict(_flat(out), _flat(second), None if third is None else _flat(third[1]), tolerance,
+                        f"{verb} of blocks {start}:{end}")
+        manager.report(peer if wrong == "primary" else second_peer, start, end, error, tolerance)
+        return second if wrong == "primary" else out
 
     def _answer_from(self, peers, verb: str, msg, start: int, end: int, ref, lora_tensors,
                      tokens: int) -> tuple[str, list[torch.Tensor]] | None:

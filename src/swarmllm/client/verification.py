@@ -49,6 +49,21 @@ def odd_one_out(primary: torch.Tensor, second: torch.Tensor, third: torch.Tensor
     return None
 
 
+def verdict(primary: torch.Tensor, second: torch.Tensor, third: torch.Tensor | None, tolerance: float,
+            what: str) -> str:
+    """Which of two disagreeing answers about `what` is wrong ('primary' or 'second'), by a third server's
+    answer (None: no third server could give one). Raises VerificationError when nobody settles it: the
+    caller must not return either answer then. Sessions and stateless calls both decide here."""
+    if third is None:
+        raise VerificationError(f"two servers disagree on {what} and no third holds them to settle it; refusing to "
+                                "return an unverified result")
+    odd = odd_one_out(primary, second, third, tolerance)
+    if odd is None:
+        raise VerificationError(f"servers disagree on {what} and no majority vouches for either answer; refusing "
+                                "to return an unverified result")
+    return odd
+
+
 def comparable(a: ServerRecord, b: ServerRecord) -> bool:
     """Servers whose outputs should match within float rounding: same dtype, quantization and block versions."""
     return (a.dtype, a.quant, a.override) == (b.dtype, b.quant, b.override)
