@@ -13,6 +13,7 @@ from swarmllm.loopback import LoopbackNetwork
 from swarmllm.models.span import span_from_model
 from swarmllm.protocol import ServerRecord
 from swarmllm.server.cache import CacheMemory
+from swarmllm.server.context import ServingContext, SpanSlot
 from swarmllm.server.handler import Handler
 from swarmllm.trust.identity import Identity
 
@@ -40,7 +41,8 @@ class LoopbackSwarm:
         self.managers: list[SequenceManager] = []
         self.peers = [self.add_server(start, end) for start, end in spans]
 
-    def add_server(self, start: int, end: int, **handler_options) -> str:
+    def add_server(self, start: int, end: int, **context_options) -> str:
+        """A server of blocks [start, end); `context_options` are ServingContext fields (limits, faults, ...)."""
         host = self.network.host()
         peer = str(host.peer_id)
         memory = CacheMemory(CACHE_BYTES, queue_timeout=5.0)
@@ -49,8 +51,9 @@ class LoopbackSwarm:
             return ServerRecord(peer_id=peer, start=start, end=end, dtype="float32", num_blocks=BLOCKS,
                                 cache_tokens_left=memory.budget - memory.used, forward_tps=self.speeds.get(peer, 1.0))
 
-        handler = Handler(span_from_model(self.model, start, end), memory, self.session_timeout, record,
-                          **handler_options)
+        context = ServingContext(SpanSlot(span_from_model(self.model, start, end)), memory, self.session_timeout,
+                                 **context_options)
+        handler = Handler(context, record)
         loop.run(handler.register(host))
         self.network.announce(MODEL, peer, record)
         self.handlers[peer] = handler
@@ -78,7 +81,7 @@ class LoopbackSwarm:
         for manager in self.managers:
             manager.shutdown()
         for handler in self.handlers.values():
-            handler.scheduler.shutdown()
+            handler.context.scheduler.shutdown()
 
 
 def steps(*lengths: int, batch: int = 1, seed: int = 1) -> list[torch.Tensor]:

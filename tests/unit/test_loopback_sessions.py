@@ -58,7 +58,7 @@ def test_a_session_over_two_servers_equals_local_blocks(make_swarm):
         assert session.position == 10
     assert_outputs(outs, swarm.local_steps(inputs))
     # Closed: every server freed the session's cache.
-    assert all(h.memory.used == 0 for h in swarm.handlers.values())
+    assert all(h.context.memory.used == 0 for h in swarm.handlers.values())
 
 
 def test_a_killed_server_is_replaced_mid_session_and_its_history_replayed(make_swarm):
@@ -120,7 +120,7 @@ def wait_for(condition, timeout: float = 10.0) -> None:
 def test_a_lying_server_is_caught_reported_and_replaced(make_swarm, role):
     swarm = make_swarm([(0, BLOCKS), (0, BLOCKS), (0, BLOCKS)])
     honest, liar, referee = swarm.peers
-    swarm.handlers[liar].corrupt = 1.0
+    swarm.handlers[liar].context.faults.corrupt = 1.0
     manager = swarm.client(verify=1.0)
     # The nearest server is the primary, the next its checker, the last the referee.
     measured(manager, {liar: 0.001, honest: 0.002, referee: 0.003} if role == "primary"
@@ -138,7 +138,7 @@ def test_a_lying_server_is_caught_reported_and_replaced(make_swarm, role):
 @pytest.mark.parametrize("call", ["session", "forward"])
 def test_two_servers_that_disagree_with_no_third_refuse_to_answer(make_swarm, call):
     swarm = make_swarm([(0, BLOCKS), (0, BLOCKS)])
-    swarm.handlers[swarm.peers[1]].corrupt = 1.0
+    swarm.handlers[swarm.peers[1]].context.faults.corrupt = 1.0
     manager = swarm.client(verify=1.0)
     x = steps(3)[0]
     if call == "session":
@@ -185,7 +185,7 @@ def test_missing_blocks_are_named(make_swarm):
 def test_a_server_between_spans_refuses_and_the_session_goes_elsewhere(make_swarm):
     swarm = make_swarm([(0, BLOCKS), (0, BLOCKS)])
     moving, other = swarm.peers
-    swarm.handlers[moving].span = None  # what a server moving to other blocks holds meanwhile
+    swarm.handlers[moving].context.spans.set_span(None)  # a server moving to other blocks, meanwhile
     manager = swarm.client()
     measured(manager, {moving: 0.001, other: 0.002})  # the moving one looks best
     inputs = steps(3, 1)
@@ -230,7 +230,7 @@ def test_a_forward_on_a_killed_server_is_retried_on_another(make_swarm):
 def test_a_lying_server_is_outvoted_on_a_forward(make_swarm, role):
     swarm = make_swarm([(0, BLOCKS), (0, BLOCKS), (0, BLOCKS)])
     honest, liar, referee = swarm.peers
-    swarm.handlers[liar].corrupt = 1.0
+    swarm.handlers[liar].context.faults.corrupt = 1.0
     # The primary is picked by throughput, its checkers nearest first.
     swarm.speeds[liar if role == "primary" else honest] = 1e12
     manager = swarm.client(verify=1.0)
@@ -254,7 +254,7 @@ def test_a_dead_checker_is_replaced_by_the_next_holder_not_skipped(make_swarm, c
     settles the mismatch), instead of returning the liar's output unchecked."""
     swarm = make_swarm([(0, BLOCKS)] * 4)
     liar, dead, honest, referee = swarm.peers
-    swarm.handlers[liar].corrupt = 1.0
+    swarm.handlers[liar].context.faults.corrupt = 1.0
     swarm.speeds[liar] = 1e12
     manager = swarm.client(verify=1.0)
     measured(manager, {liar: 0.001, dead: 0.002, honest: 0.003, referee: 0.004})

@@ -37,6 +37,10 @@ class KeptGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def clear(self) -> None:
+        """Drop every graph (a server moving to other blocks: they hold the old span's activations)."""
+        self._graphs.clear()
+
     def _expire(self) -> None:
         now = time.monotonic()
         for k in [k for k, (deadline, _) in self._graphs.items() if deadline < now]:

@@ -40,9 +40,9 @@ from swarmllm.server import sizing
 from swarmllm.server.audit import AuditLog
 from swarmllm.server.block_selection import choose_span, should_move
 from swarmllm.server.cache import CacheMemory, bytes_per_token
-from swarmllm.server.compute import sub_span
 from swarmllm.server.config import ServerConfig, parse_blocks
-from swarmllm.server.handler import Handler, NamedAdapter, Override
+from swarmllm.server.context import Faults, NamedAdapter, Override, ServingContext, SpanSlot, TuningResolver
+from swarmllm.server.handler import Handler
 from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.limits import Limits, PeerLimits
 from swarmllm.server.lora_cache import LoraCache
@@ -93,7 +93,6 @@ class Server:
             logger.info("loading blocks %d:%d of %s (%s on %s, quant %s)", self.start, self.end, self.model_name,
                         dtype_name(self.dtype), self.device, config.quant)
             span = self._load(self.start, self.end)
-            self.span: Span | None = span  # None while moving to other blocks
             cache_bytes = config.max_cache_bytes
             if cache_bytes == "auto":
                 cache_bytes = sizing.auto_cache_bytes(free_memory(self.device))
@@ -110,17 +109,17 @@ class Server:
         self.points = ServerPoints(self.peer.identity)
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self.metrics = ServerMetrics()  # counts from the start; served over HTTP only with --metrics-port
-        self.handler = Handler(
-            span, self.memory, config.session_timeout, self.record,
-            lora_cache=LoraCache(config.lora_cache_bytes), adapter=self.adapter,
-            kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl),
+        self.context = ServingContext(
+            SpanSlot(span), self.memory, config.session_timeout,
             scheduler=Scheduler(config.max_batch_rows, config.prefill_chunk, config.batch_wait,
                                 balance=self.points.priority, newcomer_share=config.newcomer_share),
-            page_tokens=config.cache_page_tokens,
+            tuning=TuningResolver(LoraCache(config.lora_cache_bytes), self.adapter),
+            kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl), page_tokens=config.cache_page_tokens,
             audit=AuditLog(config.audit_log), membership=self.peer.membership,
             limits=PeerLimits(Limits.from_config(config)), points=self.points, metrics=self.metrics,
+            faults=Faults(config.test_corrupt_outputs),
         )
-        self.handler.corrupt = config.test_corrupt_outputs
+        self.handler = Handler(self.context, self.record)
         if config.test_corrupt_outputs:
             logger.warning("TEST ONLY: this server corrupts its outputs (--test-corrupt-outputs %g)", config.test_corrupt_outputs)
         self.peer_id = self.peer.peer_id
@@ -128,7 +127,7 @@ class Server:
         self.speed_cache = ThroughputCache(default_cache_dir() / "throughput.json")
         # On the compute thread, like all torch work: OpenMP keeps one thread team per calling thread, and a
         # second team (on the main thread) measurably slows every later step on a small machine.
-        self.throughput = self._measure(span, lambda fn, span: self.handler.scheduler.call(fn, span).result())
+        self.throughput = self._measure(span, lambda fn, span: self.context.scheduler.call(fn, span).result())
         logger.info("speed: %.2f ms per block per inference step, %.0f tokens/s per block forward",
                     self.throughput.step_time * 1e3, self.throughput.forward_tps)
 
@@ -176,6 +175,7 @@ class Server:
         return span
 
     def record(self, state: ServerState | None = None) -> ServerRecord:
+        span, override = self.context.spans.span, self.context.tuning.override
         return ServerRecord(
             peer_id=PeerIdStr(self.peer_id),
             start=self.start,
@@ -184,14 +184,14 @@ class Server:
             quant=self.config.quant,
             device=self.device.type,
             state=state or self.state,
-            cache_tokens_left=self.memory.free // bytes_per_token(self.span) if self.span is not None else 0,
+            cache_tokens_left=self.memory.free // bytes_per_token(span) if span is not None else 0,
             # A corrupting test server lies about its speed too, to attract traffic as an attacker would.
             step_time=self.throughput.step_time if not self.config.test_corrupt_outputs else 1e-6,
             forward_tps=self.throughput.forward_tps if not self.config.test_corrupt_outputs else 1e9,
             next_rtts=dict(self.next_rtts),
             adapters=tuple(sorted(self.adapters)),
-            override=self.handler.override.name if self.handler.override else None,
-            override_blocks=tuple(sorted(self.handler.override.blocks)) if self.handler.override else (),
+            override=override.name if override else None,
+            override_blocks=tuple(sorted(override.blocks)) if override else (),
             num_blocks=self.model_config.num_hidden_layers,
             active_sessions=self.handler.active_sessions,
             tokens_served=self.metrics.tokens_served,
@@ -236,18 +236,18 @@ class Server:
         # Free the old blocks before loading the new ones, so that a move never needs memory for two spans.
         # Meanwhile requests get `not_serving` (no session is open: they drained above, and the record says
         # DRAINING), and if loading fails the server stops rather than serve a span it does not hold.
-        self.span = self.handler.span = None
-        self.handler.kept = KeptGraphs(self.config.max_kept_graphs, self.config.kept_graph_ttl)
+        self.context.spans.set_span(None)
+        self.context.kept.clear()
         self.adapters.clear()  # named adapters are reloaded for the new blocks on first use
-        await self.handler.scheduler.run(_release_memory, self.device)
+        await self.context.scheduler.run(_release_memory, self.device)
         try:
             span = await loop.run_in_executor(None, self._load, *target)
-            self.throughput = await self.handler.scheduler.run(self._measure, span, None)
+            self.throughput = await self.context.scheduler.run(self._measure, span, None)
         except Exception:
             logger.exception("could not load blocks %d:%d; shutting down (the old span is already freed)", *target)
             stop.set()
             return
-        self.span = self.handler.span = span
+        self.context.spans.set_span(span)
         self.start, self.end = target
         self._label_metrics()
         self.state = ServerState.ONLINE
@@ -299,7 +299,7 @@ class Server:
 
     def _serving(self) -> Span:
         """The span served now; a request for it during a move is refused as `not_serving`."""
-        return sub_span(self.span, self.start, self.end)
+        return self.context.spans.sub_span(self.start, self.end)
 
     async def _load_override(self, name: str) -> Override:
         """Replace this span's weights by the fine-tuned blocks published as `name`, after verifying them."""
@@ -327,7 +327,7 @@ class Server:
         p2p = await self.dht.replicate_p2p()
         await self.hub.register(p2p)
         if self.config.block_override:
-            self.handler.override = await self._load_override(self.config.block_override)
+            self.context.tuning.override = await self._load_override(self.config.block_override)
         for name in self.config.adapters:
             await self.adapter(name)
         await self.handler.register(p2p)
@@ -364,4 +364,4 @@ class Server:
                 None, announce, self.dht, self.model_name, self.record(ServerState.OFFLINE), ttl
             )
             await p2p.shutdown()
-            self.handler.scheduler.shutdown()
+            self.context.scheduler.shutdown()

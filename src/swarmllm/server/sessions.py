@@ -1,8 +1,8 @@
-"""Inference sessions: the `inference` stream and the `push` RPC that feeds it, for one handler's span.
+"""Inference sessions: the `inference` stream and the `push` RPC that feeds it, for one server.
 
 A session lives as long as its stream. Its steps arrive in one inbox, from the client's stream and (with
 push) from the previous server of the route, and a step already run is skipped, whichever copy came first.
-(`Handler` is imported for type checking only: the handler owns a `Sessions`, not the reverse.)
+It reads the server's state from a `ServingContext` (server/context.py), as `Handler` does.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-from hivemind.p2p import P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarmllm import wire
@@ -31,12 +30,10 @@ from swarmllm.protocol import (
 )
 from swarmllm.server import compute
 from swarmllm.server.cache import CacheFullError, SessionKV, bytes_per_token
+from swarmllm.server.context import ServingContext
 from swarmllm.server.inference import Session
 from swarmllm.server.limits import PeerLimits, RateLimited
 from swarmllm.server.replies import error_code, parse_request, unpack
-
-if TYPE_CHECKING:
-    from swarmllm.server.handler import Handler
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +48,16 @@ REFUSAL_GRACE = 1.0
 
 
 class Sessions:
-    """Serves `inference` and `push` for a handler, and counts the sessions open on it.
+    """Serves `inference` and `push` for a server, and counts the sessions open on it.
 
-    It reads the handler's span, memory, scheduler, limits and settings at each use, so a handler whose
-    span changes (a rebalance) serves its next sessions on the new span. Every session it admits is
+    It reads the span from the context at each session's opening, so a server whose span changes (a
+    rebalance) serves its next sessions on the new span. Every session it admits is
     counted in `active` until its stream ends, and everything the session held is released by then.
     """
 
-    def __init__(self, handler: Handler):
-        self.handler = handler
+    def __init__(self, context: ServingContext):
+        self.context = context
+        self.p2p: P2P | None = None  # set when registered: pushes to the next server go through it
         self.active = 0
         # Pushes in flight: the event loop keeps only weak references to tasks, so one held nowhere else could
         # be collected before it runs.
@@ -75,17 +73,17 @@ class Sessions:
         refused at once; otherwise it waits in the memory queue for its first page. Its cache then grows page
         by page as steps arrive (each may wait in the queue too), and all of it is freed when the stream
         ends, whatever the reason. A refused step leaves the session as it was."""
-        h = self.handler
+        c = self.context
         inbox: asyncio.Queue | None = None
         peer, meta, live, reader, counted = str(context.remote_id), None, None, None, False
         began, outcome = time.monotonic(), "ok"
-        h.metrics.request("inference")
+        c.metrics.request("inference")
         try:
-            h.limits.admit(peer)
-            h.limits.open_session(peer)
+            c.limits.admit(peer)
+            c.limits.open_session(peer)
             counted = True
-            first = await asyncio.wait_for(anext(requests), h.session_timeout)
-            meta, tensors = parse_request(first, OpenSession, h.device)
+            first = await asyncio.wait_for(anext(requests), c.session_timeout)
+            meta, tensors = parse_request(first, OpenSession, c.device)
             live = await self._open(meta, tensors, peer)
             self.active += 1
             logger.info("session %s opened by %s: blocks %d:%d, up to %d x %d tokens", meta.session_id[:8],
@@ -94,10 +92,10 @@ class Sessions:
             # Steps come from the client's stream and, with push, from the previous server: both feed one
             # inbox, and a step already run (pushed first, or sent first by the client) is skipped.
             inbox = asyncio.Queue(INBOX_STEPS)
-            reader = asyncio.create_task(_pump(requests, inbox, h.limits, peer, h.device))
+            reader = asyncio.create_task(_pump(requests, inbox, c.limits, peer, c.device))
             self.inboxes[(meta.session_id, meta.start)] = inbox
             while True:
-                item = await asyncio.wait_for(inbox.get(), h.session_timeout)
+                item = await asyncio.wait_for(inbox.get(), c.session_timeout)
                 if item is None:
                     return  # the client closed the session
                 reply = await self._step(live, item, peer)
@@ -108,45 +106,45 @@ class Sessions:
         except TimeoutError:
             outcome = ErrorCode.SESSION_TIMEOUT.value
             logger.info("session from %s timed out; freeing its cache", peer[-8:])
-            yield h.reply_timeout(f"no message for {h.session_timeout}s")
+            yield c.reply_timeout(f"no message for {c.session_timeout}s")
         except Exception as e:
             outcome = error_code(e).value
-            yield h.reply_error(e)
+            yield c.reply_error(e)
             if reader is None:  # refused before its steps were read: let the client close its side first
                 await wire.drain(requests, REFUSAL_GRACE)
         finally:
             if reader is not None:
                 reader.cancel()
             if counted:
-                h.limits.close_session(peer)
+                c.limits.close_session(peer)
             if meta is not None:
-                h.audit.record(peer, "inference", meta.start, meta.end, live.tokens if live else 0, outcome, began,
+                c.audit.record(peer, "inference", meta.start, meta.end, live.tokens if live else 0, outcome, began,
                                live.steps if live else 0)
             if live is not None:
                 self._close(live, inbox, peer)
 
     async def _open(self, meta: OpenSession, tensors: list, peer: str) -> _Live:
         """Admit a session: check what it declares, resolve its tuning, then wait for its first cache page."""
-        h = self.handler
-        span = compute.sub_span(h.span, meta.start, meta.end)
+        c = self.context
+        span = c.spans.sub_span(meta.start, meta.end)
         if len(tensors) != int(meta.tuning.prompts):
             raise compute.BadRequest(f"OpenSession carries {int(meta.tuning.prompts)} tensors, got {len(tensors)}")
         prompts = tensors[0] if tensors else None
         compute.check_prompt_shape(span, meta.batch_size, meta.max_length, prompts)
-        extras = await h.extras(meta.tuning, span, peer, prompts)
+        extras = await c.tuning.extras(meta.tuning, span, peer, prompts)
         what = f"a session of {meta.batch_size} x {meta.max_length} tokens on blocks {meta.start}:{meta.end}"
-        h.memory.check_possible(bytes_per_token(span, meta.batch_size) * meta.max_length, what)
-        kv = SessionKV(span, meta.batch_size, h.page_tokens)
-        await h.memory.acquire(kv.page_bytes, what)
-        kv.capacity = h.page_tokens
+        c.memory.check_possible(bytes_per_token(span, meta.batch_size) * meta.max_length, what)
+        kv = SessionKV(span, meta.batch_size, c.page_tokens)
+        await c.memory.acquire(kv.page_bytes, what)
+        kv.capacity = c.page_tokens
         return _Live(meta, Session(span, meta.batch_size, meta.max_length, kv, extras), held=kv.page_bytes)
 
     async def _step(self, live: _Live, item, peer: str) -> runtime_pb2.ExpertResponse | None:
         """Run one inbox item of a session; the reply for the client, or None when there is none: a copy of
         a step already run, or a pushed copy that was refused (the client's own copy follows)."""
-        h = self.handler
+        c = self.context
         if isinstance(item, Exception):
-            return h.reply_error(item)  # the client's message was malformed or over a limit; the session goes on
+            return c.reply_error(item)  # the client's message was malformed or over a limit; the session goes on
         step, tensors, pushed, nbytes = item
         session, meta = live.session, live.meta
         try:
@@ -168,28 +166,28 @@ class Sessions:
                 session.kv.length = past
                 raise
             if hypo_ids is not None:  # on the compute thread, which alone touches cache tensors
-                await h.scheduler.run(session.kv.reorder, hypo_ids.to(session.span.device))
+                await c.scheduler.run(session.kv.reorder, hypo_ids.to(session.span.device))
             if len(step.push_to) >= session.span.config.num_hidden_layers:  # a route has fewer hops than blocks
                 raise compute.BadRequest(f"push_to names {len(step.push_to)} servers")
             batch, q = hidden.shape[:2]
             # A long step runs in chunks (see Scheduler.step), except one that must run alone.
-            chunk = q if session.batch_key(q) is None else min(q, h.scheduler.prefill_chunk)
-            h.limits.check_attention(batch, chunk, session.length + q)
-            with h.limits.tokens(peer, batch * q):
+            chunk = q if session.batch_key(q) is None else min(q, c.scheduler.prefill_chunk)
+            c.limits.check_attention(batch, chunk, session.length + q)
+            with c.limits.tokens(peer, batch * q):
                 pages = live.kv.pages_for(session.length + q)
                 if pages:
-                    await h.memory.acquire(pages * live.kv.page_bytes, f"step {step.step_id} of session {meta.session_id[:8]}")
-                    live.held, live.kv.capacity = live.held + pages * live.kv.page_bytes, live.kv.capacity + pages * h.page_tokens
+                    await c.memory.acquire(pages * live.kv.page_bytes, f"step {step.step_id} of session {meta.session_id[:8]}")
+                    live.held, live.kv.capacity = live.held + pages * live.kv.page_bytes, live.kv.capacity + pages * c.page_tokens
                 t0 = time.perf_counter()
-                out = h.tamper(await h.scheduler.step(session, hidden, position_ids, mask, peer=peer))
-                h.count(peer, session.span, batch * q, "inference", time.perf_counter() - t0)
+                out = c.faults.tamper(await c.scheduler.step(session, hidden, position_ids, mask, peer=peer))
+                c.count(peer, session.span, batch * q, "inference", time.perf_counter() - t0)
         except _STEP_ERRORS as e:
             if pushed:
                 logger.debug("pushed step %d of session %s refused: %s", step.step_id, meta.session_id[:8], e)
                 return None
-            return h.reply_error(e)  # the session's cache is unchanged; the client may go on
+            return c.reply_error(e)  # the session's cache is unchanged; the client may go on
         finally:
-            h.limits.release_bytes(peer, nbytes)
+            c.limits.release_bytes(peer, nbytes)
         live.tokens += batch * q
         live.last_done = max(live.last_done, step.step_id)
         if step.push_to:
@@ -200,9 +198,9 @@ class Sessions:
 
     def _close(self, live: _Live, inbox: asyncio.Queue | None, peer: str) -> None:
         """Free everything a session held: its cache, its place in the scheduler, its waiting steps' bytes."""
-        h, meta = self.handler, live.meta
-        h.scheduler.forget(live.session)
-        h.memory.release(live.held)
+        c, meta = self.context, live.meta
+        c.scheduler.forget(live.session)
+        c.memory.release(live.held)
         self.active -= 1
         key = (meta.session_id, meta.start)
         # Only this stream's own inbox: a client that reopened the session here may already have a new one.
@@ -211,33 +209,33 @@ class Sessions:
         while inbox is not None and not inbox.empty():
             item = inbox.get_nowait()
             if isinstance(item, tuple):
-                h.limits.release_bytes(peer, item[3])
+                c.limits.release_bytes(peer, item[3])
         logger.info("session %s closed after %d steps, %d of them pushed by the previous server first "
                     "(server total: %d steps in %d passes)", meta.session_id[:8], live.steps, live.pushed_first,
-                    h.scheduler.steps_run, h.scheduler.passes_run)
+                    c.scheduler.steps_run, c.scheduler.passes_run)
 
     async def _push(self, meta: OpenSession, step: Step, out, position_ids, mask) -> None:
         """Send this step's output to the next server of the route, in the session's compression. Best
         effort: if it fails, the next server gets the same input from the client a moment later."""
-        h = self.handler
+        c = self.context
         nxt = Step(step_id=step.step_id, has_mask=mask is not None, push_to=step.push_to[1:])
         push = Push(session_id=meta.session_id, start=meta.end, step=nxt)
         msg = wire.request(push, out, position_ids, *([mask] if mask is not None else []), compression=meta.compression)
-        h.membership.stamp(msg)
-        assert h.p2p is not None  # registered before any session could open
+        c.membership.stamp(msg)
+        assert self.p2p is not None  # registered before any session could open
         try:
-            await asyncio.wait_for(h.p2p.call_protobuf_handler(
+            await asyncio.wait_for(self.p2p.call_protobuf_handler(
                 PeerID.from_base58(step.push_to[0]), RPC_PUSH, msg, runtime_pb2.ExpertResponse
-            ), h.session_timeout)
+            ), c.session_timeout)
         except Exception as e:
             logger.debug("push of step %d to %s failed: %r", step.step_id, step.push_to[0][-8:], e)
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Take a step pushed by the previous server of a session's route into that session's inbox."""
-        self.handler.metrics.request("push")
+        self.context.metrics.request("push")
         try:
-            self.handler.limits.admit(str(context.remote_id))
-            meta, tensors = parse_request(request, Push, self.handler.device)
+            self.context.limits.admit(str(context.remote_id))
+            meta, tensors = parse_request(request, Push, self.context.device)
             unpack(tensors, 2, meta.step.has_mask)  # the rest is checked when the session runs the step
             inbox = self.inboxes.get((meta.session_id, meta.start))
             if inbox is None:
@@ -248,7 +246,7 @@ class Sessions:
                 raise RateLimited(f"session {meta.session_id[:8]} has {inbox.qsize()} steps waiting") from None
             return wire.response(Pushed())
         except Exception as e:
-            return self.handler.reply_error(e)
+            return self.context.reply_error(e)
 
 
 @dataclass
