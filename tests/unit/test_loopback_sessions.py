@@ -269,3 +269,15 @@ def test_a_dead_checker_is_replaced_by_the_next_holder_not_skipped(make_swarm, c
                                        rtol=1e-4, atol=1e-5)
     assert {liar, dead} <= manager.banned()
     assert [(r.reporter, r.offender) for r in swarm.network.reports("tiny-loopback")] == [(manager.peer_id, liar)]
+
+
+def test_a_rewind_drops_the_servers_tokens_after_it(make_swarm):
+    swarm = make_swarm([(0, 2), (2, BLOCKS)])
+    first, dropped, replacement = steps(4, 2, 1)
+    with InferenceSession(swarm.client(), 0, BLOCKS, max_length=16) as session:
+        session.step(first)
+        session.step(dropped)
+        session.rewind(4)  # e.g. rejected draft tokens
+        out = session.step(replacement)
+        assert session.position == 5
+    assert_outputs([out], swarm.local_steps([first, replacement])[1:])

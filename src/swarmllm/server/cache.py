@@ -112,13 +112,18 @@ def bytes_per_token(span: Span, batch: int = 1) -> int:
 class SessionKV:
     """One session's keys and values for blocks `[start, end)`: per block, (batch, kv_heads, capacity,
     head_dim) tensors, grown by the compute thread up to `capacity` tokens (what the memory budget granted
-    on the event loop). Tokens `[0, length)` are valid; a failed step only has to reset `length`."""
+    on the event loop). Tokens `[0, length)` are valid; a failed step only has to reset `length`.
+
+    It owns its length and capacity: `reserve` grows capacity page by page from the memory budget (on the
+    event loop), `commit` advances the length after a pass (on the compute thread), `rewind` cuts it (a
+    client's rewind, or a failed pass), and `release` gives every page back."""
 
     span: Span
     batch: int
     page_tokens: int
     length: int = 0
     capacity: int = 0  # tokens granted by CacheMemory
+    held: int = 0  # bytes granted by CacheMemory for those tokens
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # absolute block index -> tensor
     values: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -129,6 +134,30 @@ class SessionKV:
     def pages_for(self, tokens: int) -> int:
         """Pages to add so that `tokens` fit."""
         return max(0, -(-tokens // self.page_tokens) - self.capacity // self.page_tokens)
+
+    async def reserve(self, memory: CacheMemory, tokens: int, what: str) -> None:
+        """Make room for `tokens` in all: take the missing pages from `memory`, waiting in its queue. Raises
+        CacheFullError with nothing taken."""
+        pages = self.pages_for(tokens)
+        if pages:
+            await memory.acquire(pages * self.page_bytes, what)
+            self.held += pages * self.page_bytes
+            self.capacity += pages * self.page_tokens
+
+    def release(self, memory: CacheMemory) -> None:
+        memory.release(self.held)
+        self.held = 0
+
+    def commit(self, tokens: int) -> None:
+        """A pass wrote `tokens` more positions: they are valid now."""
+        assert self.length + tokens <= self.capacity
+        self.length += tokens
+
+    def rewind(self, length: int) -> None:
+        """Keep only the first `length` tokens (the rest is overwritten by the next steps)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind to {length}: the session holds {self.length} tokens")
+        self.length = length
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, at: int) -> None:
         """Store `key`/`value` (batch, kv_heads, q, head_dim) at positions `[at, at + q)` of `layer`. Keys and values

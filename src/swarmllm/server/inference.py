@@ -46,21 +46,24 @@ class Session:
     def length(self) -> int:
         return self.kv.length
 
-    def check(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Validate a step before it is queued; the session is unchanged if this raises."""
-        check_inputs(self.span, hidden, position_ids, mask, past=self.length)
+    def check(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+              past: int | None = None) -> None:
+        """Validate a step before anything of it is done; the session is unchanged by this. `past`: the tokens
+        the step follows (fewer than `length` after a rewind that goes with the step)."""
+        past = self.length if past is None else past
+        check_inputs(self.span, hidden, position_ids, mask, past=past)
         if hidden.shape[0] != self.batch_size:
             raise BadRequest(f"session was opened for batch {self.batch_size}, step has batch {hidden.shape[0]}")
-        if self.length + hidden.shape[1] > self.max_length:
+        if past + hidden.shape[1] > self.max_length:
             raise TooLong(
-                f"session declared max_length={self.max_length}; it holds {self.length} tokens and cannot take "
+                f"session declared max_length={self.max_length}; it holds {past} tokens and cannot take "
                 f"{hidden.shape[1]} more"
             )
-        check_prompts(self.span, hidden, self._prompts())
+        check_prompts(self.span, hidden, self._prompts(past))
 
-    def _prompts(self) -> torch.Tensor | None:
-        # Deep prompts belong to the first positions of the sequence: only the first step adds them.
-        return self.extras.prompts if self.length == 0 else None
+    def _prompts(self, past: int | None = None) -> torch.Tensor | None:
+        # Deep prompts belong to the first positions of the sequence: only a step from position 0 adds them.
+        return self.extras.prompts if (self.length if past is None else past) == 0 else None
 
     def batch_key(self, q: int) -> BatchKey | None:
         """The key of a step of `q` tokens; None means it runs alone."""
@@ -196,5 +199,5 @@ def run_batch(steps: list[StepInput]) -> list[torch.Tensor]:
     for s in steps:
         results.append(out[row : row + s.rows].to(s.hidden.dtype))
         row += s.rows
-        s.session.kv.length += q
+        s.session.kv.commit(q)
     return results

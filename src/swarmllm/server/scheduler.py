@@ -115,16 +115,20 @@ class Scheduler:
     async def run(self, fn: Callable, *args, peer: str = ""):
         return await asyncio.wrap_future(self.call(fn, *args, peer=peer))
 
+    def chunk_size(self, session: Session, q: int) -> int:
+        """Tokens per chunk of a step of `q` tokens: a long prefill runs in chunks of `prefill_chunk`, so other
+        sessions' decode steps are not held up behind it, except a step that must run alone."""
+        return q if session.batch_key(q) is None else min(q, self.prefill_chunk)
+
     async def step(
         self, session: Session, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
         *, peer: str = "",
     ) -> torch.Tensor:
         """One inference step of `session` on behalf of `peer`, batched with other sessions' steps; long ones
-        in chunks. Raises before queuing anything if the step is invalid. If a chunk fails, the session is as
-        before the step."""
-        session.check(hidden, position_ids, mask)
+        in chunks (`chunk_size`). The caller has validated it (`Session.check`) and reserved its cache. If a
+        chunk fails, the session is as before the step."""
         q, past = hidden.shape[1], session.length
-        chunk = q if session.batch_key(q) is None else self.prefill_chunk
+        chunk = self.chunk_size(session, q)
         outs, last = [], int(position_ids.max())
         for a in range(0, q, chunk):
             b = min(q, a + chunk)
@@ -139,7 +143,7 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise  # the session is going away; the compute thread may still be writing into it
             except BaseException:
-                session.kv.length = past
+                session.kv.rewind(past)
                 raise
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 

@@ -135,9 +135,8 @@ class Sessions:
         what = f"a session of {meta.batch_size} x {meta.max_length} tokens on blocks {meta.start}:{meta.end}"
         c.memory.check_possible(bytes_per_token(span, meta.batch_size) * meta.max_length, what)
         kv = SessionKV(span, meta.batch_size, c.page_tokens)
-        await c.memory.acquire(kv.page_bytes, what)
-        kv.capacity = c.page_tokens
-        return _Live(meta, Session(span, meta.batch_size, meta.max_length, kv, extras), held=kv.page_bytes)
+        await kv.reserve(c.memory, 1, what)  # its first page
+        return _Live(meta, Session(span, meta.batch_size, meta.max_length, kv, extras))
 
     async def _step(self, live: _Live, item, peer: str) -> runtime_pb2.ExpertResponse | None:
         """Run one inbox item of a session; the reply for the client, or None when there is none: a copy of
@@ -153,31 +152,23 @@ class Sessions:
             live.steps, live.pushed_first = live.steps + 1, live.pushed_first + pushed
             hypo_ids = tensors[-1] if step.has_hypo_ids and tensors else None
             hidden, position_ids, mask, _ = unpack(tensors[:-1] if step.has_hypo_ids else tensors, 2, step.has_mask)
-            past = session.length
-            if step.keep is not None:  # a rewind, checked with the rest of the step: undone if the step is refused
-                if not 0 <= step.keep <= past:
-                    raise compute.BadRequest(f"keep={step.keep}, but the session holds {past} tokens")
-                session.kv.length = step.keep
-            try:
-                session.check(hidden, position_ids, mask)
-                if hypo_ids is not None:
-                    compute.check_hypo_ids(hypo_ids, session.batch_size)
-            except BaseException:
-                session.kv.length = past
-                raise
-            if hypo_ids is not None:  # on the compute thread, which alone touches cache tensors
-                await c.scheduler.run(session.kv.reorder, hypo_ids.to(session.span.device))
+            batch, q = hidden.shape[:2]
+            # Everything is checked before anything changes, so that a refused step leaves the session as it
+            # was: a rewind (`keep`) and a beam reorder take effect only once the step is admitted.
+            past = session.length if step.keep is None else step.keep
+            if not 0 <= past <= session.length:
+                raise compute.BadRequest(f"keep={step.keep}, but the session holds {session.length} tokens")
+            session.check(hidden, position_ids, mask, past)
+            if hypo_ids is not None:
+                compute.check_hypo_ids(hypo_ids, session.batch_size)
             if len(step.push_to) >= session.span.config.num_hidden_layers:  # a route has fewer hops than blocks
                 raise compute.BadRequest(f"push_to names {len(step.push_to)} servers")
-            batch, q = hidden.shape[:2]
-            # A long step runs in chunks (see Scheduler.step), except one that must run alone.
-            chunk = q if session.batch_key(q) is None else min(q, c.scheduler.prefill_chunk)
-            c.limits.check_attention(batch, chunk, session.length + q)
+            c.limits.check_attention(batch, c.scheduler.chunk_size(session, q), past + q)
             with c.limits.tokens(peer, batch * q):
-                pages = live.kv.pages_for(session.length + q)
-                if pages:
-                    await c.memory.acquire(pages * live.kv.page_bytes, f"step {step.step_id} of session {meta.session_id[:8]}")
-                    live.held, live.kv.capacity = live.held + pages * live.kv.page_bytes, live.kv.capacity + pages * c.page_tokens
+                await live.kv.reserve(c.memory, past + q, f"step {step.step_id} of session {meta.session_id[:8]}")
+                live.kv.rewind(past)
+                if hypo_ids is not None:  # on the compute thread, which alone touches cache tensors
+                    await c.scheduler.run(live.kv.reorder, hypo_ids.to(session.span.device))
                 t0 = time.perf_counter()
                 out = c.faults.tamper(await c.scheduler.step(session, hidden, position_ids, mask, peer=peer))
                 c.count(peer, session.span, batch * q, "inference", time.perf_counter() - t0)
@@ -200,7 +191,7 @@ class Sessions:
         """Free everything a session held: its cache, its place in the scheduler, its waiting steps' bytes."""
         c, meta = self.context, live.meta
         c.scheduler.forget(live.session)
-        c.memory.release(live.held)
+        live.kv.release(c.memory)
         self.active -= 1
         key = (meta.session_id, meta.start)
         # Only this stream's own inbox: a client that reopened the session here may already have a new one.
@@ -255,7 +246,6 @@ class _Live:
 
     meta: OpenSession
     session: Session
-    held: int  # cache bytes granted to it
     steps: int = 0
     pushed_first: int = 0
     tokens: int = 0
