@@ -3,27 +3,18 @@ is built from it."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from swarmllm.dht.config import PeerConfig
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 """Largest adapter (packed bytes) a peer fetches unless told otherwise: a rank-64 LoRA of a 7B model on
 every projection is about 160 MiB in float32, and anything much bigger is more likely a mistake."""
 
 
-class SwarmHubConfig(BaseModel):
+class SwarmHubConfig(PeerConfig):
     """Settings of a peer that publishes, lists or fetches adapters in the swarm."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of any peers in the swarm")
-    swarm_key: str | None = Field(
-        default=None, description="key file of a private swarm (made by `swarmllm dht --private`): join it, and talk only to its members"
-    )
-    identity: str | None = Field(
-        default=None, description="identity file (created if missing) that fixes this peer's id and signs its records and receipts (default: a new id per run)"
-    )
-    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
-    announce_maddrs: list[str] = Field(default_factory=list, description="public multiaddrs to announce, if not the listen ones")
     max_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0, description="largest adapter to fetch, in bytes")
     announce_ttl: float = Field(
         default=120.0, gt=1, description="seconds an adapter record lives in the DHT; it is refreshed every third of that"

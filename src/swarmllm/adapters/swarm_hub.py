@@ -41,7 +41,7 @@ from swarmllm.adapters.package import (
 )
 from swarmllm.adapters.store import AdapterStore
 from swarmllm.client import loop as io_loop
-from swarmllm.dht.node import join
+from swarmllm.dht.node import join_as
 from swarmllm.protocol import (
     RPC_ADAPTER_GET,
     AdapterChunk,
@@ -326,8 +326,7 @@ class SyncSwarmHub:
     @classmethod
     def connect(cls, config: SwarmHubConfig, store: AdapterStore | None = None, serve: bool = True) -> SyncSwarmHub:
         """Join the swarm with a DHT node of our own (in client mode when not serving; shut down with us)."""
-        peer = join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
-                    host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs, client_mode=not serve)
+        peer = join_as(config, client_mode=not serve)
         dht = peer.dht
         try:
             return cls(dht, store, config.max_bytes, serve=serve, ttl=config.announce_ttl,

@@ -47,7 +47,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     from swarmllm.adapters.package import adapter_kind, pack
     from swarmllm.adapters.store import AdapterStore
     from swarmllm.adapters.swarm_hub import check_name
-    from swarmllm.dht.node import join
+    from swarmllm.dht.node import join_as
 
     adapter_kind(args.path)  # a bad folder or name fails here, before joining any swarm
     if args.hub_dir is not None or args.repo is not None:
@@ -59,8 +59,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     check_name(args.name)
     config = config_from_args(SwarmHubConfig, args)
     model = _model_name(args.path, args.model)
-    peer = join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
-                host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)
+    peer = join_as(config)
     try:
         asyncio.run(_seed(peer, AdapterStore(), config, args.path, args.name, model))
     finally:

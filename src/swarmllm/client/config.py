@@ -4,24 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from swarmllm.dht.config import PeerConfig
 from swarmllm.models.device import DEVICE_HELP, DTYPE_HELP
 from swarmllm.protocol import Compression
 
 
-class ClientConfig(BaseModel):
+class ClientConfig(PeerConfig):
     """Settings of a client. Field descriptions become the CLI help."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of any peers in the swarm")
-    swarm_key: str | None = Field(
-        default=None, description="key file of a private swarm (made by `swarmllm dht --private`): join it, and talk only to its members"
-    )
-    identity: str | None = Field(
-        default=None, description="identity file (created if missing) that fixes this peer's id and signs its records and receipts (default: a new id per run)"
-    )
     request_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for one server reply")
     missing_blocks_timeout: float = Field(
         default=30.0, ge=0, description="seconds to wait for servers of missing blocks before failing"
@@ -36,7 +28,6 @@ class ClientConfig(BaseModel):
     client_mode: bool = Field(
         default=False, description="join the DHT without accepting incoming connections (behind NAT)"
     )
-    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
     num_threads: int | None = Field(default=None, ge=1, description="torch threads for the local layers")
     device: str = Field(
         default="auto", description=f"where the client's embeddings, LM head, local blocks and tuning live: {DEVICE_HELP}"

@@ -25,7 +25,7 @@ from swarmllm.client.routing import (
 )
 from swarmllm.client.transport import DhtDirectory, Directory, HivemindTransport, Transport
 from swarmllm.client.verification import comparable
-from swarmllm.dht.node import SwarmPeer, join
+from swarmllm.dht.node import SwarmPeer, join_as
 from swarmllm.dht.reports import reported
 from swarmllm.protocol import RPC_INFO, PeerIdStr, Report, ServerRecord
 from swarmllm.trust.identity import Identity
@@ -65,8 +65,7 @@ class SequenceManager:
         """A manager on hivemind: over `peer`'s DHT, or a DHT node of its own (joined from the config's
         initial peers), stopped by `shutdown`."""
         own = peer is None
-        peer = peer or join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
-                            host_maddrs=config.host_maddrs, client_mode=config.client_mode)
+        peer = peer or join_as(config, client_mode=config.client_mode)
         try:
             p2p = loop.run(peer.dht.replicate_p2p(), timeout=config.request_timeout)
         except BaseException:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hivemind import DHT
 
+from swarmllm.dht.config import PeerConfig
 from swarmllm.trust.identity import Identity
 from swarmllm.trust.membership import Membership
 from swarmllm.trust.records import SignedRecords
@@ -53,3 +54,9 @@ def join(
         dht.shutdown()
         raise RuntimeError(f"the DHT runs as {dht.peer_id}, not as the identity {ident.peer_id}")
     return SwarmPeer(dht, ident, Membership(key, ident.peer_id))
+
+
+def join_as(config: PeerConfig, client_mode: bool = False) -> SwarmPeer:
+    """Join the swarm as `config` says (a server's, client's or swarm-hub peer's config: each extends it)."""
+    return join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
+                host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs, client_mode=client_mode)

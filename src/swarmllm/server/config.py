@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from swarmllm.dht.config import PeerConfig
 from swarmllm.models.device import DEVICE_HELP, DTYPE_HELP
 
 
-class ServerConfig(BaseModel):
+class ServerConfig(PeerConfig):
     """Settings of one server process. Field descriptions become the CLI help."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     model: str = Field(description="model: a local folder, a .gguf file, a hub repo id, or a shortcut (smollm2)")
-    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of any peers already in the swarm")
-    swarm_key: str | None = Field(
-        default=None, description="key file of a private swarm (made by `swarmllm dht --private`): join it, and talk only to its members"
-    )
-    identity: str | None = Field(
-        default=None, description="identity file (created if missing) that fixes this peer's id and signs its records and receipts (default: a new id per run)"
-    )
     blocks: str | None = Field(default=None, description="span to serve, START:END (end exclusive)")
     num_blocks: int | Literal["auto"] | None = Field(
         default=None, description="serve this many blocks, chosen where the swarm is weakest; auto: as many as fit in the "
@@ -73,8 +65,6 @@ class ServerConfig(BaseModel):
     session_timeout: float = Field(default=300.0, gt=0, description="seconds a session may stay idle before its cache is freed")
     announce_ttl: float = Field(default=30.0, gt=1, description="seconds a DHT record lives; it is refreshed every third of that")
     num_threads: int | None = Field(default=None, ge=1, description="torch compute threads (default: all cores)")
-    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on")
-    announce_maddrs: list[str] = Field(default_factory=list, description="public multiaddrs to announce, if not the listen ones")
     rebalance_period: float = Field(
         default=60.0, ge=0, description="with --num-blocks: seconds between checks whether moving would speed up the swarm (0: never)"
     )
@@ -162,3 +152,9 @@ def parse_blocks(text: str) -> tuple[int, int]:
     if start < 0 or end <= start:
         raise ValueError(f"invalid span {text}: need 0 <= START < END")
     return start, end
+
+
+def default(field: str) -> Any:
+    """A server setting's default, for the parts that take it as a parameter (`Limits`, `Scheduler`,
+    `ServingContext`): the default is written once, in ServerConfig."""
+    return ServerConfig.model_fields[field].get_default(call_default_factory=True)

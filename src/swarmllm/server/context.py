@@ -22,6 +22,7 @@ from swarmllm.protocol import ErrorCode, Tuning
 from swarmllm.server import compute
 from swarmllm.server.audit import AuditLog
 from swarmllm.server.cache import CacheMemory
+from swarmllm.server.config import default
 from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.limits import PeerLimits
 from swarmllm.server.lora_cache import LoraCache
@@ -67,7 +68,7 @@ class TuningResolver:
 
     def __init__(self, lora_cache: LoraCache | None = None,
                  adapter: Callable[[str], Awaitable[NamedAdapter]] | None = None, override: Override | None = None):
-        self.lora_cache = lora_cache if lora_cache is not None else LoraCache(256 * 2**20)
+        self.lora_cache = lora_cache if lora_cache is not None else LoraCache(default("lora_cache_bytes"))
         self.adapter, self.override = adapter, override
 
     async def extras(self, tuning: Tuning, span: Span, peer: str, prompts) -> compute.Extras:
@@ -118,8 +119,8 @@ class ServingContext:
     session_timeout: float  # seconds a session (or a request's parts) may stay silent
     scheduler: Scheduler = field(default_factory=Scheduler)
     tuning: TuningResolver = field(default_factory=TuningResolver)
-    kept: KeptGraphs = field(default_factory=lambda: KeptGraphs(max_graphs=8, ttl=60.0))
-    page_tokens: int = 64  # tokens per page of a session's cache
+    kept: KeptGraphs = field(default_factory=lambda: KeptGraphs(default("max_kept_graphs"), default("kept_graph_ttl")))
+    page_tokens: int = default("cache_page_tokens")  # tokens per page of a session's cache
     audit: AuditLog = field(default_factory=lambda: AuditLog(None))
     membership: Membership = PUBLIC
     limits: PeerLimits = field(default_factory=PeerLimits)

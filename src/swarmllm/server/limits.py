@@ -26,10 +26,8 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from swarmllm.server.config import ServerConfig
+from swarmllm.server.config import ServerConfig, default
 
 
 class RateLimited(RuntimeError):
@@ -40,12 +38,12 @@ class RateLimited(RuntimeError):
 class Limits:
     """The limits themselves (see the module docstring); the defaults never throttle normal use."""
 
-    max_sessions: int = 16
-    max_tokens_in_flight: int = 65536
-    max_request_bytes: int = 256 * 2**20
-    rate: float = 200.0  # requests per second, on average
-    burst: int = 400  # requests at once after a quiet period
-    max_attention: int = 2**28
+    max_sessions: int = default("max_sessions_per_peer")
+    max_tokens_in_flight: int = default("max_tokens_in_flight_per_peer")
+    max_request_bytes: int = default("max_request_bytes_per_peer")
+    rate: float = default("requests_per_second_per_peer")  # requests per second, on average
+    burst: int = default("request_burst_per_peer")  # requests at once after a quiet period
+    max_attention: int = default("max_attention_per_request")
 
     def __post_init__(self) -> None:
         if min(self.max_sessions, self.max_tokens_in_flight, self.max_request_bytes, self.burst, self.max_attention) < 1:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swarmllm.points.priority import PriorityPolicy
+from swarmllm.server.config import default
 from swarmllm.server.inference import BatchKey, Session, StepInput, run_batch
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,9 @@ def _same_but_length(a: BatchKey, b: BatchKey) -> bool:
 class Scheduler:
     """Owns the compute thread. `run(fn, ...)` for any torch work, `step(session, ...)` for inference."""
 
-    def __init__(self, max_batch_rows: int = 64, prefill_chunk: int = 256, batch_wait: float = 0.0,
-                 recent: float = 1.0, balance: Callable[[str], float] | None = None, newcomer_share: float = 0.2):
+    def __init__(self, max_batch_rows: int = default("max_batch_rows"), prefill_chunk: int = default("prefill_chunk"),
+                 batch_wait: float = default("batch_wait"), recent: float = 1.0,
+                 balance: Callable[[str], float] | None = None, newcomer_share: float = default("newcomer_share")):
         """`balance(peer)` (fast: it runs on the compute thread, for each waiting peer, every pass) turns on
         priority by contribution points; `newcomer_share` is the least share of passes that go to peers with
         a balance <= 0 while they wait (see `PriorityPolicy`)."""

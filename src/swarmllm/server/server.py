@@ -19,7 +19,7 @@ from swarmllm.adapters.package import AdapterError
 from swarmllm.adapters.resolve import resolve_adapter
 from swarmllm.adapters.store import AdapterStore
 from swarmllm.adapters.swarm_hub import SwarmHub
-from swarmllm.dht.node import join
+from swarmllm.dht.node import join_as
 from swarmllm.dht.points import get_receipts, publish_receipts
 from swarmllm.dht.records import announce, get_servers
 from swarmllm.models.device import dtype_name, free_memory, resolve_device, resolve_dtype, trim_heap
@@ -81,8 +81,7 @@ class Server:
         num_blocks = self.model_config.num_hidden_layers
         self.block_bytes = sizing.largest_block_bytes(self.model_config, self.dtype, config.quant)
         span_size = self._span_size(num_blocks)
-        self.peer = join(config.initial_peers, identity=config.identity, swarm_key=config.swarm_key,
-                         host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs)
+        self.peer = join_as(config)
         self.dht = self.peer.dht
         try:
             if config.blocks is not None:
