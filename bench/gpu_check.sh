@@ -100,7 +100,7 @@ run_preflight() {
     "$PY" - <<'EOF'
 import time
 import hivemind, torch, transformers
-import swarmllm.cli.main, swarmllm.models.distributed, swarmllm.server.server  # noqa: F401  (compiles them once)
+import swarmllm.cli.main, swarmllm.client.model, swarmllm.server.server  # noqa: F401  (compiles them once)
 from transformers.models.llama import modeling_llama  # noqa: F401
 print(f"torch {torch.__version__}, transformers {transformers.__version__} ({transformers.__file__}), "
       f"hivemind {hivemind.__version__}")

@@ -16,7 +16,7 @@ __all__ = ["AutoDistributedModel", "AutoDistributedModelForCausalLM", "AutoDistr
 if TYPE_CHECKING:
     from swarmllm.adapters.lora import LoraSpec
     from swarmllm.client.config import ClientConfig
-    from swarmllm.models.distributed import (
+    from swarmllm.client.model import (
         AutoDistributedModel,
         AutoDistributedModelForCausalLM,
         AutoDistributedModelForSequenceClassification,
@@ -25,10 +25,10 @@ if TYPE_CHECKING:
     from swarmllm.server.config import ServerConfig
 
 _LAZY = {
-    "AutoDistributedModel": "swarmllm.models.distributed",
-    "AutoDistributedModelForCausalLM": "swarmllm.models.distributed",
-    "AutoDistributedModelForSequenceClassification": "swarmllm.models.distributed",
-    "AutoDistributedSpeculativeModel": "swarmllm.models.distributed",
+    "AutoDistributedModel": "swarmllm.client.model",
+    "AutoDistributedModelForCausalLM": "swarmllm.client.model",
+    "AutoDistributedModelForSequenceClassification": "swarmllm.client.model",
+    "AutoDistributedSpeculativeModel": "swarmllm.client.model",
     "ClientConfig": "swarmllm.client.config",
     "LoraSpec": "swarmllm.adapters.lora",
     "ServerConfig": "swarmllm.server.config",

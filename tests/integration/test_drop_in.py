@@ -239,7 +239,7 @@ def test_assisted_generation_equals_local_and_reports_its_drafts(smollm2_client,
         local = smollm2_local.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=assistant)
     finally:
         counter.handle.remove()
-    with caplog.at_level(logging.INFO, logger="swarmllm.models.distributed"):
+    with caplog.at_level(logging.INFO, logger="swarmllm.client.model"):
         got = smollm2_client.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=assistant)
     assert torch.equal(got, plain) and torch.equal(local, plain)
     stats = smollm2_client.generation_stats

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarmllm.models.distributed import DistributedBackbone
+from swarmllm.client.model import DistributedBackbone
 from swarmllm.models.family import family_of, root_of
 from swarmllm.models.shards import block_of
 from swarmllm.models.span import span_from_model

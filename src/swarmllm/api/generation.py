@@ -160,7 +160,7 @@ def _cache(model, max_length: int) -> Iterator[DynamicCache]:
     """The distributed model keeps its cache on the servers, in a session closed on exit (also when the
     client hangs up); a local model keeps a DynamicCache."""
     if hasattr(model, "inference_session"):
-        from swarmllm.models.distributed import RemoteCache
+        from swarmllm.client.model import RemoteCache
 
         with model.inference_session(max_length=max_length) as session:
             yield RemoteCache(session)

@@ -22,7 +22,7 @@ def swarm_engine(config: ApiConfig, client: ClientConfig, model=None) -> Engine:
     """An engine over the distributed model (built here unless given, e.g. by `swarmllm local`)."""
     from transformers import AutoTokenizer
 
-    from swarmllm.models.distributed import AutoDistributedModelForCausalLM
+    from swarmllm.client.model import AutoDistributedModelForCausalLM
     from swarmllm.models.shards import no_tensors
     from swarmllm.models.source import model_display_name, resolve_model
 

@@ -23,7 +23,7 @@ def run_local(args: LocalConfig) -> None:
     import torch
     from transformers import TextStreamer
 
-    from swarmllm.models.distributed import AutoDistributedModelForCausalLM
+    from swarmllm.client.model import AutoDistributedModelForCausalLM
     from swarmllm.models.source import resolve_model
     from swarmllm.models.span import load_config
 

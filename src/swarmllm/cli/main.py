@@ -83,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _client_model(args: argparse.Namespace):
-    from swarmllm.models.distributed import AutoDistributedModelForCausalLM
+    from swarmllm.client.model import AutoDistributedModelForCausalLM
 
     config = config_from_args(ClientConfig, args)
     return AutoDistributedModelForCausalLM.from_pretrained(args.model, config=config)
