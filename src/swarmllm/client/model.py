@@ -42,7 +42,7 @@ from swarmllm.client.pipeline import LocalBlocks, Pipeline, split_segments
 from swarmllm.client.positions import default_positions
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.sequence_manager import SequenceManager
-from swarmllm.client.session_base import GenerationStats
+from swarmllm.client.session_base import GenerationSession, GenerationStats
 from swarmllm.client.tuning import ClientTuning, TuningMode
 from swarmllm.models.device import resolve_device, resolve_dtype
 from swarmllm.models.ends import client_paths, enter, leave, submodule
@@ -60,7 +60,7 @@ class RemoteCache(DynamicCache):
     Only the length matters to generate (it slices the new tokens from it), so that is all it reports.
     """
 
-    def __init__(self, session: InferenceSession):
+    def __init__(self, session: GenerationSession):
         super().__init__()
         self.session = session
 
@@ -109,7 +109,7 @@ class DistributedBackbone(nn.Module):
         return self.get_submodule(self.family.embeddings)
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int, batch_size: int | None = None) -> Iterator[InferenceSession]:
+    def inference_session(self, max_length: int, batch_size: int | None = None) -> Iterator[GenerationSession]:
         """Calls inside continue one server-side session (AutoDistributedModel, as Petals' DistributedModel:
         one session at a time per backbone). A causal LM's own `inference_session` is per thread instead."""
         if self.__dict__.get("_session") is not None:
@@ -199,15 +199,15 @@ class DistributedMixin:
     _sessions = threading.local()
 
     @property
-    def _active_session(self) -> InferenceSession | None:
+    def _active_session(self) -> GenerationSession | None:
         return getattr(self._sessions, str(id(self)), None)
 
     @_active_session.setter
-    def _active_session(self, session: InferenceSession | None) -> None:
+    def _active_session(self, session: GenerationSession | None) -> None:
         setattr(self._sessions, str(id(self)), session)
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int, batch_size: int | None = None) -> Iterator[InferenceSession]:
+    def inference_session(self, max_length: int, batch_size: int | None = None) -> Iterator[GenerationSession]:
         """Keep one server-side session across several `generate` calls (each continues where the last ended)."""
         if self._active_session is not None:
             raise RuntimeError("an inference session is already active on this model in this thread")
@@ -282,7 +282,7 @@ class DistributedMixin:
         layers = self.backbone.layers
         return [s for s in layers.segments if isinstance(s, LocalBlocks)] if isinstance(layers, Pipeline) else []
 
-    def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, *args, session: GenerationSession | None = None, **kwargs):
         """transformers' generate through the swarm. `session` (Petals' meaning): continue in that inference
         session, as inside `with model.inference_session(...)`."""
         if inputs is None:
@@ -303,7 +303,7 @@ class DistributedMixin:
                 return self._generate_in(session, inputs, *args, **kwargs)
         return self._generate_in(session, inputs, *args, **kwargs)
 
-    def _generate_in(self, session: InferenceSession, inputs, *args, **kwargs):
+    def _generate_in(self, session: GenerationSession, inputs, *args, **kwargs):
         mask = kwargs.pop("attention_mask", None)
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None and inputs is None and session.output_ids is not None:

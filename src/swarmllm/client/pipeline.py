@@ -77,7 +77,7 @@ class Pipeline(nn.Module):
 
 class PipelineSession(SessionBase):
     """An inference session over a pipeline: remote sessions for remote segments, local caches otherwise.
-    Exposes the same attributes as `InferenceSession`, which is what `generate` uses."""
+    A `GenerationSession` (session_base.py), as `InferenceSession` is."""
 
     def __init__(self, pipeline: Pipeline, max_length: int, batch_size: int | None):
         super().__init__(max_length)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -55,6 +56,29 @@ class SessionBase:
         self._position += tokens
         self.counters.steps += 1
         self.counters.fed += tokens
+
+
+class GenerationSession(Protocol):
+    """What `generate`, the backbone and the API use of a session: `InferenceSession` (all blocks remote) and
+    `PipelineSession` (some blocks on the client) both provide it, through `SessionBase`."""
+
+    max_length: int
+    prefix: int
+    counters: SessionCounters
+    output_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+
+    @property
+    def position(self) -> int: ...
+
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def rewind(self, n: int) -> None: ...
+
+    def reorder(self, hypo_ids: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
