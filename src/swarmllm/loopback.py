@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
@@ -159,7 +159,7 @@ class LoopbackNetwork:
             raise P2PDaemonError(f"peer {peer_id} went away")
         return Reply.FromString(reply.SerializeToString())
 
-    async def stream(self, caller: str, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncIterator[Reply]:
+    async def stream(self, caller: str, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncGenerator[Reply, None]:
         host = self._reach(caller, peer_id, name)
         if name not in host.streams:
             raise P2PHandlerError(f"no handler {name} at {peer_id}")
@@ -185,7 +185,7 @@ class LoopbackTransport:
         replies = await self.network.stream(self.peer_id, peer_id, name, _each(wire.split(self.membership.stamp(request))))
         return wire.join([part async for part in replies])
 
-    async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncIterator[Reply]:
+    async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncGenerator[Reply, None]:
         return await self.network.stream(self.peer_id, peer_id, name, self.membership.stamp_stream(requests))
 
     async def close(self) -> None:
@@ -223,7 +223,7 @@ async def _serve(host: LoopbackHost, replies: AsyncIterator[Reply], out: asyncio
     out.put_nowait(None)
 
 
-async def _read(stream: _Stream) -> AsyncIterator[Reply]:
+async def _read(stream: _Stream) -> AsyncGenerator[Reply, None]:
     """The caller's reading side. Closing it (or the reader going away) ends the stream on both sides."""
     try:
         while (item := await stream.replies.get()) is not None:

@@ -64,6 +64,7 @@ def init_weights(block: nn.Module, paths: Sequence[str], rank: int, generator: t
     out = {}
     for path in paths:
         linear = block.get_submodule(path)
+        assert isinstance(linear.in_features, int) and isinstance(linear.out_features, int)  # an nn.Linear's
         a = torch.empty(rank, linear.in_features)
         nn.init.kaiming_uniform_(a, a=5**0.5, generator=generator)
         out[path] = (a, torch.zeros(linear.out_features, rank))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 import torch
 from transformers import AutoTokenizer, TextStreamer
@@ -29,8 +30,9 @@ def chat_loop(model, model_name: str, max_new_tokens: int, max_length: int) -> N
                 messages.append({"role": "user", "content": text})
                 # The whole conversation is re-rendered by the template; generate() sends only the tokens the
                 # session has not seen yet, because the rendered prefix equals the session's history.
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)["input_ids"]
+                rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                         return_dict=True)
+                ids = cast(torch.Tensor, rendered["input_ids"])  # type: ignore[index, call-overload]  # a BatchEncoding
                 seen = session.output_ids
                 if seen is not None:
                     # Send only what the session has not seen. Where the render differs from the tokens the
@@ -42,7 +44,7 @@ def chat_loop(model, model_name: str, max_new_tokens: int, max_length: int) -> N
                 print("assistant> ", end="", flush=True)
                 streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
                 out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
-                reply = tokenizer.decode(out[0, start:], skip_special_tokens=True)
+                reply = str(tokenizer.decode(out[0, start:], skip_special_tokens=True))
                 messages.append({"role": "assistant", "content": reply.strip()})
     finally:
         model.sequence_manager.shutdown()

@@ -17,9 +17,10 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
 import torch
+from hivemind.proto import runtime_pb2
 
 from swarmllm import wire
 from swarmllm.client import loop
@@ -35,6 +36,7 @@ from swarmllm.protocol import (
     RPC_INFERENCE,
     ErrorCode,
     OpenSession,
+    SessionId,
     SessionOpened,
     Step,
     StepDone,
@@ -66,7 +68,7 @@ class _ServerStream:
     def __init__(self, manager: SequenceManager, hop: Hop):
         self.manager, self.hop = manager, hop
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.replies = None
+        self.replies: AsyncGenerator[runtime_pb2.ExpertResponse, None] | None = None
         # Every (hidden, position_ids, mask) this server has taken into its cache, to rebuild it elsewhere.
         self.history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         # Verification (see client/verification.py): the second server checking this one, whether this one's
@@ -84,14 +86,15 @@ class _ServerStream:
         while (msg := await self.queue.get()) is not None:
             yield msg
 
-    async def open(self, meta: OpenSession, tensors: list[torch.Tensor] = ()) -> None:
+    async def open(self, meta: OpenSession, tensors: Sequence[torch.Tensor] = ()) -> None:
         self.queue.put_nowait(wire.request(meta, *tensors, compression=meta.compression))
         self.replies = await asyncio.wait_for(
             self.manager.open_stream(self.hop.peer_id, RPC_INFERENCE, self._requests()), self.manager.config.request_timeout
         )
         wire.parse(await self._next(), SessionOpened, self.hop.peer_id)
 
-    async def _next(self):
+    async def _next(self) -> runtime_pb2.ExpertResponse:
+        assert self.replies is not None, "the stream is not open"
         try:
             return await asyncio.wait_for(anext(self.replies), self.manager.config.request_timeout)
         except StopAsyncIteration:
@@ -240,8 +243,9 @@ class InferenceSession(SessionBase):
         if self.prompts is not None:  # `step` refused them alongside the model's own deep prompts
             tuning = tuning.model_copy(update={"prompts": True})
             tensors = [self.prompts[s.hop.start - self.start : s.hop.end - self.start]]
+        assert self.batch_size is not None  # known since the first step
         meta = OpenSession(
-            session_id=self.session_id, start=s.hop.start, end=s.hop.end, batch_size=self.batch_size,
+            session_id=SessionId(self.session_id), start=s.hop.start, end=s.hop.end, batch_size=self.batch_size,
             max_length=self.max_length, tuning=tuning, compression=self.manager.config.compression,
         )
         await s.open(meta, tensors)
@@ -289,23 +293,25 @@ class InferenceSession(SessionBase):
         """Compare stream i's output for this step with its checker's; on a mismatch a third server decides.
         Returns the output the majority vouches for, after swapping out and reporting an offending primary."""
         s, tolerance = self._streams[i], self.manager.config.verify_tolerance
+        checker = s.checker
+        assert checker is not None  # the step was sent to it
         while isinstance(second, BaseException):  # the checker failed, not the primary: check on another one
             logger.warning("session %s: could not check blocks %d:%d on %s: %r", self.session_id[:8], s.hop.start,
-                           s.hop.end, s.checker.hop.peer_id[-8:], second)
-            self.manager.ban(s.checker.hop.peer_id, repr(second))
-            await self._close_all([s.checker])
+                           s.hop.end, checker.hop.peer_id[-8:], second)
+            self.manager.ban(checker.hop.peer_id, repr(second))
+            await self._close_all([checker])
             s.checker = await self._open_checker(s.hop, {s.hop.peer_id})
             if s.checker is None:  # no other holder answers: this step goes unchecked (with a warning)
                 return out
+            checker = s.checker
             try:  # the new checker catches up on the whole history, this step included
-                second = await _catch_up(s.checker, s.history)
-                s.checker.fed = len(s.history)
+                second = await _catch_up(checker, s.history)
+                checker.fed = len(s.history)
             except Exception as e:
                 second = e
         error = relative_error(out, second)
         if error <= tolerance:
             return out
-        checker = s.checker
         logger.warning("session %s: servers %s and %s disagree on blocks %d:%d (relative error %.3g); asking a third",
                        self.session_id[:8], s.hop.peer_id[-8:], checker.hop.peer_id[-8:], s.hop.start, s.hop.end, error)
         third = await self._referee(s, checker)
@@ -404,7 +410,7 @@ class InferenceSession(SessionBase):
                 self.close()  # some servers took this step and no honest answer came back: the session is over
                 raise
             except _HopFailed as failed:
-                error = failed.__cause__
+                error = failed.__cause__ or failed  # (always raised from its cause)
                 if isinstance(error, wire.RemoteError) and error.code in CALLER_ERRORS:
                     # The request is wrong, not the server; earlier servers already took this step, so the
                     # session's caches disagree now and it cannot go on.
@@ -422,6 +428,7 @@ class InferenceSession(SessionBase):
                 except BaseException:
                     self.close()
                     raise
+                assert failed.hidden_in is not None  # a failure mid-step names its input
                 first, x = failed.index, failed.hidden_in
         self._step_id += 1
         self._advance(hidden.shape[1])

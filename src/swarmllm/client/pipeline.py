@@ -9,6 +9,8 @@ on the client).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -53,10 +55,10 @@ class _LocalSession:
             self.length = n
 
     def reorder(self, hypo_ids: torch.Tensor) -> None:
-        self.cache.reorder_cache(hypo_ids.to(self.blocks.span.device))
+        self.cache.reorder_cache(hypo_ids.to(self.blocks.span.device))  # type: ignore[arg-type]  # any int64 tensor
 
     def close(self) -> None:
-        self.cache = None
+        self.cache = self.blocks.span.new_cache()  # drop the keys and values now, not when the session is collected
 
 
 class Pipeline(nn.Module):
@@ -82,8 +84,8 @@ class PipelineSession(SessionBase):
     def __init__(self, pipeline: Pipeline, max_length: int, batch_size: int | None):
         super().__init__(max_length)
         self.parts = [
-            seg.inference_session(max_length, batch_size) if isinstance(seg, RemoteSequential) else _LocalSession(seg)
-            for seg in pipeline.segments
+            seg.inference_session(max_length, batch_size) if isinstance(seg, RemoteSequential)
+            else _LocalSession(cast(LocalBlocks, seg)) for seg in pipeline.segments
         ]
 
     def step(self, hidden, position_ids=None, attention_mask=None):

@@ -7,7 +7,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from hivemind.proto import runtime_pb2
 
@@ -230,7 +230,7 @@ class SequenceManager:
         await self.points.bind(peer_id)
         return await self.transport.call_split(peer_id, name, request)
 
-    async def open_stream(self, peer_id: str, name: str, requests) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def open_stream(self, peer_id: str, name: str, requests) -> AsyncGenerator[runtime_pb2.ExpertResponse, None]:
         await self.points.bind(peer_id)
         return await self.transport.open_stream(peer_id, name, requests)
 

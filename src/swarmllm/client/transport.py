@@ -8,7 +8,7 @@ handlers, so that sessions, failover and verification can be tested in milliseco
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol, TypeAlias
 
 from hivemind import DHT
@@ -41,7 +41,7 @@ class Transport(Protocol):
         on the way out and the reply joined on the way in."""
         ...
 
-    async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncIterator[Reply]:
+    async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncGenerator[Reply, None]:
         """A long-lived stream (inference sessions): requests are read from `requests` as they come."""
         ...
 
@@ -84,7 +84,7 @@ class HivemindTransport:
         )
         return wire.join([part async for part in replies])
 
-    async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncIterator[Reply]:
+    async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncGenerator[Reply, None]:
         return await self.p2p.iterate_protobuf_handler(
             PeerID.from_base58(peer_id), name, self.membership.stamp_stream(requests), Reply
         )

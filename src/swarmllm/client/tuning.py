@@ -77,12 +77,8 @@ class ClientTuning(nn.Module):
         return [self.lora[_key(b, p, ab)] for b in range(start, end) for p in self.paths for ab in "AB"]
 
     def lora_weights(self) -> lora.LoraWeights:
-        out: lora.LoraWeights = {}
-        for key, param in self.lora.items():
-            b, p, ab = _unkey(key)
-            pair = out.setdefault(b, {}).get(p, (None, None))
-            out[b][p] = (param, pair[1]) if ab == "A" else (pair[0], param)
-        return out
+        return {b: {p: (self.lora[_key(b, p, "A")], self.lora[_key(b, p, "B")]) for p in self.paths}
+                for b in sorted({_unkey(key)[0] for key in self.lora})}
 
     def per_block(self) -> int:
         return 2 * len(self.paths)
@@ -92,6 +88,7 @@ class ClientTuning(nn.Module):
         ref = None
         if lora_tensors:
             spec = self.lora_spec
+            assert spec is not None  # LoRA tensors exist only with a spec
             sha = lora.content_hash(start, end, self.paths, spec.rank, lora_tensors)
             seed = self.seed if spec.dropout > 0 else 0
             ref = LoraRef(sha256=sha, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout if self.training else 0.0,
