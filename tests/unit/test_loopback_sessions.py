@@ -4,6 +4,8 @@ the DHT, the CLI) stays in tests/integration."""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.verification import VerificationError
 from swarmllm.models.span import span_from_model
-from swarmllm.protocol import RPC_FORWARD, RPC_INFERENCE, ErrorCode
+from swarmllm.protocol import RPC_FORWARD, RPC_INFERENCE, RPC_PUSH, ErrorCode
 from swarmllm.server.limits import Limits, PeerLimits
 from tests.unit.loopback_swarm import BLOCKS, LoopbackSwarm, steps
 
@@ -281,3 +283,45 @@ def test_a_rewind_drops_the_servers_tokens_after_it(make_swarm):
         out = session.step(replacement)
         assert session.position == 5
     assert_outputs([out], swarm.local_steps([first, replacement])[1:])
+
+
+# --- server-to-server push ---
+
+
+def pushed_counts(caplog) -> list[tuple[int, int]]:
+    """(steps, steps pushed first) of each server's session closed so far, from the servers' logs."""
+    found = [re.search(r"session (\w+) closed after (\d+) steps, (\d+) of them pushed", r.getMessage())
+             for r in caplog.records]
+    return [(int(m[2]), int(m[3])) for m in found if m]
+
+
+@pytest.mark.parametrize("push", [True, False])
+def test_push_sends_steps_to_the_next_server_and_keeps_outputs_exact(make_swarm, caplog, push):
+    swarm = make_swarm([(0, 1), (1, 3), (3, BLOCKS)])
+    manager = swarm.client(push=push, push_min_rtt=0.0)
+    inputs = steps(3, *[1] * 7)
+    caplog.set_level(logging.INFO, logger="swarmllm.server.sessions")
+    with InferenceSession(manager, 0, BLOCKS, max_length=16) as session:
+        outs = run(session, inputs)
+        route = [hop.peer_id for hop in session.route]
+    assert_outputs(outs, swarm.local_steps(inputs))
+    wait_for(lambda: len(pushed_counts(caplog)) == 3)  # each server logs its session's end as it sees it
+    closed = pushed_counts(caplog)
+    assert all(steps == 8 for steps, _ in closed)
+    pushes = [callee for _, callee, rpc in swarm.network.calls if rpc == RPC_PUSH]
+    if push:  # every step of the second and third server was pushed to it; some arrived before the client's
+        assert sorted(pushes) == sorted(route[1:] * 8)
+        assert sum(pushed for _, pushed in closed) > 0
+    else:
+        assert pushes == [] and all(pushed == 0 for _, pushed in closed)
+
+
+def test_push_is_skipped_where_servers_are_too_close_for_it_to_pay(make_swarm):
+    swarm = make_swarm([(0, 2), (2, BLOCKS)])
+    manager = swarm.client()  # push on, with the default push_min_rtt
+    with InferenceSession(manager, 0, BLOCKS, max_length=8) as session:
+        session.step(steps(2)[0])
+        measured(manager, dict.fromkeys(swarm.peers, 0.001))  # loopback-like
+        assert not session._push_pays()
+        manager.rtts.update(dict.fromkeys(swarm.peers, 0.04))  # another city
+        assert session._push_pays()
