@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from swarmllm.client import loop
 from swarmllm.client.config import ClientConfig
 from swarmllm.client.sequence_manager import SequenceManager
+from swarmllm.client.transport import Directory
 from swarmllm.loopback import LoopbackNetwork
 from swarmllm.models.span import span_from_model
 from swarmllm.protocol import ServerRecord
@@ -59,11 +60,13 @@ class LoopbackSwarm:
         self.handlers[peer] = handler
         return peer
 
-    def client(self, **options) -> SequenceManager:
-        """A client of the swarm; `options` are ClientConfig fields (missing blocks fail at once by default)."""
+    def client(self, directory: Directory | None = None, **options) -> SequenceManager:
+        """A client of the swarm; `options` are ClientConfig fields (missing blocks fail at once by default).
+        `directory`: instead of the network's own (e.g. one that records who reads it)."""
         config = ClientConfig(**{"missing_blocks_timeout": 0.0, "update_period": 1e-3, **options})
         identity = Identity.ephemeral()
-        manager = SequenceManager(config, MODEL, BLOCKS, self.network.transport(identity), self.network, identity)
+        manager = SequenceManager(config, MODEL, BLOCKS, self.network.transport(identity), directory or self.network,
+                                  identity)
         self.managers.append(manager)
         return manager
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 
 import pytest
@@ -309,3 +310,30 @@ def test_push_is_skipped_where_servers_are_too_close_for_it_to_pay(make_swarm):
         assert not session._push_pays()
         manager.rtts.update(dict.fromkeys(swarm.peers, 0.04))  # another city
         assert session._push_pays()
+
+
+class ReadsRecorded:
+    """The network's directory, recording the thread of each read of the server list."""
+
+    def __init__(self, network):
+        self.network, self.threads = network, []
+
+    def servers(self, model):
+        self.threads.append(threading.current_thread())
+        return self.network.servers(model)
+
+    def __getattr__(self, name):
+        return getattr(self.network, name)
+
+
+def test_the_server_list_is_never_read_on_the_io_loop(make_swarm):
+    """A directory read (a DHT lookup) on the shared I/O loop would stall every session on it: opening
+    checkers and replacements, and each stream's extras, use the list the route was made from."""
+    swarm = make_swarm([(0, BLOCKS)] * 3)
+    directory = ReadsRecorded(swarm.network)
+    manager = swarm.client(directory, verify=1.0)
+    inputs = steps(3, 1, 1)
+    with InferenceSession(manager, 0, BLOCKS, max_length=8) as session:
+        outs = run(session, inputs, lambda i: i == 1 and swarm.network.kill(session.route[0].peer_id))
+    assert_outputs(outs, swarm.local_steps(inputs))
+    assert directory.threads and all(t.name != "swarmllm-io" for t in directory.threads)  # (client/loop.py)

@@ -90,6 +90,14 @@ class SequenceManager:
                 self._ping_stale(self._servers)
             return list(self._servers)
 
+    def snapshot(self) -> list[ServerRecord]:
+        """The servers as last read, without reading the directory. Code on the shared I/O loop (opening a
+        checker, a session's extras) uses this: a DHT read there would stall every session on the loop until
+        the DHT answered. The routes those coroutines serve were made from a read moments before, by
+        `make_route`, in the caller's thread; only before any read at all does this read. (No lock: a read in
+        progress replaces the list whole.)"""
+        return list(self._servers) if self._updated else self.servers()
+
     def _ping_stale(self, servers: list[ServerRecord]) -> None:
         """Measure round trips to servers not pinged for `ping_period`, in the background (routes use the
         latest numbers; an unmeasured server counts as DEFAULT_RTT until its ping returns)."""
@@ -212,7 +220,7 @@ class SequenceManager:
     def checkers(self, primary: str, start: int, end: int) -> list[str]:
         """Other servers that hold all of `[start, end)` like `primary` does (same dtype, quantization and
         block version), nearest first: who can check its results (see client/verification.py)."""
-        servers: dict[str, ServerRecord] = {r.peer_id: r for r in self.servers()}
+        servers: dict[str, ServerRecord] = {r.peer_id: r for r in self.snapshot()}  # (called on the I/O loop)
         first = servers.get(primary)
         avoid = self.banned() | self.reported | {primary}
         found = [r for r in servers.values() if r.peer_id not in avoid and r.start <= start and end <= r.end
@@ -236,7 +244,7 @@ class SequenceManager:
 
     def override_for(self, start: int, end: int) -> str | None:
         """The override name to send with a request for blocks [start, end): only if it touches its blocks."""
-        versions = self.versions(self.servers())
+        versions = self.versions(self.snapshot())  # (called on the I/O loop, as a session opens)
         return self.config.block_override if any(b in versions for b in range(start, end)) else None
 
     def shutdown(self) -> None:
