@@ -1,8 +1,9 @@
 """A client-side inference session: one long-lived stream per server of a route, one message per step.
 
 Servers keep the attention caches of the session's blocks; the client sends only the new tokens' hidden
-states each step. A whole step (all hops) runs as one coroutine on the I/O loop, so a step costs one
-thread hand-off plus one round trip per server.
+states each step. A whole step (all hops, and any failover it needs) runs as one coroutine on the I/O
+loop, so a step costs one thread hand-off plus one round trip per server; `step` is the one synchronous
+facade. Route planning, which reads the directory and may wait for servers, runs in a worker thread.
 
 Failure: if a server is gone or refuses when the session opens, it is banned and another route is tried
 (up to `max_retries`). A server that fails *mid-session* (crash, stall past `request_timeout`, error, or
@@ -189,14 +190,16 @@ class InferenceSession(SessionBase):
 
     def _open(self, batch_size: int) -> None:
         self.batch_size = batch_size
-        self._streams = self._open_route(self.start, self.end, [])
+        self._streams = loop.run(self._open_route(self.start, self.end, []))
 
-    def _open_route(self, start: int, end: int, history: list) -> list[_ServerStream]:
+    async def _open_route(self, start: int, end: int, history: list) -> list[_ServerStream]:
         """Streams over a route for blocks [start, end), opened and fed `history` (a replaced server's inputs).
 
         Servers that fail are banned and another route is tried. It gives up only after `max_failovers`
         failed routes *and* `missing_blocks_timeout` seconds, or when some block has had no usable server for
         `missing_blocks_timeout` (MissingBlocksError). Servers whose cache is full are skipped, not banned.
+        Routes are planned in a worker thread: planning reads the directory, and may wait for missing blocks,
+        neither of which may hold up the I/O loop.
         """
         config = self.manager.config
         deadline = time.monotonic() + config.missing_blocks_timeout
@@ -204,19 +207,19 @@ class InferenceSession(SessionBase):
         failures = 0
         while True:
             try:
-                route = self.manager.make_route(start, end, exclude=frozenset(full))
+                route = await asyncio.to_thread(self.manager.make_route, start, end, exclude=frozenset(full))
             except MissingBlocksError:
                 if not full:
                     raise
                 raise SessionFailedError(f"no server can hold this session: {list(full.values())[-1]}") from None
             streams = [_ServerStream(self.manager, hop) for hop in route]
             try:
-                loop.run(self._open_all(streams))
-                loop.run(self._replay(streams, history))
+                await self._open_all(streams)
+                await self._replay(streams, history)
                 logger.debug("session %s: blocks %d:%d on %s", self.session_id[:8], start, end, route)
                 return streams
             except _HopFailed as failed:
-                loop.run(self._close_all(streams))
+                await self._close_all(streams)
                 error = failed.__cause__
                 if isinstance(error, wire.RemoteError) and error.code in CALLER_ERRORS:
                     raise error from None  # our request is wrong: no other server would accept it either
@@ -401,38 +404,43 @@ class InferenceSession(SessionBase):
             return self._restart(hidden, position_ids, attention_mask)
         if not self._streams:
             self._open(hidden.shape[0])
+        out = loop.run(self._step_with_failover(hidden, position_ids, attention_mask))
+        self._step_id += 1
+        self._advance(hidden.shape[1])
+        return out.to(hidden.device)  # replies arrive on the CPU; the caller's tensors may live on a GPU
+
+    async def _step_with_failover(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+                                  mask: torch.Tensor | None) -> torch.Tensor:
+        """The step through every hop; a hop that fails is replaced and the step resumes there. Ends the
+        session on a wrong request or an unverifiable result (servers before it already took the step)."""
         first, x, full = 0, hidden, 0
         while True:
             try:
-                out = loop.run(self._step_from(first, x, position_ids, attention_mask))
-                break
+                return await self._step_from(first, x, position_ids, mask)
             except VerificationError:
-                self.close()  # some servers took this step and no honest answer came back: the session is over
+                await self._end()  # some servers took this step and no honest answer came back
                 raise
             except _HopFailed as failed:
                 error = failed.__cause__ or failed  # (always raised from its cause)
                 if isinstance(error, wire.RemoteError) and error.code in CALLER_ERRORS:
                     # The request is wrong, not the server; earlier servers already took this step, so the
                     # session's caches disagree now and it cannot go on.
-                    self.close()
+                    await self._end()
                     raise error from None
                 if isinstance(error, wire.RemoteError) and error.code in BUSY_ERRORS:
                     # Busy servers are not banned, so the same one may come back: bound the retries.
                     full += 1
                     if full > self.manager.config.max_failovers:
-                        self.close()
+                        await self._end()
                         raise SessionFailedError(f"no server had room for this step: {error}") from None
-                    time.sleep(min(1.0, 0.1 * full))  # let a rate limit refill before trying again
+                    await asyncio.sleep(min(1.0, 0.1 * full))  # let a rate limit refill before trying again
                 try:
-                    self._replace(failed.index, error)
+                    await self._replace(failed.index, error)
                 except BaseException:
-                    self.close()
+                    await self._end()
                     raise
                 assert failed.hidden_in is not None  # a failure mid-step names its input
                 first, x = failed.index, failed.hidden_in
-        self._step_id += 1
-        self._advance(hidden.shape[1])
-        return out.to(hidden.device)  # replies arrive on the CPU; the caller's tensors may live on a GPU
 
     def _take_prompts(self, prompts: torch.Tensor, hidden: torch.Tensor) -> None:
         if self._streams or self._position:
@@ -463,7 +471,7 @@ class InferenceSession(SessionBase):
         self._streams, self._position, self.session_id = [], 0, uuid.uuid4().hex
         return self.step(inputs, positions, attention_mask)[:, -hidden.shape[1] :]
 
-    def _replace(self, index: int, error: BaseException) -> None:
+    async def _replace(self, index: int, error: BaseException) -> None:
         """Swap stream `index` for a new route over its blocks, with its history replayed there."""
         old = self._streams[index]
         # A server that timed out our idle session, or had no cache memory left for it, is healthy (and may
@@ -472,8 +480,8 @@ class InferenceSession(SessionBase):
             self.manager.ban(old.hop.peer_id, repr(error))
         logger.warning("session %s: replacing server %s (blocks %d:%d) after %r", self.session_id[:8],
                        old.hop.peer_id[-8:], old.hop.start, old.hop.end, error)
-        loop.run(self._close_all([old]))
-        self._streams[index : index + 1] = self._open_route(old.hop.start, old.hop.end, old.history)
+        await self._close_all([old])
+        self._streams[index : index + 1] = await self._open_route(old.hop.start, old.hop.end, old.history)
 
     async def _replay(self, streams: list[_ServerStream], history: list) -> None:
         """Feed a replaced server's past inputs to its replacements as one chunk, rebuilding their caches.
@@ -495,12 +503,18 @@ class InferenceSession(SessionBase):
         checkers = [s.checker for s in streams if s.checker is not None]
         await asyncio.gather(*(s.close() for s in [*streams, *checkers]), return_exceptions=True)
 
-    def close(self) -> None:
+    async def _end(self) -> None:
+        """Close the session from the I/O loop (`close` is the caller's side)."""
         if not self.closed:
             self.closed = True
+            await self._close_all(self._streams)
+
+    def close(self) -> None:
+        if not self.closed:
             try:
-                loop.run(self._close_all(self._streams), timeout=10)
+                loop.run(self._end(), timeout=10)
             except Exception:
+                self.closed = True
                 logger.debug("closing session %s", self.session_id[:8], exc_info=True)
 
     def __enter__(self) -> InferenceSession:

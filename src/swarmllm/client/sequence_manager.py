@@ -94,7 +94,7 @@ class SequenceManager:
         """The servers as last read, without reading the directory. Code on the shared I/O loop (opening a
         checker, a session's extras) uses this: a DHT read there would stall every session on the loop until
         the DHT answered. The routes those coroutines serve were made from a read moments before, by
-        `make_route`, in the caller's thread; only before any read at all does this read. (No lock: a read in
+        `make_route`, off the loop; only before any read at all does this read. (No lock: a read in
         progress replaces the list whole.)"""
         return list(self._servers) if self._updated else self.servers()
 
