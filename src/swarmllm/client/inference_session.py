@@ -15,32 +15,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 import torch
-from hivemind.proto import runtime_pb2
 
 from swarmllm import wire
 from swarmllm.client import loop
 from swarmllm.client.positions import default_positions
 from swarmllm.client.routing import Hop, MissingBlocksError
 from swarmllm.client.sequence_manager import SequenceManager
+from swarmllm.client.server_stream import ServerStream, catch_up, close_all, truncated
 from swarmllm.client.session_base import SessionBase
-from swarmllm.client.verification import VerificationError, relative_error, verdict
+from swarmllm.client.step_verification import StepVerifier
+from swarmllm.client.verification import VerificationError
 from swarmllm.protocol import (
     BUSY_ERRORS,
     CALLER_ERRORS,
     REPLAY_STEP,
-    RPC_INFERENCE,
     ErrorCode,
     OpenSession,
     SessionId,
-    SessionOpened,
-    Step,
-    StepDone,
     Tuning,
 )
 
@@ -61,70 +57,6 @@ class _HopFailed(Exception):
     def __init__(self, hop: Hop, index: int = 0, hidden_in: torch.Tensor | None = None):
         super().__init__(f"server {hop.peer_id[-8:]} (blocks {hop.start}:{hop.end}) failed")
         self.hop, self.index, self.hidden_in = hop, index, hidden_in
-
-
-class _ServerStream:
-    """The stream to one server: requests go through a queue, replies come from the response iterator."""
-
-    def __init__(self, manager: SequenceManager, hop: Hop):
-        self.manager, self.hop = manager, hop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.replies: AsyncGenerator[runtime_pb2.ExpertResponse, None] | None = None
-        # Every (hidden, position_ids, mask) this server has taken into its cache, to rebuild it elsewhere.
-        self.history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        # Verification (see client/verification.py): the second server checking this one, whether this one's
-        # first step was checked, and (on a checker) how many of the checked server's history entries it has.
-        self.checker: _ServerStream | None = None
-        self.checked_once = False
-        self.fed = 0
-        # Tokens the server's cache holds, which its replies must confirm; and a rewind or beam reorder to send
-        # with the next step.
-        self.length = 0
-        self.keep: int | None = None
-        self.hypo_ids: torch.Tensor | None = None
-
-    async def _requests(self):
-        while (msg := await self.queue.get()) is not None:
-            yield msg
-
-    async def open(self, meta: OpenSession, tensors: Sequence[torch.Tensor] = ()) -> None:
-        self.queue.put_nowait(wire.request(meta, *tensors, compression=meta.compression))
-        self.replies = await asyncio.wait_for(
-            self.manager.open_stream(self.hop.peer_id, RPC_INFERENCE, self._requests()), self.manager.config.request_timeout
-        )
-        wire.parse(await self._next(), SessionOpened, self.hop.peer_id)
-
-    async def _next(self) -> runtime_pb2.ExpertResponse:
-        assert self.replies is not None, "the stream is not open"
-        try:
-            return await asyncio.wait_for(anext(self.replies), self.manager.config.request_timeout)
-        except StopAsyncIteration:
-            raise ConnectionError(f"server {self.hop.peer_id[-8:]} closed the session") from None
-
-    async def step(self, step_id: int, hidden, position_ids, mask, push_to: tuple[str, ...] = (),
-                   keep: int | None = None, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
-        tensors = (hidden, position_ids) + ((mask,) if mask is not None else ()) + ((hypo_ids,) if hypo_ids is not None else ())
-        step = Step(step_id=step_id, has_mask=mask is not None, push_to=push_to, keep=keep,
-                    has_hypo_ids=hypo_ids is not None)
-        self.manager.points.count(self.hop.peer_id, self.hop.end - self.hop.start, hidden.shape[0] * hidden.shape[1])
-        self.queue.put_nowait(wire.request(step, *tensors, compression=self.manager.config.compression))
-        done, (out,) = wire.parse(await self._next(), StepDone, self.hop.peer_id)
-        if done.step_id != step_id:
-            raise wire.ProtocolError(f"reply to step {done.step_id}, expected {step_id}")
-        length = (self.length if keep is None else keep) + hidden.shape[1]
-        if done.length != length:  # e.g. a server too old to know `keep`, which would have ignored the rewind
-            raise wire.ProtocolError(f"server holds {done.length} tokens after this step, expected {length}")
-        self.length, self.keep, self.hypo_ids = length, None, None
-        self.history.append((hidden, position_ids, mask))
-        return out
-
-    async def close(self) -> None:
-        self.queue.put_nowait(None)
-        if self.replies is not None:
-            try:
-                await self.replies.aclose()
-            except Exception:  # the stream may already be broken; closing is best-effort
-                pass
 
 
 class InferenceSession(SessionBase):
@@ -150,9 +82,9 @@ class InferenceSession(SessionBase):
         # Longrope models (Phi-3 128k): the servers' caches are recomputed when the session grows past this many
         # tokens (see `_restart`); None for every other model.
         self.longrope_limit: int | None = None
-        self._streams: list[_ServerStream] = []
+        self._streams: list[ServerStream] = []
         self._step_id = 0
-        self._rng = random.Random()
+        self.verifier = StepVerifier(manager, self._open_one, self.session_id)
         self.closed = False
 
     @property
@@ -163,7 +95,7 @@ class InferenceSession(SessionBase):
         """Every server drops its tokens after `n` as the next step begins; a replacement server gets the kept
         history only."""
         for s in self._streams:
-            s.history = _truncated(s.history, n)
+            s.history = truncated(s.history, n)
             s.keep = n if s.keep is None else min(s.keep, n)
         self._drop_checkers()
 
@@ -186,13 +118,13 @@ class InferenceSession(SessionBase):
         for s in self._streams:
             s.checker = None
         if checkers:
-            loop.run(self._close_all(checkers))
+            loop.run(close_all(checkers))
 
     def _open(self, batch_size: int) -> None:
         self.batch_size = batch_size
         self._streams = loop.run(self._open_route(self.start, self.end, []))
 
-    async def _open_route(self, start: int, end: int, history: list) -> list[_ServerStream]:
+    async def _open_route(self, start: int, end: int, history: list) -> list[ServerStream]:
         """Streams over a route for blocks [start, end), opened and fed `history` (a replaced server's inputs).
 
         Servers that fail are banned and another route is tried. It gives up only after `max_failovers`
@@ -212,14 +144,14 @@ class InferenceSession(SessionBase):
                 if not full:
                     raise
                 raise SessionFailedError(f"no server can hold this session: {list(full.values())[-1]}") from None
-            streams = [_ServerStream(self.manager, hop) for hop in route]
+            streams = [ServerStream(self.manager, hop) for hop in route]
             try:
                 await self._open_all(streams)
                 await self._replay(streams, history)
                 logger.debug("session %s: blocks %d:%d on %s", self.session_id[:8], start, end, route)
                 return streams
             except _HopFailed as failed:
-                await self._close_all(streams)
+                await close_all(streams)
                 error = failed.__cause__
                 if isinstance(error, wire.RemoteError) and error.code in CALLER_ERRORS:
                     raise error from None  # our request is wrong: no other server would accept it either
@@ -234,14 +166,14 @@ class InferenceSession(SessionBase):
                         f"{config.missing_blocks_timeout:.0f}s; last error: {error}"
                     ) from error
 
-    async def _open_all(self, streams: list[_ServerStream]) -> None:
+    async def _open_all(self, streams: list[ServerStream]) -> None:
         for s in streams:  # in order, so that a failure names the first bad server
             try:
                 await self._open_one(s)
             except Exception as e:
                 raise _HopFailed(s.hop) from e
 
-    async def _open_one(self, s: _ServerStream) -> None:
+    async def _open_one(self, s: ServerStream) -> None:
         tuning, tensors = await self.extras(s.hop) if self.extras is not None else (Tuning(), [])
         if self.prompts is not None:  # `step` refused them alongside the model's own deep prompts
             tuning = tuning.model_copy(update={"prompts": True})
@@ -262,108 +194,18 @@ class InferenceSession(SessionBase):
             # With push, each server also sends its output straight to the next ones; the client still sends
             # every server its input (whichever copy arrives first is used), so a failed push costs only time.
             push_to = tuple(t.hop.peer_id for t in self._streams[i + 1 :]) if push else ()
-            checker = await self._checker(s) if self._verify_now(s) else None
+            checker = await self.verifier.checker(s) if self.verifier.due(s) else None
             calls = [s.step(self._step_id, hidden, position_ids, mask, push_to, keep=s.keep, hypo_ids=s.hypo_ids)]
             if checker is not None:  # it gets the same input at the same time: no extra round trip
-                calls.append(_catch_up(checker, [*s.history[checker.fed :], (hidden, position_ids, mask)]))
+                calls.append(catch_up(checker, [*s.history[checker.fed :], (hidden, position_ids, mask)]))
             out, *second = await asyncio.gather(*calls, return_exceptions=True)
             if isinstance(out, BaseException):
                 raise _HopFailed(s.hop, i, hidden) from out
             if checker is not None:
                 checker.fed = len(s.history)
-                out = await self._compare(i, out, second[0])
+                out, self._streams[i] = await self.verifier.compare(s, out, second[0])
             hidden = out
         return hidden
-
-    # --- verification (see client/verification.py) ---
-
-    def _verify_now(self, s: _ServerStream) -> bool:
-        fraction = self.manager.config.verify
-        return fraction > 0 and (not s.checked_once or self._rng.random() < fraction)
-
-    async def _checker(self, s: _ServerStream) -> _ServerStream | None:
-        """The stream checking `s`, opened on first use; None if no other server can check it now."""
-        s.checked_once = True
-        try:
-            s.checker = s.checker or await self._open_checker(s.hop, {s.hop.peer_id})
-        except Exception as e:  # the checker failed, not the primary: this step goes unchecked
-            logger.warning("session %s: could not open a checker for blocks %d:%d: %r", self.session_id[:8],
-                           s.hop.start, s.hop.end, e)
-            s.checker = None
-        return s.checker
-
-    async def _compare(self, i: int, out: torch.Tensor, second: torch.Tensor | BaseException) -> torch.Tensor:
-        """Compare stream i's output for this step with its checker's; on a mismatch a third server decides.
-        Returns the output the majority vouches for, after swapping out and reporting an offending primary."""
-        s, tolerance = self._streams[i], self.manager.config.verify_tolerance
-        checker = s.checker
-        assert checker is not None  # the step was sent to it
-        while isinstance(second, BaseException):  # the checker failed, not the primary: check on another one
-            logger.warning("session %s: could not check blocks %d:%d on %s: %r", self.session_id[:8], s.hop.start,
-                           s.hop.end, checker.hop.peer_id[-8:], second)
-            self.manager.ban(checker.hop.peer_id, repr(second))
-            await self._close_all([checker])
-            s.checker = await self._open_checker(s.hop, {s.hop.peer_id})
-            if s.checker is None:  # no other holder answers: this step goes unchecked (with a warning)
-                return out
-            checker = s.checker
-            try:  # the new checker catches up on the whole history, this step included
-                second = await _catch_up(checker, s.history)
-                checker.fed = len(s.history)
-            except Exception as e:
-                second = e
-        error = relative_error(out, second)
-        if error <= tolerance:
-            return out
-        logger.warning("session %s: servers %s and %s disagree on blocks %d:%d (relative error %.3g); asking a third",
-                       self.session_id[:8], s.hop.peer_id[-8:], checker.hop.peer_id[-8:], s.hop.start, s.hop.end, error)
-        third = await self._referee(s, checker)
-        if verdict(out, second, third, tolerance, f"blocks {s.hop.start}:{s.hop.end}") == "primary":
-            self.manager.report(s.hop.peer_id, s.hop.start, s.hop.end, error, tolerance)
-            checker.checked_once, s.checker = True, None
-            self._streams[i] = checker  # already holds the session's whole history
-            await self._close_all([s])
-            return second
-        self.manager.report(checker.hop.peer_id, s.hop.start, s.hop.end, error, tolerance)
-        s.checker = None
-        await self._close_all([checker])
-        return out
-
-    async def _referee(self, s: _ServerStream, checker: _ServerStream) -> torch.Tensor | None:
-        """A third server's output for the checked step; None if no other server holds the blocks."""
-        try:
-            referee = await self._open_checker(s.hop, {s.hop.peer_id, checker.hop.peer_id})
-        except Exception as e:
-            raise VerificationError(f"could not reach a third server for blocks {s.hop.start}:{s.hop.end}: {e!r}") from e
-        if referee is None:
-            return None
-        try:
-            return await _catch_up(referee, s.history)  # (the history includes the step being checked)
-        except Exception as e:
-            raise VerificationError(f"the third server for blocks {s.hop.start}:{s.hop.end} failed: {e!r}") from e
-        finally:
-            await self._close_all([referee])
-
-    async def _open_checker(self, hop: Hop, exclude: set[str]) -> _ServerStream | None:
-        """A session on another server that holds all of `hop`'s blocks in the same dtype, quantization and
-        version, nearest first; one that fails to open is avoided for a while and the next is tried. None (with
-        a warning) if none opens."""
-        for peer in self.manager.checkers(hop.peer_id, hop.start, hop.end):
-            if peer in exclude:
-                continue
-            stream = _ServerStream(self.manager, Hop(peer, hop.start, hop.end))
-            try:
-                await self._open_one(stream)
-                return stream
-            except Exception as e:
-                if isinstance(e, wire.RemoteError) and e.code in CALLER_ERRORS:
-                    raise  # the request, not the server: every holder would refuse it
-                logger.warning("session %s: could not open a checker on %s: %r", self.session_id[:8], peer[-8:], e)
-                self.manager.ban(peer, repr(e))
-                await self._close_all([stream])
-        logger.warning("session %s: no other server could check blocks %d:%d: this step is not verified",
-                       self.session_id[:8], hop.start, hop.end)
-        return None
 
     def _push_pays(self) -> bool:
         config = self.manager.config
@@ -467,8 +309,9 @@ class InferenceSession(SessionBase):
         positions = torch.cat([p for _, p, _ in past] + [position_ids], dim=1)
         logger.debug("session %s: recomputing %d tokens past longrope's limit of %d", self.session_id[:8],
                      inputs.shape[1], self.longrope_limit)
-        loop.run(self._close_all(self._streams))
+        loop.run(close_all(self._streams))
         self._streams, self._position, self.session_id = [], 0, uuid.uuid4().hex
+        self.verifier.session_id = self.session_id
         return self.step(inputs, positions, attention_mask)[:, -hidden.shape[1] :]
 
     async def _replace(self, index: int, error: BaseException) -> None:
@@ -480,10 +323,10 @@ class InferenceSession(SessionBase):
             self.manager.ban(old.hop.peer_id, repr(error))
         logger.warning("session %s: replacing server %s (blocks %d:%d) after %r", self.session_id[:8],
                        old.hop.peer_id[-8:], old.hop.start, old.hop.end, error)
-        await self._close_all([old])
+        await close_all([old])
         self._streams[index : index + 1] = await self._open_route(old.hop.start, old.hop.end, old.history)
 
-    async def _replay(self, streams: list[_ServerStream], history: list) -> None:
+    async def _replay(self, streams: list[ServerStream], history: list) -> None:
         """Feed a replaced server's past inputs to its replacements as one chunk, rebuilding their caches.
 
         Each step's mask is the full padding mask up to that step, so the last one covers the whole history
@@ -499,15 +342,11 @@ class InferenceSession(SessionBase):
             except Exception as e:
                 raise _HopFailed(s.hop) from e
 
-    async def _close_all(self, streams: list[_ServerStream]) -> None:
-        checkers = [s.checker for s in streams if s.checker is not None]
-        await asyncio.gather(*(s.close() for s in [*streams, *checkers]), return_exceptions=True)
-
     async def _end(self) -> None:
         """Close the session from the I/O loop (`close` is the caller's side)."""
         if not self.closed:
             self.closed = True
-            await self._close_all(self._streams)
+            await close_all(self._streams)
 
     def close(self) -> None:
         if not self.closed:
@@ -522,27 +361,3 @@ class InferenceSession(SessionBase):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _truncated(history: list, n: int) -> list:
-    """The first `n` tokens of a stream's history of (hidden, position_ids, mask) steps; a mask covers its step's
-    past and new tokens, so a cut step keeps the mask's first `n` columns."""
-    kept, seen = [], 0
-    for hidden, positions, mask in history:
-        q = hidden.shape[1]
-        if seen + q <= n:
-            kept.append((hidden, positions, mask))
-        elif seen < n:
-            k = n - seen
-            kept.append((hidden[:, :k], positions[:, :k], None if mask is None else mask[:, :n]))
-        seen += q
-    return kept
-
-
-async def _catch_up(checker: _ServerStream, new: list) -> torch.Tensor:
-    """Feed `checker` the checked server's inputs it has not seen yet (`new`, ending with the step being
-    checked), as one chunk, and return its output for that step's positions."""
-    hidden = torch.cat([h for h, _, _ in new], dim=1)
-    positions = torch.cat([p for _, p, _ in new], dim=1)
-    out = await checker.step(REPLAY_STEP, hidden, positions, new[-1][2])
-    return out[:, -new[-1][0].shape[1] :]
