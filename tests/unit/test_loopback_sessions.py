@@ -4,6 +4,7 @@ the DHT, the CLI) stays in tests/integration."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -13,14 +14,26 @@ import pytest
 import torch
 
 from swarmllm import wire
+from swarmllm.client import loop
 from swarmllm.client.inference_session import InferenceSession, SessionFailedError
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.verification import VerificationError
 from swarmllm.models.span import span_from_model
-from swarmllm.protocol import RPC_FORWARD, RPC_INFERENCE, RPC_PUSH, ErrorCode
+from swarmllm.protocol import (
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    RPC_PUSH,
+    ErrorCode,
+    OpenSession,
+    SessionId,
+    SessionOpened,
+    Step,
+    StepDone,
+)
 from swarmllm.server.limits import Limits, PeerLimits
-from tests.unit.loopback_swarm import BLOCKS, LoopbackSwarm, steps
+from swarmllm.trust.identity import Identity
+from tests.unit.loopback_swarm import BLOCKS, HIDDEN, LoopbackSwarm, steps
 
 
 @pytest.fixture
@@ -337,3 +350,49 @@ def test_the_server_list_is_never_read_on_the_io_loop(make_swarm):
         outs = run(session, inputs, lambda i: i == 1 and swarm.network.kill(session.route[0].peer_id))
     assert_outputs(outs, swarm.local_steps(inputs))
     assert directory.threads and all(t.name != "swarmllm-io" for t in directory.threads)  # (client/loop.py)
+
+
+# --- the server's side of a session, message by message ---
+
+
+@pytest.mark.parametrize("fault", ["malformed input", "too many push targets"])
+def test_a_refused_step_leaves_the_session_as_it_was_its_rewind_included(make_swarm, fault):
+    swarm = make_swarm([(0, BLOCKS)])
+    transport = swarm.network.transport(Identity.ephemeral())
+
+    async def scenario() -> list:
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while (msg := await outbox.get()) is not None:
+                yield msg
+
+        def send(record, *tensors):
+            outbox.put_nowait(wire.request(record, *tensors))
+
+        def step(step_id: int, q: int, past: int, keep: int | None = None, width: int = HIDDEN, push_to=()):
+            send(Step(step_id=step_id, keep=keep, push_to=push_to), torch.randn(1, q, width),
+                 torch.arange(past, past + q)[None])
+
+        replies = await transport.open_stream(swarm.peers[0], RPC_INFERENCE, requests())
+        send(OpenSession(session_id=SessionId("s1"), start=0, end=BLOCKS, batch_size=1, max_length=16))
+        wire.parse(await anext(replies), SessionOpened)
+        lengths: list = []
+        step(0, 4, 0)
+        lengths.append(wire.parse(await anext(replies), StepDone)[0].length)
+        # A rewind to 2 in a step that is refused as a whole:
+        if fault == "malformed input":
+            step(1, 1, 2, keep=2, width=HIDDEN // 2)
+        else:  # a route has fewer hops than the model has blocks
+            step(1, 1, 2, keep=2, push_to=tuple(swarm.peers * BLOCKS))
+        try:
+            wire.parse(await anext(replies), StepDone)
+        except wire.RemoteError as e:
+            lengths.append(e.code)
+        step(2, 1, 4)  # continues after all 4 tokens: the rewind never happened
+        lengths.append(wire.parse(await anext(replies), StepDone)[0].length)
+        outbox.put_nowait(None)
+        await replies.aclose()
+        return lengths
+
+    assert loop.run(scenario(), timeout=30) == [4, ErrorCode.BAD_REQUEST, 5]
