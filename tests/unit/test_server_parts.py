@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import pytest
 import torch
 
 from swarmllm.cli.options import add_config_args, config_from_args
 from swarmllm.server import compute
-from swarmllm.server.cache import SessionKV
+from swarmllm.server.cache import CacheFullError, CacheMemory, SessionKV, bytes_per_token
 from swarmllm.server.config import ServerConfig
 from swarmllm.server.inference import Session, StepInput, run_batch
 from tests.unit.tiny import tiny_span
@@ -107,3 +108,25 @@ def test_running_out_of_device_memory_is_a_typed_busy_reply() -> None:
 
     assert error_code(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")) == ErrorCode.CACHE_FULL
     assert error_code(RuntimeError("something else")) == ErrorCode.INTERNAL
+
+
+def test_session_kv_owns_its_pages_length_and_rewinds(span) -> None:
+    memory = CacheMemory(budget=10 * bytes_per_token(span) * 4, queue_timeout=0.1)
+    kv = SessionKV(span, batch=1, page_tokens=4)
+
+    async def grow():
+        await kv.reserve(memory, 1, "first page")
+        await kv.reserve(memory, 4, "still one page")
+        await kv.reserve(memory, 9, "two pages more")
+        with pytest.raises(CacheFullError):
+            await kv.reserve(memory, 100, "more than the budget")
+
+    asyncio.run(grow())
+    assert (kv.capacity, kv.held, memory.used) == (12, 3 * kv.page_bytes, 3 * kv.page_bytes)
+    kv.commit(9)
+    kv.rewind(5)
+    assert kv.length == 5
+    with pytest.raises(ValueError, match="holds 5 tokens"):
+        kv.rewind(6)  # a rewind never grows the session
+    kv.release(memory)
+    assert (kv.held, memory.used) == (0, 0)
