@@ -396,3 +396,13 @@ def test_a_refused_step_leaves_the_session_as_it_was_its_rewind_included(make_sw
         return lengths
 
     assert loop.run(scenario(), timeout=30) == [4, ErrorCode.BAD_REQUEST, 5]
+
+
+def test_a_forward_the_servers_refuse_as_malformed_is_not_retried(make_swarm):
+    swarm = make_swarm([(0, BLOCKS), (0, BLOCKS)])
+    manager = swarm.client()
+    with torch.no_grad(), pytest.raises(wire.RemoteError) as refused:
+        RemoteSequential(manager)(torch.randn(1, 3, HIDDEN // 2))
+    assert refused.value.code == ErrorCode.BAD_REQUEST
+    assert len([rpc for _, _, rpc in swarm.network.calls if rpc == RPC_FORWARD]) == 1
+    assert manager.banned() == frozenset()
