@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import threading
 import time
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
-from swarmllm.client.inference_session import PromptTooLongError, SessionFailedError
+from swarmllm.client.inference_session import PromptTooLongError
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.launcher import LocalSwarm, ServerSpec, spawn
 
@@ -92,101 +91,8 @@ def test_prompt_longer_than_max_length(tiny_client) -> None:
             tiny_client.generate(ids, max_new_tokens=2)
 
 
-def test_session_over_cache_budget_is_refused_with_what_is_available(tiny_client) -> None:
-    ids = torch.randint(1, 90, (1, 4))
-    with pytest.raises(SessionFailedError, match=r"needs up to 75.0 KiB .* whole budget is 50.0 KiB"):
-        with tiny_client.inference_session(max_length=300):
-            tiny_client.generate(ids, max_new_tokens=2)
-    assert not tiny_client.sequence_manager.banned(), "a full server is healthy: it must not be banned"
-
-
-def _fill_server0(tiny_client):
-    """A session whose 190 tokens take 12 of server0's 12.5 pages: no room for another session's first page."""
-    session = tiny_client.model.layers.inference_session(max_length=200)
-    session.step(torch.randn(1, 190, 32), torch.arange(190)[None])
-    return session
-
-
-def test_a_queued_session_proceeds_once_memory_frees(tiny_client) -> None:
-    filler = _fill_server0(tiny_client)
-    ids = torch.randint(1, 90, (1, 4))
-    result: dict = {}
-
-    def second():
-        try:
-            result["out"] = tiny_client.generate(ids, max_new_tokens=2)
-        except Exception as e:
-            result["error"] = e
-
-    thread = threading.Thread(target=second)
-    thread.start()
-    time.sleep(0.4)
-    assert thread.is_alive(), f"the second session must wait in server0's queue, got {result}"
-    filler.close()
-    thread.join(30)
-    assert "error" not in result, result
-    assert result["out"].shape == (1, 6)
-
-
-def test_a_session_outgrowing_free_memory_fails_clearly_and_the_server_is_not_banned(tiny_swarm, tiny_llama_dir) -> None:
-    """Admitted sessions grow on demand. One that needs pages nobody frees in time gets cache_full; the client
-    replays it on another route (here the same, only 0:2 server: full servers are not banned) and gives up
-    after max_failovers with the server's message. Once memory is free, the same session size fits."""
-    client = AutoDistributedModelForCausalLM.from_pretrained(
-        str(tiny_llama_dir), initial_peers=tiny_swarm.initial_peers, max_failovers=1, missing_blocks_timeout=5)
-    layers = client.model.layers
-    filler = layers.inference_session(max_length=200)
-    filler.step(torch.randn(1, 100, 32), torch.arange(100)[None])  # 7 of server0's 12.5 pages
-    stop = threading.Event()
-
-    def keep_alive():  # server0 frees sessions idle for 3 s; this one must hold its pages throughout
-        n = 100
-        while not stop.wait(0.5) and n < 110:
-            filler.step(torch.randn(1, 1, 32), torch.tensor([[n]]))
-            n += 1
-
-    thread = threading.Thread(target=keep_alive)
-    thread.start()
-    session = layers.inference_session(max_length=200)
-    try:
-        session.step(torch.randn(1, 50, 32), torch.arange(50)[None])  # 4 more pages
-        with pytest.raises(SessionFailedError, match="no server had room for this step.*waited 1s in the queue"):
-            session.step(torch.randn(1, 60, 32), torch.arange(50, 110)[None])  # needs 3 more, 1.5 are free
-        assert not client.sequence_manager.banned(), "a full server is healthy: it must not be banned"
-    finally:
-        stop.set()
-        thread.join()
-        filler.close()
-        session.close()
-    try:
-        with layers.inference_session(max_length=200) as fresh:  # the memory came back
-            fresh.step(torch.randn(1, 110, 32), torch.arange(110)[None])
-    finally:
-        client.sequence_manager.shutdown()
-
-
-def test_idle_session_times_out_and_frees_its_cache(tiny_client, tiny_swarm) -> None:
-    session = _fill_server0(tiny_client)
-    with pytest.raises(SessionFailedError, match="waited 1s in the queue"):
-        tiny_client.generate(torch.randint(1, 90, (1, 4)), max_new_tokens=2)
-    time.sleep(4)  # server0 was started with --session-timeout 3; the client never closes `session`
-    out = tiny_client.generate(torch.randint(1, 90, (1, 4)), max_new_tokens=2)
-    assert out.shape == (1, 6)
-    # The idle session was freed on server0; its next step rebuilds the cache from the client's history
-    # (without banning the server) and gives what an uninterrupted session gives.
-    torch.manual_seed(0)
-    first, second = torch.randn(1, 3, 32), torch.randn(1, 1, 32)
-    session.close()
-    session = tiny_client.model.layers.inference_session(max_length=50)
-    session.step(first, torch.arange(3)[None])
-    time.sleep(4)
-    resumed = session.step(second, torch.tensor([[3]]))
-    with tiny_client.model.layers.inference_session(max_length=50) as fresh:
-        fresh.step(first, torch.arange(3)[None])
-        expected = fresh.step(second, torch.tensor([[3]]))
-    session.close()
-    torch.testing.assert_close(resumed, expected, rtol=1e-4, atol=1e-5)
-    assert not tiny_client.sequence_manager.banned()
+# A server's cache budget, its queue and idle sessions (refused, queued, outgrowing, timed out and rebuilt)
+# are tested over the loopback transport (tests/unit/test_loopback_sessions.py): they need no processes.
 
 
 def test_gradients_flow_back_through_the_servers(tiny_client, tiny_local) -> None:

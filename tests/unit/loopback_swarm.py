@@ -42,11 +42,13 @@ class LoopbackSwarm:
         self.managers: list[SequenceManager] = []
         self.peers = [self.add_server(start, end) for start, end in spans]
 
-    def add_server(self, start: int, end: int, **context_options) -> str:
-        """A server of blocks [start, end); `context_options` are ServingContext fields (limits, faults, ...)."""
+    def add_server(self, start: int, end: int, cache_bytes: int = CACHE_BYTES, queue_timeout: float = 5.0,
+                   **context_options) -> str:
+        """A server of blocks [start, end) with a cache budget of `cache_bytes` (a session waits up to
+        `queue_timeout` for pages); `context_options` are ServingContext fields (limits, page_tokens, ...)."""
         host = self.network.host()
         peer = str(host.peer_id)
-        memory = CacheMemory(CACHE_BYTES, queue_timeout=5.0)
+        memory = CacheMemory(cache_bytes, queue_timeout)
 
         def record() -> ServerRecord:
             return ServerRecord(peer_id=peer, start=start, end=end, dtype="float32", num_blocks=BLOCKS,

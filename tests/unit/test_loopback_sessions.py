@@ -406,3 +406,87 @@ def test_a_forward_the_servers_refuse_as_malformed_is_not_retried(make_swarm):
     assert refused.value.code == ErrorCode.BAD_REQUEST
     assert len([rpc for _, _, rpc in swarm.network.calls if rpc == RPC_FORWARD]) == 1
     assert manager.banned() == frozenset()
+
+
+# --- a server's cache memory: budget, queue, idle sessions ---
+
+TOKEN_BYTES = 2 * 2 * 8 * 4 * 2  # blocks 0:2 of the tiny model: 2 blocks x 2 kv heads x 8 dims x float32 x (k, v)
+
+
+def small_server(swarm: LoopbackSwarm, queue_timeout: float = 5.0) -> str:
+    """Blocks 0:2 with room for 200 tokens, in pages of 16 (12.5 pages)."""
+    return swarm.add_server(0, 2, cache_bytes=200 * TOKEN_BYTES, queue_timeout=queue_timeout, page_tokens=16)
+
+
+def fill(manager, tokens: int = 190) -> InferenceSession:
+    """A session holding 12 of the small server's 12.5 pages: no room for another one's first page."""
+    session = InferenceSession(manager, 0, BLOCKS, max_length=200)
+    session.step(torch.randn(1, tokens, HIDDEN))
+    return session
+
+
+def test_a_session_over_the_whole_budget_is_refused_with_what_is_available(make_swarm):
+    swarm = make_swarm([(2, BLOCKS)])
+    small_server(swarm)
+    manager = swarm.client()
+    with pytest.raises(SessionFailedError, match=r"needs up to 75.0 KiB .* whole budget is 50.0 KiB"):
+        InferenceSession(manager, 0, BLOCKS, max_length=300).step(steps(4)[0])
+    assert manager.banned() == frozenset(), "a full server is healthy: it must not be banned"
+
+
+def test_a_queued_session_proceeds_once_memory_frees(make_swarm):
+    swarm = make_swarm([(2, BLOCKS)])
+    memory = swarm.handlers[small_server(swarm)].context.memory
+    manager = swarm.client()
+    filler = fill(manager)
+    inputs = steps(4, 1)
+    result: dict = {}
+
+    def second() -> None:
+        try:
+            with InferenceSession(manager, 0, BLOCKS, max_length=8) as session:
+                result["outs"] = run(session, inputs)
+        except Exception as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    wait_for(lambda: len(memory._waiters) == 1)  # the server queued it (it waits for its first page)
+    assert "outs" not in result
+    filler.close()
+    thread.join(30)
+    assert "error" not in result, result
+    assert_outputs(result["outs"], swarm.local_steps(inputs))
+
+
+def test_a_session_outgrowing_free_memory_fails_clearly_and_the_server_is_not_banned(make_swarm):
+    """Admitted sessions grow on demand. One that needs pages nobody frees in time gets cache_full; the client
+    tries another route (the same server: full servers are not banned) and gives up after max_failovers with
+    the server's message. Once memory is free, the same session fits."""
+    swarm = make_swarm([(2, BLOCKS)])
+    small_server(swarm, queue_timeout=0.2)
+    manager = swarm.client(max_failovers=1)
+    filler = fill(manager, 100)  # 7 of 12.5 pages
+    session = InferenceSession(manager, 0, BLOCKS, max_length=200)
+    session.step(torch.randn(1, 50, HIDDEN))  # 4 more pages
+    with pytest.raises(SessionFailedError, match=r"no server had room for this step.*waited 0.2s in the queue"):
+        session.step(torch.randn(1, 60, HIDDEN))  # needs 3 more pages, 1.5 are free
+    assert manager.banned() == frozenset(), "a full server is healthy: it must not be banned"
+    filler.close()
+    session.close()
+    with InferenceSession(manager, 0, BLOCKS, max_length=200) as fresh:  # the memory came back
+        fresh.step(torch.randn(1, 110, HIDDEN))
+
+
+def test_an_idle_session_times_out_frees_its_cache_and_is_rebuilt_on_its_next_step(make_swarm):
+    swarm = make_swarm([(2, BLOCKS)], session_timeout=0.5)
+    memory = swarm.handlers[small_server(swarm, queue_timeout=0.2)].context.memory
+    manager = swarm.client()
+    first, second = steps(3, 1)
+    session = InferenceSession(manager, 0, BLOCKS, max_length=200)
+    session.step(first)
+    wait_for(lambda: memory.used == 0)  # idle past session_timeout: the server freed its cache
+    resumed = session.step(second)  # the server timed it out: it is reopened and its history replayed
+    session.close()
+    assert manager.banned() == frozenset(), "a server that timed out an idle session is healthy"
+    assert_outputs([resumed], swarm.local_steps([first, second])[1:])
