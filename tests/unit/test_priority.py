@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-import time
 
 import pytest
 
@@ -73,15 +72,24 @@ def test_a_broken_balance_never_picks_outside_the_queue() -> None:
     assert policy.pick(["b"]) == 0
 
 
-def test_picking_among_thousands_of_tasks_is_fast() -> None:
+def test_picking_among_thousands_of_tasks_looks_up_each_peer_once() -> None:
+    """A pick costs one pass over the queue plus one balance lookup per distinct peer (the lookup is the
+    expensive part: a ledger read), never one per task. Counted, not timed: a timed bound fails on a busy
+    machine."""
     balances = {f"peer{i}": float(i % 7 - 2) for i in range(500)}
-    policy = PriorityPolicy(balances.__getitem__)
+    lookups: list[str] = []
+
+    def balance(peer: str) -> float:
+        lookups.append(peer)
+        return balances[peer]
+
+    policy = PriorityPolicy(balance)
     queue = [f"peer{(i * 37) % 500}" for i in range(10_000)]
-    start = time.perf_counter()
     for _ in range(200):
+        waiting = len(set(queue))
+        before = len(lookups)
         queue.pop(policy.pick(queue))
-    per_pick = (time.perf_counter() - start) / 200
-    assert per_pick < 0.01, f"{per_pick * 1e3:.2f} ms per pick among 10k waiting tasks"
+        assert len(lookups) - before == waiting
     assert policy.newcomer_picks == 40
 
 
