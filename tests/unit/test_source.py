@@ -173,9 +173,7 @@ def test_real_smollm2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("converted twice")
 
     monkeypatch.setattr(source, "_convert", no_reconvert)
-    start = time.perf_counter()
-    assert resolve_model("smollm2", cache_dir=tmp_path) == folder
-    assert time.perf_counter() - start < 1.0
+    assert resolve_model("smollm2", cache_dir=tmp_path) == folder  # from the cache: no second conversion
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert isinstance(model, LlamaForCausalLM)
