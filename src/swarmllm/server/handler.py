@@ -45,8 +45,8 @@ from swarmllm.trust.membership import gate_stream, gate_unary
 
 logger = logging.getLogger(__name__)
 
-# The compute of a forward or backward: (span, tensors of the request after its hidden states and
-# position ids, mask, prompts, request, peer) -> the reply's tensors.
+# The compute of a forward or backward: (span, request record, its required tensors (hidden, position ids
+# and, for a backward, the output's gradient), mask, prompts, peer) -> the reply's tensors.
 SpanWork = Callable[..., Awaitable[list[torch.Tensor]]]
 
 
