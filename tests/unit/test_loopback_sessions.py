@@ -355,7 +355,7 @@ def test_the_server_list_is_never_read_on_the_io_loop(make_swarm):
 # --- the server's side of a session, message by message ---
 
 
-@pytest.mark.parametrize("fault", ["malformed input", "too many push targets"])
+@pytest.mark.parametrize("fault", ["wrong width", "1-D input", "too many push targets"])
 def test_a_refused_step_leaves_the_session_as_it_was_its_rewind_included(make_swarm, fault):
     swarm = make_swarm([(0, BLOCKS)])
     transport = swarm.network.transport(Identity.ephemeral())
@@ -370,8 +370,9 @@ def test_a_refused_step_leaves_the_session_as_it_was_its_rewind_included(make_sw
         def send(record, *tensors):
             outbox.put_nowait(wire.request(record, *tensors))
 
-        def step(step_id: int, q: int, past: int, keep: int | None = None, width: int = HIDDEN, push_to=()):
-            send(Step(step_id=step_id, keep=keep, push_to=push_to), torch.randn(1, q, width),
+        def step(step_id: int, q: int, past: int, keep: int | None = None, width: int = HIDDEN, push_to=(),
+                 shape: tuple[int, ...] | None = None):
+            send(Step(step_id=step_id, keep=keep, push_to=push_to), torch.randn(*(shape or (1, q, width))),
                  torch.arange(past, past + q)[None])
 
         replies = await transport.open_stream(swarm.peers[0], RPC_INFERENCE, requests())
@@ -381,8 +382,10 @@ def test_a_refused_step_leaves_the_session_as_it_was_its_rewind_included(make_sw
         step(0, 4, 0)
         lengths.append(wire.parse(await anext(replies), StepDone)[0].length)
         # A rewind to 2 in a step that is refused as a whole:
-        if fault == "malformed input":
+        if fault == "wrong width":
             step(1, 1, 2, keep=2, width=HIDDEN // 2)
+        elif fault == "1-D input":
+            step(1, 1, 2, keep=2, shape=(HIDDEN,))
         else:  # a route has fewer hops than the model has blocks
             step(1, 1, 2, keep=2, push_to=tuple(swarm.peers * BLOCKS))
         try:

@@ -152,13 +152,13 @@ class Sessions:
             live.steps, live.pushed_first = live.steps + 1, live.pushed_first + pushed
             hypo_ids = tensors[-1] if step.has_hypo_ids and tensors else None
             hidden, position_ids, mask, _ = unpack(tensors[:-1] if step.has_hypo_ids else tensors, 2, step.has_mask)
-            batch, q = hidden.shape[:2]
             # Everything is checked before anything changes, so that a refused step leaves the session as it
             # was: a rewind (`keep`) and a beam reorder take effect only once the step is admitted.
             past = session.length if step.keep is None else step.keep
             if not 0 <= past <= session.length:
                 raise compute.BadRequest(f"keep={step.keep}, but the session holds {session.length} tokens")
             session.check(hidden, position_ids, mask, past)
+            batch, q = hidden.shape[:2]  # (checked above: a malformed tensor is a bad request, not an error)
             if hypo_ids is not None:
                 compute.check_hypo_ids(hypo_ids, session.batch_size)
             if len(step.push_to) >= session.span.config.num_hidden_layers:  # a route has fewer hops than blocks
