@@ -92,6 +92,7 @@ class LoopbackNetwork:
         self._records: dict[str, dict[str, Callable[[], ServerRecord]]] = {}  # model -> peer -> its record now
         self._reports: dict[str, dict[str, Report]] = {}  # model -> "reporter/offender" -> report
         self.calls: list[tuple[str, str, str]] = []  # (caller, callee, rpc) of every call and stream, in order
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that carries the messages
 
     # --- peers and faults ---
 
@@ -107,20 +108,38 @@ class LoopbackNetwork:
         """List a server under `model`; `record()` is read at each lookup, so the listing is always current."""
         self._records.setdefault(model, {})[peer_id] = record
 
+    # Faults may be injected from any thread (a test's, between two steps); they take effect on the event loop
+    # that carries the messages, in order with what the client sends after them.
+
     def kill(self, peer_id: str) -> None:
         """The server crashes: its streams end where they are, and calls to it fail from now on. Its record
         stays listed, as a dead server's stays in the DHT until it expires."""
         host = self.hosts[peer_id]
         host.alive = False
-        for stream in list(host.open):
-            stream.end()
+
+        def crash() -> None:
+            for stream in list(host.open):
+                stream.end()
+
+        self._on_loop(crash)
 
     def stall(self, peer_id: str) -> None:
         """The server hangs: it still takes requests, but nothing it sends arrives until `resume`."""
-        self.hosts[peer_id].sending.clear()
+        self._on_loop(self.hosts[peer_id].sending.clear)
 
     def resume(self, peer_id: str) -> None:
-        self.hosts[peer_id].sending.set()
+        self._on_loop(self.hosts[peer_id].sending.set)
+
+    def _on_loop(self, fn: Callable[[], object]) -> None:
+        loop = self._loop
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is None or here is loop:
+            fn()
+        else:  # asyncio's queues, events and tasks are not thread-safe
+            loop.call_soon_threadsafe(fn)
 
     # --- the Directory (client/transport.py) ---
 
@@ -139,6 +158,7 @@ class LoopbackNetwork:
     # --- carrying messages ---
 
     def _reach(self, caller: str, peer_id: str, name: str) -> LoopbackHost:
+        self._loop = asyncio.get_running_loop()
         self.calls.append((caller, peer_id, name))
         host = self.hosts.get(peer_id)
         if host is None or not host.alive:
