@@ -84,7 +84,7 @@ class InferenceSession(SessionBase):
         self.longrope_limit: int | None = None
         self._streams: list[ServerStream] = []
         self._step_id = 0
-        self.verifier = StepVerifier(manager, self._open_one, self.session_id)
+        self.verifier = StepVerifier(manager, self._open_one, lambda: self.session_id[:8])
         self.closed = False
 
     @property
@@ -311,7 +311,6 @@ class InferenceSession(SessionBase):
                      inputs.shape[1], self.longrope_limit)
         loop.run(close_all(self._streams))
         self._streams, self._position, self.session_id = [], 0, uuid.uuid4().hex
-        self.verifier.session_id = self.session_id
         return self.step(inputs, positions, attention_mask)[:, -hidden.shape[1] :]
 
     async def _replace(self, index: int, error: BaseException) -> None:

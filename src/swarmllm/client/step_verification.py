@@ -26,10 +26,11 @@ logger = logging.getLogger(__name__)
 
 class StepVerifier:
     """Checks one session's steps. `open_one(stream)` opens a stream as the session opens its own (same
-    tuning and prompts); `session_id` is for logs."""
+    tuning and prompts); `label()` names the session in logs (its id can change: see `_restart`)."""
 
-    def __init__(self, manager: SequenceManager, open_one: Callable[[ServerStream], Awaitable[None]], session_id: str):
-        self.manager, self._open_one, self.session_id = manager, open_one, session_id
+    def __init__(self, manager: SequenceManager, open_one: Callable[[ServerStream], Awaitable[None]],
+                 label: Callable[[], str]):
+        self.manager, self._open_one, self._label = manager, open_one, label
         self._rng = random.Random()
 
     def due(self, s: ServerStream) -> bool:
@@ -43,7 +44,7 @@ class StepVerifier:
         try:
             s.checker = s.checker or await self._open_checker(s.hop, {s.hop.peer_id})
         except Exception as e:  # the checker failed, not the primary: this step goes unchecked
-            logger.warning("session %s: could not open a checker for blocks %d:%d: %r", self.session_id[:8],
+            logger.warning("session %s: could not open a checker for blocks %d:%d: %r", self._label(),
                            s.hop.start, s.hop.end, e)
             s.checker = None
         return s.checker
@@ -57,7 +58,7 @@ class StepVerifier:
         checker = s.checker
         assert checker is not None  # the step was sent to it
         while isinstance(second, BaseException):  # the checker failed, not the primary: check on another one
-            logger.warning("session %s: could not check blocks %d:%d on %s: %r", self.session_id[:8], s.hop.start,
+            logger.warning("session %s: could not check blocks %d:%d on %s: %r", self._label(), s.hop.start,
                            s.hop.end, checker.hop.peer_id[-8:], second)
             self.manager.ban(checker.hop.peer_id, repr(second))
             await close_all([checker])
@@ -74,7 +75,7 @@ class StepVerifier:
         if error <= tolerance:
             return out, s
         logger.warning("session %s: servers %s and %s disagree on blocks %d:%d (relative error %.3g); asking a third",
-                       self.session_id[:8], s.hop.peer_id[-8:], checker.hop.peer_id[-8:], s.hop.start, s.hop.end, error)
+                       self._label(), s.hop.peer_id[-8:], checker.hop.peer_id[-8:], s.hop.start, s.hop.end, error)
         third = await self._referee(s, checker)
         if verdict(out, second, third, tolerance, f"blocks {s.hop.start}:{s.hop.end}") == "primary":
             self.manager.report(s.hop.peer_id, s.hop.start, s.hop.end, error, tolerance)
@@ -115,9 +116,9 @@ class StepVerifier:
             except Exception as e:
                 if isinstance(e, wire.RemoteError) and e.code in CALLER_ERRORS:
                     raise  # the request, not the server: every holder would refuse it
-                logger.warning("session %s: could not open a checker on %s: %r", self.session_id[:8], peer[-8:], e)
+                logger.warning("session %s: could not open a checker on %s: %r", self._label(), peer[-8:], e)
                 self.manager.ban(peer, repr(e))
                 await close_all([stream])
         logger.warning("session %s: no other server could check blocks %d:%d: this step is not verified",
-                       self.session_id[:8], hop.start, hop.end)
+                       self._label(), hop.start, hop.end)
         return None

@@ -148,8 +148,7 @@ class ServingContext:
         self.metrics.error(ErrorCode.SESSION_TIMEOUT)
         return wire.error_response(ErrorCode.SESSION_TIMEOUT, message)
 
-    def audit_call(self, peer: str, rpc: str, span: tuple[int, int] | None, tokens: int, outcome, began: float,
-                   steps: int = 0) -> None:
-        """One line of the audit log; `span` None: the request did not parse."""
+    def audit_call(self, peer: str, rpc: str, span: tuple[int, int] | None, tokens: int, outcome, began: float) -> None:
+        """The audit line of one stateless call (forward, backward); `span` None: the request did not parse."""
         start, end = span if span is not None else (-1, -1)
-        self.audit.record(peer, rpc, start, end, tokens, str(outcome), began, steps)
+        self.audit.record(peer, rpc, start, end, tokens, str(outcome), began)

@@ -118,10 +118,10 @@ class Handler:
                 t0 = time.perf_counter()
                 out = await work(span, meta, given, mask, prompts, peer)
             c.count(peer, span, tokens, rpc, time.perf_counter() - t0)
-            c.audit_call(peer, rpc, (meta.start, meta.end), tokens, "ok", began, 1)
+            c.audit_call(peer, rpc, (meta.start, meta.end), tokens, "ok", began)
             return wire.response(SpanReply(), *out, compression=meta.compression)
         except Exception as e:
-            c.audit_call(peer, rpc, (meta.start, meta.end) if meta is not None else None, tokens, error_code(e), began, 1)
+            c.audit_call(peer, rpc, (meta.start, meta.end) if meta is not None else None, tokens, error_code(e), began)
             return c.reply_error(e)
 
     async def _forward(self, span: Span, meta: SpanRequest, given, mask, prompts, peer: str) -> list[torch.Tensor]:
