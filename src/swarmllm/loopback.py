@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.utils.asyncio import as_aiter
 
 from swarmllm import wire
 from swarmllm.client.transport import Reply, Request
@@ -29,7 +30,6 @@ from swarmllm.trust.identity import Identity
 from swarmllm.trust.membership import PUBLIC, Membership
 
 logger = logging.getLogger(__name__)
-
 
 
 class LoopbackHost:
@@ -202,7 +202,7 @@ class LoopbackTransport:
         return await self.network.call(self.peer_id, peer_id, name, self.membership.stamp(request))
 
     async def call_split(self, peer_id: str, name: str, request: Request) -> Reply:
-        replies = await self.network.stream(self.peer_id, peer_id, name, _each(wire.split(self.membership.stamp(request))))
+        replies = await self.network.stream(self.peer_id, peer_id, name, as_aiter(*wire.split(self.membership.stamp(request))))
         return wire.join([part async for part in replies])
 
     async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncGenerator[Reply, None]:
@@ -210,11 +210,6 @@ class LoopbackTransport:
 
     async def close(self) -> None:
         pass
-
-
-async def _each(items: list) -> AsyncIterator:
-    for item in items:
-        yield item
 
 
 async def _send(requests: AsyncIterator[Request], queue: asyncio.Queue) -> None:
