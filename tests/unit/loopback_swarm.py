@@ -26,7 +26,7 @@ CACHE_BYTES = 2**22  # per server: room for many sessions of the tiny model
 
 class LoopbackSwarm:
     """Servers of blocks of one seeded model; `client()` makes sequence managers over the same network.
-    `local(...)` is the reference: the same blocks run in this process with a plain transformers cache."""
+    `local_steps(...)` is the reference: the same blocks run in this process with a plain transformers cache."""
 
     def __init__(self, spans: list[tuple[int, int]], session_timeout: float = 30.0):
         torch.manual_seed(0)

@@ -33,7 +33,7 @@ from swarmllm.protocol import (
 )
 from swarmllm.server.limits import Limits, PeerLimits
 from swarmllm.trust.identity import Identity
-from tests.unit.loopback_swarm import BLOCKS, HIDDEN, LoopbackSwarm, steps
+from tests.unit.loopback_swarm import BLOCKS, HIDDEN, MODEL, LoopbackSwarm, steps
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_a_lying_server_is_caught_reported_and_replaced(make_swarm, role):
         outs = run(session, inputs)
         assert liar not in {hop.peer_id for hop in session.route}
     # Two honest servers outvoted it on the first step: it is reported once, avoided, and never answered.
-    assert [(r.reporter, r.offender) for r in swarm.network.reports("tiny-loopback")] == [(manager.peer_id, liar)]
+    assert [(r.reporter, r.offender) for r in swarm.network.reports(MODEL)] == [(manager.peer_id, liar)]
     assert liar in manager.banned()
     assert_outputs(outs, swarm.local_steps(inputs))
 
@@ -149,7 +149,7 @@ def test_two_servers_that_disagree_with_no_third_refuse_to_answer(make_swarm, ca
     else:
         with torch.no_grad(), pytest.raises(VerificationError, match="no third holds them"):
             RemoteSequential(manager)(x)
-    assert swarm.network.reports("tiny-loopback") == []  # nobody is blamed without a majority
+    assert swarm.network.reports(MODEL) == []  # nobody is blamed without a majority
 
 
 def test_a_caller_error_is_raised_at_once_and_bans_nobody(make_swarm):
@@ -245,7 +245,7 @@ def test_a_lying_server_is_outvoted_on_a_forward(make_swarm, role):
     forwards = [callee for _, callee, rpc in swarm.network.calls if rpc == RPC_FORWARD]
     assert forwards[:3] == ([liar, honest, referee] if role == "primary" else [honest, liar, referee])
     assert liar not in forwards[3:]
-    assert [(r.reporter, r.offender) for r in swarm.network.reports("tiny-loopback")] == [(manager.peer_id, liar)]
+    assert [(r.reporter, r.offender) for r in swarm.network.reports(MODEL)] == [(manager.peer_id, liar)]
 
 
 @pytest.mark.parametrize("call", ["session", "forward"])
@@ -268,7 +268,7 @@ def test_a_dead_checker_is_replaced_by_the_next_holder_not_skipped(make_swarm, c
             torch.testing.assert_close(RemoteSequential(manager)(inputs[0]), local_forward(swarm, inputs[0]),
                                        rtol=1e-4, atol=1e-5)
     assert {liar, dead} <= manager.banned()
-    assert [(r.reporter, r.offender) for r in swarm.network.reports("tiny-loopback")] == [(manager.peer_id, liar)]
+    assert [(r.reporter, r.offender) for r in swarm.network.reports(MODEL)] == [(manager.peer_id, liar)]
 
 
 def test_a_rewind_drops_the_servers_tokens_after_it(make_swarm):
