@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from hivemind.p2p import P2PContext, PeerID
@@ -48,6 +49,11 @@ class LoopbackHost:
 
     async def add_protobuf_handler(self, name: str, handler: Callable, input_protobuf_type: type, *,
                                    stream_input: bool = False, stream_output: bool = False, balanced: bool = False) -> None:
+        # What this stand-in cannot do is refused by name, not ignored.
+        if input_protobuf_type is not Request:
+            raise NotImplementedError(f"loopback handlers take ExpertRequest only, not {input_protobuf_type.__name__}")
+        if balanced:
+            raise NotImplementedError("loopback has no balanced handlers (one process serves each peer)")
         if not stream_input and not stream_output:
             self.unary[name] = handler
             return
@@ -90,7 +96,7 @@ class LoopbackNetwork:
     def __init__(self) -> None:
         self.hosts: dict[str, LoopbackHost] = {}
         self._records: dict[str, dict[str, Callable[[], ServerRecord]]] = {}  # model -> peer -> its record now
-        self._reports: dict[str, dict[str, Report]] = {}  # model -> "reporter/offender" -> report
+        self._reports: dict[str, dict[str, tuple[Report, float]]] = {}  # model -> "reporter/offender" -> (report, expiry)
         self.calls: list[tuple[str, str, str]] = []  # (caller, callee, rpc) of every call and stream, in order
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop that carries the messages
 
@@ -147,10 +153,12 @@ class LoopbackNetwork:
         return [record() for record in self._records.get(model, {}).values()]
 
     def reports(self, model: str) -> list[Report]:
-        return list(self._reports.get(model, {}).values())
+        now = time.monotonic()
+        return [report for report, expiry in self._reports.get(model, {}).values() if expiry > now]
 
     def publish_report(self, model: str, report: Report, ttl: float) -> None:
-        self._reports.setdefault(model, {})[f"{report.reporter}/{report.offender}"] = report
+        """Kept for `ttl` seconds, as the DHT keeps it."""
+        self._reports.setdefault(model, {})[f"{report.reporter}/{report.offender}"] = (report, time.monotonic() + ttl)
 
     def close(self) -> None:
         pass

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from hivemind.proto import runtime_pb2
 
 from swarmllm import wire
 from swarmllm.client import loop
@@ -19,6 +20,7 @@ from swarmllm.client.inference_session import InferenceSession, SessionFailedErr
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.verification import VerificationError
+from swarmllm.loopback import LoopbackNetwork
 from swarmllm.models.span import span_from_model
 from swarmllm.protocol import (
     RPC_FORWARD,
@@ -26,6 +28,8 @@ from swarmllm.protocol import (
     RPC_PUSH,
     ErrorCode,
     OpenSession,
+    PeerIdStr,
+    Report,
     SessionId,
     SessionOpened,
     Step,
@@ -493,3 +497,16 @@ def test_an_idle_session_times_out_frees_its_cache_and_is_rebuilt_on_its_next_st
     session.close()
     assert manager.banned() == frozenset(), "a server that timed out an idle session is healthy"
     assert_outputs([resumed], swarm.local_steps([first, second])[1:])
+
+
+def test_the_loopback_refuses_what_it_cannot_honour_and_expires_reports():
+    network = LoopbackNetwork()
+    host = network.host()
+    with pytest.raises(NotImplementedError, match="balanced"):
+        asyncio.run(host.add_protobuf_handler("x", lambda r, c: r, runtime_pb2.ExpertRequest, balanced=True))
+    with pytest.raises(NotImplementedError, match="ExpertResponse"):
+        asyncio.run(host.add_protobuf_handler("x", lambda r, c: r, runtime_pb2.ExpertResponse))
+    report = Report(reporter=PeerIdStr("a"), offender=PeerIdStr("b"), start=0, end=1, error=1.0, tolerance=0.1, at=0.0)
+    network.publish_report(MODEL, report, ttl=0.0)  # expired at once, as in the DHT
+    network.publish_report("other", report, ttl=60.0)
+    assert network.reports(MODEL) == [] and network.reports("other") == [report]
