@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,6 +17,8 @@ import urllib.request
 import openai
 import pytest
 import torch
+
+from swarmllm.launcher import run
 
 pytestmark = [pytest.mark.swarm, pytest.mark.real_model]
 
@@ -241,8 +241,9 @@ def test_status_shows_the_swarm(smollm2_swarm) -> None:
     from swarmllm.observe.snapshot import SwarmSnapshot
 
     peers = smollm2_swarm.running_servers()  # another test may have added a server and stopped it
-    base = [sys.executable, "-m", "swarmllm.cli.main", "status", "--initial-peers", *smollm2_swarm.initial_peers]
-    snap = json.loads(subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=120, check=True).stdout)
+    done = run(["status", "--initial-peers", *smollm2_swarm.initial_peers, "--json"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    snap = json.loads(done.stdout)
     (model,) = snap["models"]
     assert model["num_blocks"] == 30 and model["complete"] and model["gaps"] == []
     assert model["coverage"] == [1] * 30

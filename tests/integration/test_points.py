@@ -5,8 +5,6 @@ refused."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,7 +17,7 @@ from swarmllm import AutoDistributedModelForCausalLM, wire
 from swarmllm.client import loop
 from swarmllm.dht.node import join
 from swarmllm.dht.points import get_receipts, publish_receipts
-from swarmllm.launcher import LocalSwarm, ServerSpec
+from swarmllm.launcher import LocalSwarm, ServerSpec, run
 from swarmllm.points import Ledger, countersign, issue
 from swarmllm.protocol import RPC_SETTLE, Settle, Settled
 from swarmllm.trust.identity import Identity
@@ -47,8 +45,7 @@ def _forwards(model, n: int, latencies: list[float]) -> None:
 
 
 def _points(swarm) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-m", "swarmllm.cli.main", "points", "--json", "--initial-peers",
-                          *swarm.initial_peers], capture_output=True, text=True, timeout=60)
+    out = run(["points", "--json", "--initial-peers", *swarm.initial_peers], timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     return {row["account"]: row["balance"] for row in json.loads(out.stdout)}
 

@@ -5,13 +5,12 @@ that cannot fit, it stops at start with a clear error, before it joins the swarm
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import psutil
 import pytest
 import torch
 
-from swarmllm.launcher import spawn
+from swarmllm.launcher import run, spawn
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
 
@@ -22,8 +21,7 @@ def _p2pd() -> set[int]:
 
 def _serve(model_dir, *args: str) -> subprocess.CompletedProcess:
     before = _p2pd()
-    done = subprocess.run([sys.executable, "-m", "swarmllm.cli.main", "serve", str(model_dir), *args],
-                          capture_output=True, text=True, timeout=120)
+    done = run(["serve", str(model_dir), *args])
     assert _p2pd() - before == set(), "a refused server left a p2p daemon behind"
     return done
 

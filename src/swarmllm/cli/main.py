@@ -68,10 +68,10 @@ def cmd_dht(args: argparse.Namespace) -> None:
     peer = join(identity=config.identity, swarm_key=swarm_key, host_maddrs=config.host_maddrs,
                 announce_maddrs=config.announce_maddrs)
     dht = peer.dht
-    print("initial peers: " + " ".join(str(m) for m in dht.get_visible_maddrs()), flush=True)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the ready line: a launcher may stop it right after
         signal.signal(sig, lambda *_: stop.set())
+    print("initial peers: " + " ".join(str(m) for m in dht.get_visible_maddrs()), flush=True)
     stop.wait()
     dht.shutdown()
 
