@@ -1,11 +1,11 @@
-"""Quality gates of the real SmolLM2 under int8, int4, NF4 and bfloat16, on the shipped evaluation text
-(~2,650 tokens in windows of 512, the same scoring as bench/quant.py; ~15 s per variant on 2 idle cores of
-an AVX-512 Xeon, but ~100 s for int8 and bfloat16 on an AVX2 CPU, which emulates bfloat16 GEMMs).
+"""Quality gates of the real SmolLM2 under int8, int4, NF4 and bfloat16, on the first 1,024 tokens of the
+shipped evaluation text (two windows of 512, scored as bench/quant.py scores the whole ~2,650 tokens). The
+whole text took 148 s of the suite on 2 cores that emulate bfloat16 GEMMs; bench/quant.py keeps reporting it.
 
 The gate is perplexity within 5% of float32. int8, int4 and bfloat16 pass it. int4 (groups of 32, min..max
 grid) is GGUF's Q4_1 layout, which SmolLM2's weights come from: it finds every weight's own 4-bit code again
 and differs from the checkpoint only by its bfloat16 scales. NF4 does not pass on this 135M model
-(its weights come from a Q4_1 GGUF, i.e. already 4-bit, and rounding them onto the NF4 grid costs ~24%;
+(its weights come from a Q4_1 GGUF, i.e. already 4-bit, and rounding them onto the NF4 grid costs ~24-31%;
 NF4 blocks down to 8 did not close the gap, see docs/quantization.md). So NF4's gate is an expected
 failure (strict: it flags the day it passes), and a looser bound guards NF4 against regressions.
 """
@@ -24,27 +24,29 @@ pytestmark = pytest.mark.real_model
 logger = logging.getLogger(__name__)
 
 WINDOW = 512
+TOKENS = 1024
 GATE = 1.05
-# Measured on this text (perplexity ratio to float32, top-1 agreement with float32): int8 1.003 / 0.965,
-# int4 1.0003 / 0.984 (through its kernel at every row count: 1.0005 / 0.983, measured once by forcing it;
-# tests/unit/test_quant.py checks the kernel against the dequantized weight), bfloat16 1.001 / 0.973, nf4
-# 1.242 / 0.723. The bounds below leave margin for other torch builds and CPUs.
+# Measured on these 1,024 tokens (perplexity ratio to float32, top-1 agreement with float32): int8 1.0000 /
+# 0.968, int4 0.9993 / 0.985, bfloat16 1.0017 / 0.961, nf4 1.311 / 0.715 (on the whole text: int8 1.003 /
+# 0.966, int4 1.0003 / 0.984, bfloat16 1.0006 / 0.966, nf4 1.242 / 0.723). int4 through its kernel at every
+# row count measured 1.0005 / 0.983 once by forcing it; tests/unit/test_quant.py checks the kernel against
+# the dequantized weight. The bounds below leave margin for other torch builds and CPUs.
 MIN_TOP1 = {"int8": 0.93, "int4": 0.95, "bfloat16": 0.93, "nf4": 0.65}
-NF4_MAX_RATIO = 1.35
+NF4_MAX_RATIO = 1.40
 
 
 @pytest.fixture(scope="module")
 def scores(smollm2_local, smollm2_tokenizer) -> dict[str, tuple[float, float]]:
     """variant -> (perplexity ratio to float32, top-1 agreement with float32), computed once."""
     text = eval_text()
-    base = score_text(smollm2_local, smollm2_tokenizer, text, WINDOW)
+    base = score_text(smollm2_local, smollm2_tokenizer, text, WINDOW, TOKENS)
     out = {}
     for variant in ("int8", "int4", "nf4", "bfloat16"):
         if variant == "bfloat16":
             model = quantized_copy(smollm2_local, "none").to(torch.bfloat16)
         else:
             model = quantized_copy(smollm2_local, variant)
-        score = score_text(model, smollm2_tokenizer, text, WINDOW)
+        score = score_text(model, smollm2_tokenizer, text, WINDOW, TOKENS)
         ratio, top1 = score.perplexity / base.perplexity, score.agreement(base)
         logger.info("%s: perplexity ratio %.4f, top-1 agreement %.4f (float32 perplexity %.3f)",
                     variant, ratio, top1, base.perplexity)

@@ -162,20 +162,21 @@ def test_display_name(tmp_path: Path, gguf_file: Path) -> None:
 
 
 @pytest.mark.real_model
-def test_real_smollm2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_smollm2(smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conversion the other real-model tests use (the session's `smollm2_dir`, converted on a fresh
+    machine and cached since): converting it again into a folder of this test's cost ~40 s of the suite."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    folder = resolve_model("smollm2", cache_dir=tmp_path, progress=False)
-    names = {p.name for p in folder.iterdir()}
+    names = {p.name for p in smollm2_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
 
     def no_reconvert(gguf: Path, out_dir: Path) -> None:
         raise AssertionError("converted twice")
 
     monkeypatch.setattr(source, "_convert", no_reconvert)
-    assert resolve_model("smollm2", cache_dir=tmp_path) == folder  # from the cache: no second conversion
+    assert resolve_model("smollm2") == smollm2_dir  # from the cache: no second conversion
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     assert isinstance(model, LlamaForCausalLM)
     assert model.config.num_hidden_layers == len(model.model.layers) == 30
 

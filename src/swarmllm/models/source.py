@@ -332,8 +332,9 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _one_gguf_parse():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain float32 now, but transformers still marks the model as GGUF-quantized and
     # refuses to save it ("quantized with gguf and is not serializable").
     model.hf_quantizer = None
@@ -341,6 +342,33 @@ def _convert(gguf: Path, out_dir: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+@contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Within the block, every `gguf.GGUFReader` of one file is the same reader.
+
+    transformers parses a GGUF three times (for the config, the weights and the tokenizer), and gguf's
+    reader walks metadata arrays one element at a time: on Gemma 3's 262,144-token vocabulary each parse
+    took ~35 s, three times the de-quantization itself. transformers imports the reader from `gguf` at each
+    call, so replacing the module's attribute reaches it. Conversions run one at a time per process.
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared_reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 @contextmanager
