@@ -37,8 +37,12 @@ def measure(start, end, quant):
     with torch.inference_mode():  # one small forward, as a server's first step: 4 rows take the decode kernels
         span(torch.zeros(1, 4, span.config.hidden_size), torch.arange(4)[None])
     return {"rss": rss(), "rss_delta": rss() - before, "peak": peak(), "params": span.weight_bytes()}
+configs = json.loads(sys.argv[2])
+if len(configs) == 1:  # measured in the fresh process itself
+    print(json.dumps([measure(*configs[0])]))
+    sys.exit()
 results = []
-for start, end, quant in json.loads(sys.argv[2]):
+for start, end, quant in configs:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -51,15 +55,10 @@ for start, end, quant in json.loads(sys.argv[2]):
 print(json.dumps(results))
 """
 
-CONFIGS = [(10, 20, "none"), (0, 30, "none"), *[(0, end, q) for q in ("none", "int8", "int4") for end in (1, 10)]]
-
-
-@pytest.fixture(scope="module")
-def measured(smollm2_dir) -> dict[tuple[int, int, str], dict]:
-    """(start, end, quant) -> what loading that span added to a fresh process (see _MEASURE)."""
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(smollm2_dir), json.dumps(CONFIGS)],
+def _measure(model_dir, configs: list[tuple[int, int, str]]) -> list[dict]:
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(model_dir), json.dumps(configs)],
                          capture_output=True, text=True, timeout=600, check=True)
-    return dict(zip(CONFIGS, json.loads(out.stdout.strip().splitlines()[-1]), strict=True))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_span_holds_a_third_of_the_block_weights(smollm2_dir) -> None:
@@ -71,7 +70,7 @@ def test_span_holds_a_third_of_the_block_weights(smollm2_dir) -> None:
     assert 0.30 < span.weight_bytes() / total < 0.37
 
 
-def test_loading_a_span_never_materializes_the_whole_model(smollm2_dir, measured) -> None:
+def test_loading_a_span_never_materializes_the_whole_model(smollm2_dir) -> None:
     """Measured in fresh processes: a third of the blocks costs a third of the blocks' memory.
 
     Both processes pay the same fixed cost (torch, transformers, a meta skeleton; about 65 MB seen), so the
@@ -79,7 +78,7 @@ def test_loading_a_span_never_materializes_the_whole_model(smollm2_dir, measured
     """
     sizes = block_weight_bytes(smollm2_dir)
     total, not_loaded = sum(sizes.values()), sum(sizes[i] for i in (*range(10), *range(20, 30)))
-    third, whole = measured[10, 20, "none"], measured[0, 30, "none"]
+    (third,), (whole,) = _measure(smollm2_dir, [(10, 20, "none")]), _measure(smollm2_dir, [(0, 30, "none")])
     saved = whole["rss_delta"] - third["rss_delta"]
     assert abs(saved - not_loaded) < 0.1 * total, (third, whole, not_loaded)
     assert third["rss_delta"] < 0.5 * whole["rss_delta"], (third, whole)
@@ -91,12 +90,14 @@ def test_loading_a_span_never_materializes_the_whole_model(smollm2_dir, measured
 MAX_ADDED_RATIO = {"int8": 0.35, "int4": 0.25}
 
 
-def test_memory_follows_the_quantized_size(measured, record_property) -> None:
+def test_memory_follows_the_quantized_size(smollm2_dir, record_property) -> None:
     """What 9 more blocks add to a process's RSS: a fraction of float32's, close to the codes' own size.
 
     Each configuration runs in a forked child of a fresh process that loads blocks 0:1 or 0:10 and takes one forward step;
     the difference between the two cancels everything fixed (torch, transformers, the rotary tables).
     """
+    configs = [(0, end, quant) for quant in ("none", *MAX_ADDED_RATIO) for end in (1, 10)]
+    measured = dict(zip(configs, _measure(smollm2_dir, configs), strict=True))
     added, held = {}, {}
     for quant in ("none", *MAX_ADDED_RATIO):
         one, ten = measured[0, 1, quant], measured[0, 10, quant]
