@@ -134,6 +134,10 @@ def run(args: Sequence[str], env: dict[str, str] | None = None, timeout: float =
     pipes = [os.pipe(), os.pipe()]
     try:
         pid = zygote.fork(args, env or {}, pipes[0][1], pipes[1][1])
+    except BaseException:
+        for read_end, _ in pipes:
+            os.close(read_end)
+        raise
     finally:
         for _, write_end in pipes:
             os.close(write_end)
