@@ -76,10 +76,6 @@ class Zygote:
             self._changed.wait_for(lambda: pid in self._exits or self._closed, timeout=timeout)
             return self._exits.get(pid)
 
-    def close(self) -> None:
-        self._socket.close()
-        self._process.wait(10)
-
     def _read(self) -> None:
         while True:
             try:
