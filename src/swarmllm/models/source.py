@@ -350,10 +350,13 @@ def _one_gguf_parse() -> Iterator[None]:
 
     transformers parses a GGUF three times (for the config, the weights and the tokenizer), and gguf's
     reader walks metadata arrays one element at a time: on Gemma 3's 262,144-token vocabulary each parse
-    took ~35 s, three times the de-quantization itself. transformers imports the reader from `gguf` at each
-    call, so replacing the module's attribute reaches it. Conversions run one at a time per process.
+    took ~35 s, three times the de-quantization itself. The one parse is `BulkGGUFReader`'s, which reads
+    the same fields in bulk. transformers imports the reader from `gguf` at each call, so replacing the
+    module's attribute reaches it. Conversions run one at a time per process.
     """
     import gguf
+
+    from swarmllm.models.gguf_fields import BulkGGUFReader
 
     original = gguf.GGUFReader
     readers: dict[tuple[str, str], object] = {}
@@ -361,7 +364,7 @@ def _one_gguf_parse() -> Iterator[None]:
     def shared_reader(path, mode="r"):
         key = (str(path), mode)
         if key not in readers:
-            readers[key] = original(path, mode)
+            readers[key] = BulkGGUFReader(path, mode)
         return readers[key]
 
     gguf.GGUFReader = shared_reader
