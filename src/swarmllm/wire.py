@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from typing import TypeVar
 
 import torch
@@ -20,7 +21,15 @@ from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 from pydantic import ValidationError
 
 from swarmllm import compression
-from swarmllm.protocol import PROTOCOL_VERSION, Compression, ErrorCode, ErrorReply, Record
+from swarmllm.protocol import (
+    BUSY_ERRORS,
+    CALLER_ERRORS,
+    PROTOCOL_VERSION,
+    Compression,
+    ErrorCode,
+    ErrorReply,
+    Record,
+)
 
 R = TypeVar("R", bound=Record)
 
@@ -35,6 +44,28 @@ class RemoteError(RuntimeError):
 
 class ProtocolError(ValueError):
     """A message that does not parse as the record it should hold."""
+
+
+class Blame(enum.Enum):
+    """Whom a failed request blames, which decides what a client does next (see `blame`)."""
+
+    CALLER = "caller"  # the request is wrong: every server would refuse it, so none is tried or banned
+    BUSY = "busy"  # a healthy server, full or rate-limited right now: never banned, retried a bounded number of times
+    EXPIRED = "expired"  # a healthy server that dropped what we gave it (an idle session, an upload): not banned
+    SERVER = "server"  # a crash, a stall, a broken stream or the server's own error: banned for a while
+
+
+def blame(error: BaseException) -> Blame:
+    """The one place where clients sort failures; a server's refusal says why in its `ErrorCode`."""
+    if not isinstance(error, RemoteError):
+        return Blame.SERVER  # timeouts, dropped connections, vanished peers, malformed replies
+    if error.code in CALLER_ERRORS:
+        return Blame.CALLER
+    if error.code in BUSY_ERRORS:
+        return Blame.BUSY
+    if error.code in (ErrorCode.SESSION_TIMEOUT, ErrorCode.NOT_CACHED):
+        return Blame.EXPIRED
+    return Blame.SERVER
 
 
 def request(record: Record, *tensors: torch.Tensor, compression: Compression = "none") -> runtime_pb2.ExpertRequest:

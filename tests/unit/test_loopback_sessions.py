@@ -16,7 +16,8 @@ from hivemind.proto import runtime_pb2
 
 from swarmllm import wire
 from swarmllm.client import loop
-from swarmllm.client.inference_session import InferenceSession, SessionFailedError
+from swarmllm.client.failover import SessionFailedError
+from swarmllm.client.inference_session import InferenceSession
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.verification import VerificationError

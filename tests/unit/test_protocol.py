@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from swarmllm import wire
 from swarmllm.dht.records import parse_servers
 from swarmllm.protocol import ErrorCode, OpenSession, ServerRecord, ServerState, SpanRequest, Step, StepDone
+from swarmllm.wire import Blame, ProtocolError, RemoteError, blame
 
 
 def test_records_ignore_unknown_fields_from_newer_peers() -> None:
@@ -97,3 +98,17 @@ def test_dht_parsing_keeps_only_valid_online_records_under_their_own_peer_id() -
         "E": _dht_value({**good.model_dump(mode="json"), "peer_id": "E", "start": 5, "end": 2}),
     }
     assert [r.peer_id for r in parse_servers(raw)] == ["A"]
+
+
+def test_every_error_code_blames_one_party() -> None:
+    """What a client does after a failure follows from whom it blames; every code is decided here."""
+    expected = {
+        ErrorCode.BAD_REQUEST: Blame.CALLER, ErrorCode.TOO_LONG: Blame.CALLER, ErrorCode.VERSION: Blame.CALLER,
+        ErrorCode.ADAPTER: Blame.CALLER, ErrorCode.NOT_MEMBER: Blame.CALLER,
+        ErrorCode.CACHE_FULL: Blame.BUSY, ErrorCode.RATE_LIMITED: Blame.BUSY,
+        ErrorCode.SESSION_TIMEOUT: Blame.EXPIRED, ErrorCode.NOT_CACHED: Blame.EXPIRED,
+        ErrorCode.NOT_SERVING: Blame.SERVER, ErrorCode.INTERNAL: Blame.SERVER,
+    }
+    assert {code: blame(RemoteError(code, "why")) for code in ErrorCode} == expected
+    for error in (TimeoutError(), ConnectionError("reset"), ProtocolError("not a StepDone")):
+        assert blame(error) == Blame.SERVER

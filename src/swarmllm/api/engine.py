@@ -206,8 +206,7 @@ class Engine:
 def as_api_error(e: BaseException) -> ApiError:
     from swarmllm.client.routing import MissingBlocksError
     from swarmllm.client.verification import VerificationError
-    from swarmllm.protocol import BUSY_ERRORS
-    from swarmllm.wire import RemoteError
+    from swarmllm.wire import Blame, RemoteError, blame
 
     if isinstance(e, ApiError):
         return e
@@ -215,7 +214,7 @@ def as_api_error(e: BaseException) -> ApiError:
         return ApiError(503, f"the swarm lost servers mid-request: {e}", code="missing_blocks")
     if isinstance(e, VerificationError):
         return ApiError(502, f"servers disagreed on a result and no majority settled it: {e}", code="verification_failed")
-    if isinstance(e, RemoteError) and e.code in BUSY_ERRORS:
+    if blame(e) == Blame.BUSY:
         # Every server that could take the request is full or limits us: the swarm is busy, not broken.
         return ApiError(503, f"the swarm is busy: {e}", code="swarm_busy")
     if isinstance(e, RemoteError):

@@ -5,58 +5,36 @@ states each step. A whole step (all hops, and any failover it needs) runs as one
 loop, so a step costs one thread hand-off plus one round trip per server; `step` is the one synchronous
 facade. Route planning, which reads the directory and may wait for servers, runs in a worker thread.
 
-Failure: if a server is gone or refuses when the session opens, it is banned and another route is tried
-(up to `max_retries`). A server that fails *mid-session* (crash, stall past `request_timeout`, error, or
-its idle timeout) is replaced: the client keeps every input it sent to each server, routes that server's
-blocks to other servers, replays the history there to rebuild their caches, and continues the step.
+Failure is `Failover`'s (client/failover.py): a server that is gone or refuses when the session opens is
+avoided and another route is tried; one that fails *mid-session* (crash, stall past `request_timeout`,
+error, or its idle timeout) is replaced, its history replayed elsewhere, and the step continues there.
+Verification is `StepVerifier`'s (client/step_verification.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 import torch
 
-from swarmllm import wire
 from swarmllm.client import loop
+from swarmllm.client.failover import Failover, HopFailed, SessionFailedError
 from swarmllm.client.positions import default_positions
-from swarmllm.client.routing import Hop, MissingBlocksError
+from swarmllm.client.routing import Hop
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.server_stream import ServerStream, catch_up, close_all, truncated
 from swarmllm.client.session_base import SessionBase
 from swarmllm.client.step_verification import StepVerifier
-from swarmllm.client.verification import VerificationError
-from swarmllm.protocol import (
-    BUSY_ERRORS,
-    CALLER_ERRORS,
-    REPLAY_STEP,
-    ErrorCode,
-    OpenSession,
-    SessionId,
-    Tuning,
-)
+from swarmllm.protocol import OpenSession, SessionId, Tuning
 
 logger = logging.getLogger(__name__)
 
 
-class SessionFailedError(RuntimeError):
-    pass
-
-
 class PromptTooLongError(ValueError):
     pass
-
-
-class _HopFailed(Exception):
-    """Which server of a route failed (and, mid-step, its position and input); the cause is the error."""
-
-    def __init__(self, hop: Hop, index: int = 0, hidden_in: torch.Tensor | None = None):
-        super().__init__(f"server {hop.peer_id[-8:]} (blocks {hop.start}:{hop.end}) failed")
-        self.hop, self.index, self.hidden_in = hop, index, hidden_in
 
 
 class InferenceSession(SessionBase):
@@ -85,6 +63,7 @@ class InferenceSession(SessionBase):
         self._streams: list[ServerStream] = []
         self._step_id = 0
         self.verifier = StepVerifier(manager, self._open_one, lambda: self.session_id[:8])
+        self.failover = Failover(manager, self._open_one, lambda: self.session_id[:8])
         self.closed = False
 
     @property
@@ -122,56 +101,7 @@ class InferenceSession(SessionBase):
 
     def _open(self, batch_size: int) -> None:
         self.batch_size = batch_size
-        self._streams = loop.run(self._open_route(self.start, self.end, []))
-
-    async def _open_route(self, start: int, end: int, history: list) -> list[ServerStream]:
-        """Streams over a route for blocks [start, end), opened and fed `history` (a replaced server's inputs).
-
-        Servers that fail are banned and another route is tried. It gives up only after `max_failovers`
-        failed routes *and* `missing_blocks_timeout` seconds, or when some block has had no usable server for
-        `missing_blocks_timeout` (MissingBlocksError). Servers whose cache is full are skipped, not banned.
-        Routes are planned in a worker thread: planning reads the directory, and may wait for missing blocks,
-        neither of which may hold up the I/O loop.
-        """
-        config = self.manager.config
-        deadline = time.monotonic() + config.missing_blocks_timeout
-        full: dict[str, Exception] = {}
-        failures = 0
-        while True:
-            try:
-                route = await asyncio.to_thread(self.manager.make_route, start, end, exclude=frozenset(full))
-            except MissingBlocksError:
-                if not full:
-                    raise
-                raise SessionFailedError(f"no server can hold this session: {list(full.values())[-1]}") from None
-            streams = [ServerStream(self.manager, hop) for hop in route]
-            try:
-                await self._open_all(streams)
-                await self._replay(streams, history)
-                logger.debug("session %s: blocks %d:%d on %s", self.session_id[:8], start, end, route)
-                return streams
-            except _HopFailed as failed:
-                await close_all(streams)
-                error = failed.__cause__
-                if isinstance(error, wire.RemoteError) and error.code in CALLER_ERRORS:
-                    raise error from None  # our request is wrong: no other server would accept it either
-                if isinstance(error, wire.RemoteError) and error.code in BUSY_ERRORS:
-                    full[failed.hop.peer_id] = error
-                    continue
-                self.manager.ban(failed.hop.peer_id, repr(error))
-                failures += 1
-                if failures > config.max_failovers and time.monotonic() > deadline:
-                    raise SessionFailedError(
-                        f"could not open blocks {start}:{end} after {failures} failed routes in "
-                        f"{config.missing_blocks_timeout:.0f}s; last error: {error}"
-                    ) from error
-
-    async def _open_all(self, streams: list[ServerStream]) -> None:
-        for s in streams:  # in order, so that a failure names the first bad server
-            try:
-                await self._open_one(s)
-            except Exception as e:
-                raise _HopFailed(s.hop) from e
+        self._streams = loop.run(self.failover.open_route(self.start, self.end, []))
 
     async def _open_one(self, s: ServerStream) -> None:
         tuning, tensors = await self.extras(s.hop) if self.extras is not None else (Tuning(), [])
@@ -200,7 +130,7 @@ class InferenceSession(SessionBase):
                 calls.append(catch_up(checker, [*s.history[checker.fed :], (hidden, position_ids, mask)]))
             out, *second = await asyncio.gather(*calls, return_exceptions=True)
             if isinstance(out, BaseException):
-                raise _HopFailed(s.hop, i, hidden) from out
+                raise HopFailed(s.hop, i, hidden) from out
             if checker is not None:
                 checker.fed = len(s.history)
                 out, self._streams[i] = await self.verifier.compare(s, out, second[0])
@@ -253,36 +183,15 @@ class InferenceSession(SessionBase):
 
     async def _step_with_failover(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                                   mask: torch.Tensor | None) -> torch.Tensor:
-        """The step through every hop; a hop that fails is replaced and the step resumes there. Ends the
-        session on a wrong request or an unverifiable result (servers before it already took the step)."""
-        first, x, full = 0, hidden, 0
-        while True:
-            try:
-                return await self._step_from(first, x, position_ids, mask)
-            except VerificationError:
-                await self._end()  # some servers took this step and no honest answer came back
-                raise
-            except _HopFailed as failed:
-                error = failed.__cause__ or failed  # (always raised from its cause)
-                if isinstance(error, wire.RemoteError) and error.code in CALLER_ERRORS:
-                    # The request is wrong, not the server; earlier servers already took this step, so the
-                    # session's caches disagree now and it cannot go on.
-                    await self._end()
-                    raise error from None
-                if isinstance(error, wire.RemoteError) and error.code in BUSY_ERRORS:
-                    # Busy servers are not banned, so the same one may come back: bound the retries.
-                    full += 1
-                    if full > self.manager.config.max_failovers:
-                        await self._end()
-                        raise SessionFailedError(f"no server had room for this step: {error}") from None
-                    await asyncio.sleep(min(1.0, 0.1 * full))  # let a rate limit refill before trying again
-                try:
-                    await self._replace(failed.index, error)
-                except BaseException:
-                    await self._end()
-                    raise
-                assert failed.hidden_in is not None  # a failure mid-step names its input
-                first, x = failed.index, failed.hidden_in
+        """The step through every hop, repaired by `Failover`; anything it cannot repair ends the session
+        (servers before the failure already took the step, so the caches disagree now)."""
+        try:
+            return await self.failover.step(
+                self._streams, lambda first, x: self._step_from(first, x, position_ids, mask), hidden,
+            )
+        except BaseException:
+            await self._end()
+            raise
 
     def _take_prompts(self, prompts: torch.Tensor, hidden: torch.Tensor) -> None:
         if self._streams or self._position:
@@ -312,34 +221,6 @@ class InferenceSession(SessionBase):
         loop.run(close_all(self._streams))
         self._streams, self._position, self.session_id = [], 0, uuid.uuid4().hex
         return self.step(inputs, positions, attention_mask)[:, -hidden.shape[1] :]
-
-    async def _replace(self, index: int, error: BaseException) -> None:
-        """Swap stream `index` for a new route over its blocks, with its history replayed there."""
-        old = self._streams[index]
-        # A server that timed out our idle session, or had no cache memory left for it, is healthy (and may
-        # take the session again later): only faulty servers are banned.
-        if not (isinstance(error, wire.RemoteError) and error.code in {ErrorCode.SESSION_TIMEOUT, *BUSY_ERRORS}):
-            self.manager.ban(old.hop.peer_id, repr(error))
-        logger.warning("session %s: replacing server %s (blocks %d:%d) after %r", self.session_id[:8],
-                       old.hop.peer_id[-8:], old.hop.start, old.hop.end, error)
-        await close_all([old])
-        self._streams[index : index + 1] = await self._open_route(old.hop.start, old.hop.end, old.history)
-
-    async def _replay(self, streams: list[ServerStream], history: list) -> None:
-        """Feed a replaced server's past inputs to its replacements as one chunk, rebuilding their caches.
-
-        Each step's mask is the full padding mask up to that step, so the last one covers the whole history
-        (None means no padding anywhere so far)."""
-        if not history:
-            return
-        hidden = torch.cat([h for h, _, _ in history], dim=1)
-        positions = torch.cat([p for _, p, _ in history], dim=1)
-        mask = history[-1][2]
-        for s in streams:
-            try:
-                hidden = await s.step(REPLAY_STEP, hidden, positions, mask)
-            except Exception as e:
-                raise _HopFailed(s.hop) from e
 
     async def _end(self) -> None:
         """Close the session from the I/O loop (`close` is the caller's side)."""

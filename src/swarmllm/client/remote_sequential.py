@@ -21,15 +21,8 @@ from swarmllm.client.routing import NoHolderError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.tuning import ClientTuning
 from swarmllm.client.verification import relative_error, verdict
-from swarmllm.protocol import (
-    CALLER_ERRORS,
-    RPC_BACKWARD,
-    RPC_FORWARD,
-    ErrorCode,
-    SpanReply,
-    SpanRequest,
-    Tuning,
-)
+from swarmllm.protocol import RPC_BACKWARD, RPC_FORWARD, SpanReply, SpanRequest, Tuning
+from swarmllm.wire import Blame, blame
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +150,15 @@ class RemoteSequential(nn.Module):
             for _ in range(2):  # a second try only after an evicted LoRA upload, which is sent again
                 try:
                     return other, self._call_once(other, verb, msg, start, end, ref, lora_tensors, tokens)
-                except wire.RemoteError as e:
-                    if e.code in CALLER_ERRORS:  # the request, not the checker: every holder would refuse it
-                        raise
-                    if e.code == ErrorCode.NOT_CACHED:
-                        self._uploads().forget(other, ref.sha256)
-                        continue
-                    if e.code != ErrorCode.RATE_LIMITED:  # busy is healthy: just ask the next one
-                        self.manager.ban(other, repr(e))
-                except Exception as e:  # timeouts, dropped connections, vanished peers
-                    self.manager.ban(other, repr(e))
+                except Exception as e:
+                    match blame(e):
+                        case Blame.CALLER:  # the request, not the checker: every holder would refuse it
+                            raise
+                        case Blame.EXPIRED:  # the LoRA upload was evicted: send it again
+                            self._uploads().forget(other, ref.sha256)
+                            continue
+                        case Blame.SERVER:  # (a busy one is healthy: just ask the next one)
+                            self.manager.ban(other, repr(e))
                 break
         return None
 
@@ -190,18 +182,17 @@ class RemoteSequential(nn.Module):
             peer = self.manager.holder(start, end)
             try:
                 out = self._call_once(peer, verb, msg, start, end, ref, lora_tensors, tokens)
-            except wire.RemoteError as e:
-                if e.code in CALLER_ERRORS:
-                    raise
+            except Exception as e:
                 error = e
-                if e.code == ErrorCode.NOT_CACHED:  # evicted since the upload: send the weights again
-                    self._uploads().forget(peer, ref.sha256)
-                    continue
-                if e.code == ErrorCode.RATE_LIMITED:  # healthy but busy: no ban; wait a little, maybe go elsewhere
-                    time.sleep(0.2)
-                    continue
-            except Exception as e:  # timeouts, dropped connections, vanished peers
-                error = e
+                match blame(e):
+                    case Blame.CALLER:
+                        raise
+                    case Blame.EXPIRED:  # the LoRA upload was evicted: send the weights again
+                        self._uploads().forget(peer, ref.sha256)
+                        continue
+                    case Blame.BUSY:  # healthy but busy: no ban; wait a little, maybe go elsewhere
+                        time.sleep(0.2)
+                        continue
             else:
                 if self.manager.config.verify > 0 and self._rng.random() < self.manager.config.verify:
                     # The checkers keep no graph: the backward pairs with the primary's forward.

@@ -14,12 +14,11 @@ from collections.abc import Awaitable, Callable
 
 import torch
 
-from swarmllm import wire
 from swarmllm.client.routing import Hop
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.server_stream import ServerStream, catch_up, close_all
 from swarmllm.client.verification import VerificationError, relative_error, verdict
-from swarmllm.protocol import CALLER_ERRORS
+from swarmllm.wire import Blame, blame
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class StepVerifier:
                 await self._open_one(stream)
                 return stream
             except Exception as e:
-                if isinstance(e, wire.RemoteError) and e.code in CALLER_ERRORS:
+                if blame(e) == Blame.CALLER:
                     raise  # the request, not the server: every holder would refuse it
                 logger.warning("session %s: could not open a checker on %s: %r", self._label(), peer[-8:], e)
                 self.manager.ban(peer, repr(e))
