@@ -157,9 +157,8 @@ def test_chaos_of_crashes_and_restarts_never_changes_outputs(tiny_llama_dir):
         thread.start()
         try:
             gen = torch.Generator().manual_seed(1)
-            deadline = time.monotonic() + 40
             done = 0
-            while time.monotonic() < deadline or done < 5 or len(kills) < 5:  # kills wait for restarts
+            while done < 5 or len(kills) < 5:  # kills wait for restarts, so 5 kills take a few restarts' time
                 ids = torch.randint(1, 96, (1, 5), generator=gen)
                 out = model.generate(ids, max_new_tokens=24, do_sample=False)
                 assert torch.equal(out, local.generate(ids, max_new_tokens=24, do_sample=False))

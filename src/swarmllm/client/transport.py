@@ -8,11 +8,12 @@ handlers, so that sessions, failover and verification can be tested in milliseco
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol, TypeAlias
 
 from hivemind import DHT
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import as_aiter
 
@@ -85,13 +86,45 @@ class HivemindTransport:
         return wire.join([part async for part in replies])
 
     async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncGenerator[Reply, None]:
-        return await self.p2p.iterate_protobuf_handler(
-            PeerID.from_base58(peer_id), name, self.membership.stamp_stream(requests), Reply
-        )
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
+        return _replies(reader, writer, self.membership.stamp_stream(requests), f"{name} at {peer_id[-8:]}")
 
     async def close(self) -> None:
         if self._owns_p2p:
             await self.p2p.shutdown()
+
+
+async def _replies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: AsyncIterator[Request],
+                   label: str) -> AsyncGenerator[Reply, None]:
+    """A stream's replies, its requests sent alongside as they come; it ends as soon as the stream does.
+
+    hivemind's `iterate_protobuf_handler` would, once the stream ends, wait for the requests to end too. A
+    session's requests end only when the session closes, so a server whose stream ended without a reset
+    (it crashed, and its daemon closed the stream cleanly) left the client waiting out `request_timeout`
+    for a reply that could not come, instead of failing over at once.
+    """
+
+    async def send() -> None:
+        try:
+            async for request in requests:
+                await P2P.send_protobuf(request, writer)
+            await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+        except ConnectionError:
+            pass  # the stream broke: the replies end, which is what the caller sees
+
+    sending = asyncio.create_task(send())
+    try:
+        while True:
+            try:
+                reply, error = await P2P.receive_protobuf(Reply, reader)
+            except asyncio.IncompleteReadError:  # the stream ended
+                return
+            if error is not None:
+                raise P2PHandlerError(f"{label} failed: {error.message}")
+            yield reply
+    finally:
+        sending.cancel()
+        writer.close()
 
 
 class DhtDirectory:
