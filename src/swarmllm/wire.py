@@ -50,7 +50,7 @@ class Blame(enum.Enum):
     """Whom a failed request blames, which decides what a client does next (see `blame`)."""
 
     CALLER = "caller"  # the request is wrong: every server would refuse it, so none is tried or banned
-    BUSY = "busy"  # a healthy server, full or rate-limited right now: never banned, retried a bounded number of times
+    BUSY = "busy"  # a healthy server that is full or limits us right now: a session skips it without a ban
     EXPIRED = "expired"  # a healthy server that dropped what we gave it (an idle session, an upload): not banned
     SERVER = "server"  # a crash, a stall, a broken stream or the server's own error: banned for a while
 

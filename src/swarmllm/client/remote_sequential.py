@@ -21,7 +21,7 @@ from swarmllm.client.routing import NoHolderError
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.tuning import ClientTuning
 from swarmllm.client.verification import relative_error, verdict
-from swarmllm.protocol import RPC_BACKWARD, RPC_FORWARD, SpanReply, SpanRequest, Tuning
+from swarmllm.protocol import RPC_BACKWARD, RPC_FORWARD, ErrorCode, SpanReply, SpanRequest, Tuning
 from swarmllm.wire import Blame, blame
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,8 @@ class RemoteSequential(nn.Module):
                         case Blame.EXPIRED:  # the LoRA upload was evicted: send it again
                             self._uploads().forget(other, ref.sha256)
                             continue
-                        case Blame.SERVER:  # (a busy one is healthy: just ask the next one)
-                            self.manager.ban(other, repr(e))
+                    if not _rate_limited(e):  # one that limits us is healthy: just ask the next one
+                        self.manager.ban(other, repr(e))
                 break
         return None
 
@@ -190,9 +190,9 @@ class RemoteSequential(nn.Module):
                     case Blame.EXPIRED:  # the LoRA upload was evicted: send the weights again
                         self._uploads().forget(peer, ref.sha256)
                         continue
-                    case Blame.BUSY:  # healthy but busy: no ban; wait a little, maybe go elsewhere
-                        time.sleep(0.2)
-                        continue
+                if _rate_limited(e):  # healthy but limiting us: no ban; wait a little, maybe go elsewhere
+                    time.sleep(0.2)
+                    continue
             else:
                 if self.manager.config.verify > 0 and self._rng.random() < self.manager.config.verify:
                     # The checkers keep no graph: the backward pairs with the primary's forward.
@@ -327,3 +327,9 @@ def _accumulate(grads: dict, remote: RemoteSequential, args: _Args, grad_prompts
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1).double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
+
+
+def _rate_limited(error: Exception) -> bool:
+    """A stateless call refused by a per-peer limit. Other busy refusals (a device out of memory) mean that
+    server has no room for calls this size now: it is avoided for a while, so the retry goes elsewhere."""
+    return isinstance(error, wire.RemoteError) and error.code == ErrorCode.RATE_LIMITED
