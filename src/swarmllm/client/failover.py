@@ -20,7 +20,7 @@ import torch
 
 from swarmllm.client.routing import Hop, MissingBlocksError
 from swarmllm.client.sequence_manager import SequenceManager
-from swarmllm.client.server_stream import ServerStream, close_all
+from swarmllm.client.server_stream import ServerStream, close_all, joined
 from swarmllm.protocol import REPLAY_STEP
 from swarmllm.wire import Blame, blame
 
@@ -104,15 +104,10 @@ class Failover:
                 raise HopFailed(s.hop) from e
 
     async def _replay(self, streams: list[ServerStream], history: list) -> None:
-        """Feed a replaced server's past inputs to its replacements as one chunk, rebuilding their caches.
-
-        Each step's mask is the full padding mask up to that step, so the last one covers the whole history
-        (None means no padding anywhere so far)."""
+        """Feed a replaced server's past inputs to its replacements as one chunk, rebuilding their caches."""
         if not history:
             return
-        hidden = torch.cat([h for h, _, _ in history], dim=1)
-        positions = torch.cat([p for _, p, _ in history], dim=1)
-        mask = history[-1][2]
+        hidden, positions, mask = joined(history)
         for s in streams:
             try:
                 hidden = await s.step(REPLAY_STEP, hidden, positions, mask)

@@ -103,10 +103,16 @@ def truncated(history: list, n: int) -> list:
     return kept
 
 
+def joined(history: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Consecutive (hidden, position_ids, mask) steps as one chunk. Each step's mask is the full padding mask up
+    to that step, so the last one covers the whole chunk (None: no padding anywhere so far)."""
+    hidden = torch.cat([h for h, _, _ in history], dim=1)
+    positions = torch.cat([p for _, p, _ in history], dim=1)
+    return hidden, positions, history[-1][2]
+
+
 async def catch_up(checker: ServerStream, new: list) -> torch.Tensor:
     """Feed `checker` the checked server's inputs it has not seen yet (`new`, ending with the step being
     checked), as one chunk, and return its output for that step's positions."""
-    hidden = torch.cat([h for h, _, _ in new], dim=1)
-    positions = torch.cat([p for _, p, _ in new], dim=1)
-    out = await checker.step(REPLAY_STEP, hidden, positions, new[-1][2])
+    out = await checker.step(REPLAY_STEP, *joined(new))
     return out[:, -new[-1][0].shape[1] :]
