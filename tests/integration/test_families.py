@@ -1,10 +1,14 @@
-"""Every supported family through a real swarm: greedy generation equals the local model (tokens and logits),
-so do the OpenAI API's completions, and deep prompt tuning's gradients through the remote blocks equal a
+"""Every supported family through a swarm: greedy generation equals the local model (tokens and logits), so
+do the OpenAI API's completions, and deep prompt tuning's gradients through the remote blocks equal a
 local run.
 
-Each family gets its own two servers (blocks 0:3 and 3:4), joined to one bootstrap peer. Servers for every
-family at once were tried and were slower: 24 servers starting together took 3 minutes, and then slowed
-every call."""
+Each family gets its own two servers (blocks 0:3 and 3:4), their spans loaded from the saved model as a
+server loads them. Two families (`IN_PROCESSES`) run as real server processes joined to one bootstrap peer:
+what only processes show (the CLI, the DHT, p2p, the zygote's imports) does not depend on the family. The
+others run their servers' real handlers in this process over the loopback transport
+(`tests/unit/loopback_swarm.py`): the same client, server and wire code, in about a fifth of the time.
+Servers for every family at once were tried and were slower: 24 servers starting together took 3 minutes,
+and then slowed every call."""
 
 from __future__ import annotations
 
@@ -21,12 +25,16 @@ from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.api.app import create_app
 from swarmllm.api.config import ApiConfig
 from swarmllm.api.engine import Engine
+from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.launcher import LocalSwarm, ServerSpec
+from swarmllm.models.source import model_display_name
 from tests.integration.test_finetune import loss_and_grads, run_locally
+from tests.unit.loopback_swarm import LoopbackSwarm
 from tests.unit.test_span_exact import CONFIGS, _model
 
-pytestmark = pytest.mark.swarm
-
+# The plainest family, and the one whose blocks differ most (latent attention, grouped experts, a dense first
+# block): served by real processes.
+IN_PROCESSES = ("llama", "deepseek_v3")
 # Fixed speeds: the servers announce at once instead of each measuring itself on a loaded machine.
 SPEED = ("--step-time", "0.01", "--forward-tps", "1000")
 
@@ -67,19 +75,33 @@ def bootstrap():
 
 
 @pytest.fixture
-def family_swarm(request, tmp_path, bootstrap):
-    """The family's tiny model saved by transformers, and two servers serving it."""
+def family_swarm(request, tmp_path, monkeypatch):
+    """The family's tiny model saved by transformers, two servers serving it, and the client options that
+    reach them (the bootstrap peer for processes; nothing in process, where clients join the loopback)."""
     model = _model(request.param)
     model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id = 0, 96, 1
     model.save_pretrained(tmp_path)
-    servers = [ServerSpec("0:3", SPEED), ServerSpec("3:4", SPEED)]
-    with LocalSwarm(str(tmp_path), servers, initial_peers=bootstrap) as swarm:
-        yield str(tmp_path), swarm
+    if request.param in IN_PROCESSES:
+        servers = [ServerSpec("0:3", SPEED), ServerSpec("3:4", SPEED)]
+        bootstrap = request.getfixturevalue("bootstrap")
+        with LocalSwarm(str(tmp_path), servers, initial_peers=bootstrap) as swarm:
+            yield str(tmp_path), {"initial_peers": swarm.initial_peers}
+        return
+    swarm = LoopbackSwarm([(0, 3), (3, 4)], model_dir=tmp_path, name=model_display_name(tmp_path))
+    # Every client that from_pretrained makes joins this network instead of a DHT.
+    monkeypatch.setattr(SequenceManager, "join", lambda config, *args, **kwargs: swarm.join(config))
+    try:
+        yield str(tmp_path), {}
+    finally:
+        swarm.close()
 
 
-@pytest.mark.parametrize("family_swarm", sorted(CONFIGS), indirect=True)
+FAMILIES = [pytest.param(name, marks=pytest.mark.swarm) if name in IN_PROCESSES else name for name in sorted(CONFIGS)]
+
+
+@pytest.mark.parametrize("family_swarm", FAMILIES, indirect=True)
 def test_generate_and_gradients_through_swarm_equal_local(family_swarm) -> None:
-    path, swarm = family_swarm
+    path, peers = family_swarm
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     torch.manual_seed(0)
     ids = torch.randint(2, 90, (2, 7))
@@ -89,7 +111,7 @@ def test_generate_and_gradients_through_swarm_equal_local(family_swarm) -> None:
     # cache past its limit changes the logits well within one token's margin).
     kwargs = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)
-    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, **peers)
     try:
         got = model.generate(ids, **kwargs)
         want = local.generate(ids, **kwargs)
@@ -99,7 +121,7 @@ def test_generate_and_gradients_through_swarm_equal_local(family_swarm) -> None:
     finally:
         model.sequence_manager.shutdown()
 
-    tuned = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+    tuned = AutoDistributedModelForCausalLM.from_pretrained(path, **peers,
                                                             tuning_mode="deep_ptune", pre_seq_len=2)
     try:
         tuned.train()

@@ -1,7 +1,10 @@
-"""A swarm in this process: real server handlers over spans of a tiny random Llama, and real clients, joined
-by `swarmllm.loopback` (no processes, no p2p daemon). A session step takes milliseconds."""
+"""A swarm in this process: real server handlers over spans of a tiny random Llama (or of a saved model, loaded
+from disk as a server loads it), and real clients, joined by `swarmllm.loopback` (no processes, no p2p
+daemon). A session step takes milliseconds."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
@@ -11,7 +14,7 @@ from swarmllm.client.config import ClientConfig
 from swarmllm.client.sequence_manager import SequenceManager
 from swarmllm.client.transport import Directory
 from swarmllm.loopback import LoopbackNetwork
-from swarmllm.models.span import span_from_model
+from swarmllm.models.span import Span, load_config, load_span, span_from_model, text_config
 from swarmllm.protocol import ServerRecord
 from swarmllm.server.cache import CacheMemory
 from swarmllm.server.context import ServingContext, SpanSlot
@@ -26,14 +29,23 @@ CACHE_BYTES = 2**22  # per server: room for many sessions of the tiny model
 
 class LoopbackSwarm:
     """Servers of blocks of one seeded model; `client()` makes sequence managers over the same network.
-    `local_steps(...)` is the reference: the same blocks run in this process with a plain transformers cache."""
+    `local_steps(...)` is the reference: the same blocks run in this process with a plain transformers cache.
 
-    def __init__(self, spans: list[tuple[int, int]], session_timeout: float = 30.0):
-        torch.manual_seed(0)
-        config = LlamaConfig(num_hidden_layers=BLOCKS, vocab_size=50, hidden_size=HIDDEN, intermediate_size=64,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-        config._attn_implementation = "sdpa"
-        self.model = AutoModelForCausalLM.from_config(config).eval()
+    `model_dir`: serve that saved model instead, its spans loaded from disk in float32 as `Server` loads them
+    (`load_span`), under the name `name` (a client's `model_display_name` of the folder)."""
+
+    def __init__(self, spans: list[tuple[int, int]], session_timeout: float = 30.0, *, model_dir: Path | None = None,
+                 name: str = MODEL):
+        self.model_dir, self.name = model_dir, name
+        if model_dir is None:
+            torch.manual_seed(0)
+            config = LlamaConfig(num_hidden_layers=BLOCKS, vocab_size=50, hidden_size=HIDDEN, intermediate_size=64,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+            config._attn_implementation = "sdpa"
+            self.model = AutoModelForCausalLM.from_config(config).eval()
+            self.num_blocks = BLOCKS
+        else:
+            self.num_blocks = text_config(load_config(model_dir)).num_hidden_layers
         self.network = LoopbackNetwork()
         self.session_timeout = session_timeout
         self.handlers: dict[str, Handler] = {}
@@ -51,24 +63,31 @@ class LoopbackSwarm:
         memory = CacheMemory(cache_bytes, queue_timeout)
 
         def record() -> ServerRecord:
-            return ServerRecord(peer_id=peer, start=start, end=end, dtype="float32", num_blocks=BLOCKS,
+            return ServerRecord(peer_id=peer, start=start, end=end, dtype="float32", num_blocks=self.num_blocks,
                                 cache_tokens_left=memory.budget - memory.used, forward_tps=self.speeds.get(peer, 1.0))
 
-        context = ServingContext(SpanSlot(span_from_model(self.model, start, end)), memory, self.session_timeout,
-                                 **context_options)
+        context = ServingContext(SpanSlot(self._span(start, end)), memory, self.session_timeout, **context_options)
         handler = Handler(context, record)
         loop.run(handler.register(host))
-        self.network.announce(MODEL, peer, record)
+        self.network.announce(self.name, peer, record)
         self.handlers[peer] = handler
         return peer
+
+    def _span(self, start: int, end: int) -> Span:
+        if self.model_dir is None:
+            return span_from_model(self.model, start, end)
+        return load_span(self.model_dir, start, end, torch.float32)
 
     def client(self, directory: Directory | None = None, **options) -> SequenceManager:
         """A client of the swarm; `options` are ClientConfig fields (missing blocks fail at once by default).
         `directory`: instead of the network's own (e.g. one that records who reads it)."""
-        config = ClientConfig(**{"missing_blocks_timeout": 0.0, "update_period": 1e-3, **options})
+        return self.join(ClientConfig(**{"missing_blocks_timeout": 0.0, "update_period": 1e-3, **options}), directory)
+
+    def join(self, config: ClientConfig, directory: Directory | None = None) -> SequenceManager:
+        """A client with this config: what `SequenceManager.join` makes on hivemind, made on this network."""
         identity = Identity.ephemeral()
-        manager = SequenceManager(config, MODEL, BLOCKS, self.network.transport(identity), directory or self.network,
-                                  identity)
+        manager = SequenceManager(config, self.name, self.num_blocks, self.network.transport(identity),
+                                  directory or self.network, identity)
         self.managers.append(manager)
         return manager
 
