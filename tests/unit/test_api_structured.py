@@ -120,7 +120,7 @@ def test_a_required_or_named_tool_call_validates(served, choice, name) -> None:
 def test_auto_and_none_let_the_model_answer_in_text(served) -> None:
     _, client = served
     for choice in ("auto", "none"):
-        # The first tokens decide: a call would start with <tool_call> (cut short, it stays text that does).
+        # The first tokens decide: a call starts with <tool_call>, which stays in the text when cut short.
         message = _chat(client, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=8).choices[0].message
         assert message.tool_calls is None and message.content and not message.content.startswith("<tool_call>")
 
