@@ -181,6 +181,7 @@ def _child(args: list[str], env: dict[str, str], outputs: list[int]) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # both are TextIOWrappers
     os.environ.update(env)
+    _own_hivemind_locks()
     if "OMP_NUM_THREADS" in env:  # libgomp read the zygote's environment when torch loaded there
         import torch
 
@@ -205,6 +206,24 @@ def _child(args: list[str], env: dict[str, str], outputs: list[int]) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
     os._exit(code)
+
+
+def _own_hivemind_locks() -> None:
+    """Give this child its own copies of hivemind's process-shared locks.
+
+    hivemind creates them at import (`SharedBytes._lock`, `MPFuture`'s initialization and update locks, the
+    process-wide executor's lock) for the processes it forks itself, such as a DHT's. Imported in the zygote,
+    each is one semaphore shared by every child the zygote ever forks: a child killed while it held one
+    (SIGKILL, as the failover tests and operators do) left it held for good, and every later child hung in
+    `DHT.__init__`. Children of the zygote share no futures, so nothing is lost by each having its own; the
+    processes a child forks inherit the child's."""
+    import multiprocessing as mp
+
+    from hivemind.utils.asyncio import _AsyncContextWrapper
+    from hivemind.utils.mpfuture import MPFuture
+
+    MPFuture.reset_backend()  # hivemind's own reset: new locks, and no futures of the zygote's to break
+    _AsyncContextWrapper.EXECUTOR_LOCK = mp.Lock()
 
 
 def main() -> None:

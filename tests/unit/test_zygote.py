@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -47,3 +48,39 @@ def test_sigterm_stops_a_child_cleanly() -> None:
         assert child.proc.wait(30) == 0
     finally:
         child.stop()
+
+
+@pytest.mark.parametrize("held", ["SharedBytes", "MPFuture", "executor"])
+def test_a_lock_left_held_by_a_killed_child_does_not_block_the_next(held) -> None:
+    """hivemind's process-shared locks, inherited from the zygote, are each child's own: one held for good by
+    a child killed inside it (here: held by this process when it forks, as the zygote's would be) must not
+    block the next child's DHT, which takes all three. Before, later children hung in `DHT.__init__`."""
+    from hivemind.utils.asyncio import _AsyncContextWrapper
+    from hivemind.utils.mpfuture import MPFuture, SharedBytes
+
+    from swarmllm.zygote import _own_hivemind_locks
+
+    lock = {"SharedBytes": SharedBytes._lock, "MPFuture": MPFuture._initialization_lock,
+            "executor": _AsyncContextWrapper.EXECUTOR_LOCK}[held]
+    lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: what a DHT's start takes, after the zygote's reset
+            code = 1
+            try:
+                _own_hivemind_locks()
+                MPFuture()
+                _AsyncContextWrapper.get_process_wide_executor()
+                code = 0
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the child blocked on hivemind's {held} lock")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        lock.release()
