@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarmllm import wire
@@ -36,7 +37,7 @@ from swarmllm.protocol import (
     Step,
     StepDone,
 )
-from swarmllm.server.limits import Limits, PeerLimits
+from swarmllm.server.limits import Limits, PeerLimits, RateLimited
 from swarmllm.trust.identity import Identity
 from tests.unit.loopback_swarm import BLOCKS, HIDDEN, MODEL, LoopbackSwarm, steps
 
@@ -511,3 +512,34 @@ def test_the_loopback_refuses_what_it_cannot_honour_and_expires_reports():
     network.publish_report(MODEL, report, ttl=0.0)  # expired at once, as in the DHT
     network.publish_report("other", report, ttl=60.0)
     assert network.reports(MODEL) == [] and network.reports("other") == [report]
+
+
+def test_a_session_cancelled_as_a_step_arrives_ends_and_frees_its_cache(make_swarm):
+    """The transport cancels a session whose client's stream closed. A step that lands in its inbox in the same
+    moment (a push from the previous server) must not swallow that cancellation: the session would run on,
+    holding its cache, until it timed out (Python 3.11's wait_for returned the step and dropped the cancel)."""
+    swarm = make_swarm([(0, BLOCKS)])
+    peer = swarm.peers[0]
+    sessions, memory = swarm.handlers[peer].sessions, swarm.handlers[peer].context.memory
+    caller = PeerID.from_base58(Identity.ephemeral().peer_id)
+    context = P2PContext(handle_name=RPC_INFERENCE, local_id=PeerID.from_base58(peer), remote_id=caller)
+    opening = wire.request(OpenSession(session_id=SessionId("cancelled"), start=0, end=BLOCKS, batch_size=1,
+                                       max_length=8))
+
+    async def scenario():
+        async def requests():
+            yield opening
+            await asyncio.Event().wait()  # the client sends nothing more; its stream is about to close
+
+        replies = sessions.rpc_inference(requests(), context)
+        wire.parse(await anext(replies), SessionOpened)
+        waiting = asyncio.ensure_future(anext(replies))
+        while ("cancelled", 0) not in sessions.inboxes or not sessions.inboxes[("cancelled", 0)]._getters:
+            await asyncio.sleep(0)  # until the session waits on its inbox
+        sessions.inboxes[("cancelled", 0)].put_nowait(RateLimited("a step that arrives as the stream closes"))
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return sessions.active, memory.used
+
+    assert loop.run(scenario(), timeout=30) == (0, 0)

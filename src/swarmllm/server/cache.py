@@ -72,7 +72,8 @@ class CacheMemory:
         entry = (nbytes, waiter)
         self._waiters.append(entry)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout)
+            async with asyncio.timeout(self.queue_timeout):  # not wait_for, which can drop a cancellation (3.11)
+                await asyncio.shield(waiter)
         except TimeoutError:
             if waiter.done():  # granted at the last moment: keep it
                 return

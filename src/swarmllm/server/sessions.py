@@ -82,7 +82,10 @@ class Sessions:
             c.limits.admit(peer)
             c.limits.open_session(peer)
             counted = True
-            first = await asyncio.wait_for(anext(requests), c.session_timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result, and drops a cancellation
+            # (the client's stream closed), when both come at once; the session then ran on until it timed out.
+            async with asyncio.timeout(c.session_timeout):
+                first = await anext(requests)
             meta, tensors = parse_request(first, OpenSession, c.device)
             live = await self._open(meta, tensors, peer)
             self.active += 1
@@ -95,7 +98,8 @@ class Sessions:
             reader = asyncio.create_task(_pump(requests, inbox, c.limits, peer, c.device))
             self.inboxes[(meta.session_id, meta.start)] = inbox
             while True:
-                item = await asyncio.wait_for(inbox.get(), c.session_timeout)
+                async with asyncio.timeout(c.session_timeout):
+                    item = await inbox.get()
                 if item is None:
                     return  # the client closed the session
                 reply = await self._step(live, item, peer)
