@@ -9,6 +9,7 @@ handlers, so that sessions, failover and verification can be tested in milliseco
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol, TypeAlias
 
@@ -24,8 +25,13 @@ from swarmllm.dht.reports import get_reports, publish_report
 from swarmllm.protocol import Report, ServerRecord
 from swarmllm.trust.membership import Membership
 
+logger = logging.getLogger(__name__)
+
 Request: TypeAlias = runtime_pb2.ExpertRequest
 Reply: TypeAlias = runtime_pb2.ExpertResponse
+
+# Seconds a closing stream waits for its last requests and END_OF_STREAM to be written to the local daemon.
+CLOSE_FLUSH = 1.0
 
 
 class Transport(Protocol):
@@ -80,10 +86,20 @@ class HivemindTransport:
         return await self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), name, self.membership.stamp(request), Reply)
 
     async def call_split(self, peer_id: str, name: str, request: Request) -> Reply:
-        replies = await self.p2p.iterate_protobuf_handler(
-            PeerID.from_base58(peer_id), name, as_aiter(*wire.split(self.membership.stamp(request))), Reply
-        )
-        return wire.join([part async for part in replies])
+        stamped = self.membership.stamp(request)
+        for attempt in range(2):
+            replies = await self.p2p.iterate_protobuf_handler(
+                PeerID.from_base58(peer_id), name, as_aiter(*wire.split(stamped)), Reply
+            )
+            parts = [part async for part in replies]
+            if parts:
+                return wire.join(parts)
+            # hivemind ends a stream that closed before any reply as if it were complete. A server's handler
+            # always replies, if only with an error, so the stream itself broke (seen once in hundreds of calls
+            # on a loaded machine). These calls are stateless, so one more try is safe.
+            if attempt == 0:
+                logger.warning("%s at %s: the stream closed before any reply; trying once more", name, peer_id[-8:])
+        raise ConnectionError(f"{name} at {peer_id[-8:]}: the stream closed twice before any reply")
 
     async def open_stream(self, peer_id: str, name: str, requests: AsyncIterator[Request]) -> AsyncGenerator[Reply, None]:
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
@@ -122,6 +138,12 @@ async def _replies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
             if error is not None:
                 raise P2PHandlerError(f"{label} failed: {error.message}")
             yield reply
+    except GeneratorExit:
+        # The caller closes the stream once its requests have ended (a session closing): let them end with
+        # END_OF_STREAM, so the server ends the session itself instead of waiting for its daemon to report the
+        # closed stream, which on a loaded machine was once not reported at all.
+        await asyncio.wait({sending}, timeout=CLOSE_FLUSH)
+        raise
     finally:
         sending.cancel()
         writer.close()
