@@ -42,7 +42,7 @@ def _client(tiny_llama_dir, swarm, near: str | None = None, **config):
     return model
 
 
-def _until_caught(make_client, use, liar: str, attempts: int = 3):
+def _until_caught(swarm, make_client, use, liar: str, attempts: int = 3):
     """A client made by `make_client` on which `use` (asserting exact outputs) ends with the liar caught:
     banned and reported by that client. A connection to the liar that drops (seen on loaded machines) makes a
     client avoid it for a while before anything is checked, with exact outputs from the honest servers; a fresh
@@ -55,6 +55,10 @@ def _until_caught(make_client, use, liar: str, attempts: int = 3):
             assert liar in manager.banned(), "the liar was neither caught nor avoided after a failure"
             if _reported_by(manager, liar):
                 return client
+        except Exception as e:
+            manager.shutdown()
+            tails = "".join(f"--- {name}\n" + "".join(child.log[-20:]) for name, child in swarm.servers.items())
+            raise AssertionError(f"{e!r}; the servers' last lines:\n{tails}") from e
         except BaseException:
             manager.shutdown()
             raise
@@ -95,7 +99,7 @@ def test_verification_catches_and_reports_a_corrupting_server(tiny_llama_dir, sw
         with torch.no_grad():
             torch.testing.assert_close(client(ids).logits, honest_logits, rtol=1e-4, atol=1e-4)
 
-    forward_checking = _until_caught(lambda: _client(tiny_llama_dir, swarm, near=liar, verify=1.0, trust_reports=0),
+    forward_checking = _until_caught(swarm, lambda: _client(tiny_llama_dir, swarm, near=liar, verify=1.0, trust_reports=0),
                                      forward_checked, liar)
     forward_checking.sequence_manager.shutdown()
 
@@ -103,7 +107,7 @@ def test_verification_catches_and_reports_a_corrupting_server(tiny_llama_dir, sw
     def session_checked(client):
         assert torch.equal(client.generate(ids, max_new_tokens=10, do_sample=False), honest)
 
-    checking = _until_caught(lambda: _client(tiny_llama_dir, swarm, near=liar, verify=0.3, trust_reports=0),
+    checking = _until_caught(swarm, lambda: _client(tiny_llama_dir, swarm, near=liar, verify=0.3, trust_reports=0),
                              session_checked, liar)
     try:
         manager = checking.sequence_manager
