@@ -1,6 +1,7 @@
-"""Quality gates of the real SmolLM2 under int8, int4, NF4 and bfloat16, on the first 1,024 tokens of the
-shipped evaluation text (two windows of 512, scored as bench/quant.py scores the whole ~2,650 tokens). The
-whole text took 148 s of the suite on 2 cores that emulate bfloat16 GEMMs; bench/quant.py keeps reporting it.
+"""Quality gates of the real SmolLM2 under int8, int4, NF4 and bfloat16, on the first 512 tokens of the
+shipped evaluation text (two windows of 256, scored as bench/quant.py scores the whole ~2,650 tokens). The
+whole text took 148 s of the suite on 2 cores that emulate bfloat16 GEMMs, and 1,024 tokens 42-78 s;
+bench/quant.py keeps reporting the whole text.
 
 The gate is perplexity within 5% of float32. int8, int4 and bfloat16 pass it. int4 (groups of 32, min..max
 grid) is GGUF's Q4_1 layout, which SmolLM2's weights come from: it finds every weight's own 4-bit code again
@@ -23,16 +24,17 @@ pytestmark = pytest.mark.real_model
 
 logger = logging.getLogger(__name__)
 
-WINDOW = 512
-TOKENS = 1024
+WINDOW = 256
+TOKENS = 512
 GATE = 1.05
-# Measured on these 1,024 tokens (perplexity ratio to float32, top-1 agreement with float32): int8 1.0000 /
-# 0.968, int4 0.9993 / 0.985, bfloat16 1.0017 / 0.961, nf4 1.311 / 0.715 (on the whole text: int8 1.003 /
-# 0.966, int4 1.0003 / 0.984, bfloat16 1.0006 / 0.966, nf4 1.242 / 0.723). int4 through its kernel at every
+# Measured on these 512 tokens (perplexity ratio to float32, top-1 agreement with float32): int8 0.9978 /
+# 0.963, int4 1.0010 / 0.986, bfloat16 1.0017 / 0.969, nf4 1.350 / 0.706 (on the first 1,024 in windows of
+# 512: int8 1.0000 / 0.968, int4 0.9993 / 0.985, bfloat16 1.0017 / 0.961, nf4 1.311 / 0.715; on the whole
+# text: int8 1.003 / 0.966, int4 1.0003 / 0.984, bfloat16 1.0006 / 0.966, nf4 1.242 / 0.723). int4 through its kernel at every
 # row count measured 1.0005 / 0.983 once by forcing it; tests/unit/test_quant.py checks the kernel against
 # the dequantized weight. The bounds below leave margin for other torch builds and CPUs.
 MIN_TOP1 = {"int8": 0.93, "int4": 0.95, "bfloat16": 0.93, "nf4": 0.65}
-NF4_MAX_RATIO = 1.40
+NF4_MAX_RATIO = 1.50  # NF4 varies most with the text: 1.24 on the whole text, 1.35 on these 512 tokens
 
 
 @pytest.fixture(scope="module")
