@@ -37,12 +37,8 @@ def measure(start, end, quant):
     with torch.inference_mode():  # one small forward, as a server's first step: 4 rows take the decode kernels
         span(torch.zeros(1, 4, span.config.hidden_size), torch.arange(4)[None])
     return {"rss": rss(), "rss_delta": rss() - before, "peak": peak(), "params": span.weight_bytes()}
-configs = json.loads(sys.argv[2])
-if len(configs) == 1:  # measured in the fresh process itself
-    print(json.dumps([measure(*configs[0])]))
-    sys.exit()
 results = []
-for start, end, quant in configs:
+for start, end, quant in json.loads(sys.argv[2]):
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -55,10 +51,18 @@ for start, end, quant in configs:
 print(json.dumps(results))
 """
 
-def _measure(model_dir, configs: list[tuple[int, int, str]]) -> list[dict]:
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(model_dir), json.dumps(configs)],
+# Every configuration either test measures: (start, end, quantization).
+_QUANTS = ("none", "int8", "int4")
+_CONFIGS = [(10, 20, "none"), (0, 30, "none"), *((0, end, quant) for quant in _QUANTS for end in (1, 10))]
+
+
+@pytest.fixture(scope="module")
+def measured(smollm2_dir) -> dict[tuple[int, int, str], dict]:
+    """(start, end, quant) -> what loading that span added, each measured in its own forked child of one fresh
+    process."""
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(smollm2_dir), json.dumps(_CONFIGS)],
                          capture_output=True, text=True, timeout=600, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(zip(_CONFIGS, json.loads(out.stdout.strip().splitlines()[-1]), strict=True))
 
 
 def test_span_holds_a_third_of_the_block_weights(smollm2_dir) -> None:
@@ -70,15 +74,15 @@ def test_span_holds_a_third_of_the_block_weights(smollm2_dir) -> None:
     assert 0.30 < span.weight_bytes() / total < 0.37
 
 
-def test_loading_a_span_never_materializes_the_whole_model(smollm2_dir) -> None:
-    """Measured in fresh processes: a third of the blocks costs a third of the blocks' memory.
+def test_loading_a_span_never_materializes_the_whole_model(smollm2_dir, measured) -> None:
+    """Measured in fresh children: a third of the blocks costs a third of the blocks' memory.
 
-    Both processes pay the same fixed cost (torch, transformers, a meta skeleton; about 65 MB seen), so the
-    difference between them is what the 20 blocks not loaded would have cost.
+    Both children pay the same fixed cost of loading (a meta skeleton, the rotary tables), so the difference
+    between them is what the 20 blocks not loaded would have cost.
     """
     sizes = block_weight_bytes(smollm2_dir)
     total, not_loaded = sum(sizes.values()), sum(sizes[i] for i in (*range(10), *range(20, 30)))
-    (third,), (whole,) = _measure(smollm2_dir, [(10, 20, "none")]), _measure(smollm2_dir, [(0, 30, "none")])
+    third, whole = measured[10, 20, "none"], measured[0, 30, "none"]
     saved = whole["rss_delta"] - third["rss_delta"]
     assert abs(saved - not_loaded) < 0.1 * total, (third, whole, not_loaded)
     assert third["rss_delta"] < 0.5 * whole["rss_delta"], (third, whole)
@@ -90,16 +94,14 @@ def test_loading_a_span_never_materializes_the_whole_model(smollm2_dir) -> None:
 MAX_ADDED_RATIO = {"int8": 0.35, "int4": 0.25}
 
 
-def test_memory_follows_the_quantized_size(smollm2_dir, record_property) -> None:
+def test_memory_follows_the_quantized_size(measured, record_property) -> None:
     """What 9 more blocks add to a process's RSS: a fraction of float32's, close to the codes' own size.
 
     Each configuration runs in a forked child of a fresh process that loads blocks 0:1 or 0:10 and takes one forward step;
     the difference between the two cancels everything fixed (torch, transformers, the rotary tables).
     """
-    configs = [(0, end, quant) for quant in ("none", *MAX_ADDED_RATIO) for end in (1, 10)]
-    measured = dict(zip(configs, _measure(smollm2_dir, configs), strict=True))
     added, held = {}, {}
-    for quant in ("none", *MAX_ADDED_RATIO):
+    for quant in _QUANTS:
         one, ten = measured[0, 1, quant], measured[0, 10, quant]
         added[quant], held[quant] = ten["rss"] - one["rss"], ten["params"] - one["params"]
         record_property(f"added_mib_{quant}", round(added[quant] / 2**20, 1))
