@@ -9,6 +9,7 @@ import logging
 import re
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from swarmllm import wire
 from swarmllm.client import loop
 from swarmllm.client.failover import SessionFailedError
 from swarmllm.client.inference_session import InferenceSession
+from swarmllm.client import remote_sequential
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.verification import VerificationError
@@ -543,3 +545,42 @@ def test_a_session_cancelled_as_a_step_arrives_ends_and_frees_its_cache(make_swa
         return sessions.active, memory.used
 
     assert loop.run(scenario(), timeout=30) == (0, 0)
+
+
+def test_a_forward_refused_by_a_rate_limit_goes_to_another_holder_and_bans_nobody(make_swarm):
+    swarm = make_swarm([(0, BLOCKS)])
+    other = swarm.peers[0]
+    # One request, then none: its clock stands still, so its bucket (burst 1) never refills.
+    strict = swarm.add_server(0, BLOCKS, limits=PeerLimits(Limits(rate=1.0, burst=1), clock=lambda: 0.0))
+    swarm.speeds[strict] = 1e12  # stateless calls pick holders by throughput: the strict one first
+    manager = swarm.client()
+    remote, xs = RemoteSequential(manager), steps(3, 3, 3)
+    with torch.no_grad():
+        for x in xs:
+            torch.testing.assert_close(remote(x), local_forward(swarm, x), rtol=1e-4, atol=1e-5)
+    # The first call used its one request; each later one was refused there, then served by the other.
+    assert [callee for _, callee, rpc in swarm.network.calls if rpc == RPC_FORWARD] == [strict, strict, other,
+                                                                                        strict, other]
+    assert manager.banned() == frozenset(), "a server that limits us is healthy"
+
+
+def test_a_forward_refused_by_every_holder_waits_for_a_bucket_to_refill(make_swarm, monkeypatch):
+    swarm = make_swarm([])
+    now = [0.0]
+    strict = swarm.add_server(0, BLOCKS, limits=PeerLimits(Limits(rate=10.0, burst=1), clock=lambda: now[0]))
+    waits = []
+
+    def sleep(seconds: float) -> None:  # the client's wait passes on the server's clock, not the test's
+        waits.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(remote_sequential, "time", SimpleNamespace(sleep=sleep))
+    manager = swarm.client()
+    remote, xs = RemoteSequential(manager), steps(3, 3, 3)
+    with torch.no_grad():
+        for x in xs:
+            torch.testing.assert_close(remote(x), local_forward(swarm, x), rtol=1e-4, atol=1e-5)
+    # Each call after the first is refused once, then served after the client's wait refilled the bucket.
+    calls = [callee for _, callee, rpc in swarm.network.calls if rpc == RPC_FORWARD]
+    assert calls == [strict] * 5 and waits == [0.2] * 2, (calls, waits)
+    assert manager.banned() == frozenset()

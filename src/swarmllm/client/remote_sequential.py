@@ -178,8 +178,11 @@ class RemoteSequential(nn.Module):
         msg = wire.request(meta, *tensors, *extra, compression=meta.compression)
         error: Exception | None = None
         tokens = tensors[0].shape[0] * tensors[0].shape[1]  # hidden: (batch, seq, hidden)
+        limiting: frozenset[str] = frozenset()  # holders that refused this call by a per-peer limit
         for _ in range(self.manager.config.max_retries + 1):
-            peer = self.manager.holder(start, end)
+            peer = self.manager.holder(start, end, prefer_not=limiting)
+            if peer in limiting:  # every holder limits us: give its bucket a moment to refill
+                time.sleep(0.2)
             try:
                 out = self._call_once(peer, verb, msg, start, end, ref, lora_tensors, tokens)
             except Exception as e:
@@ -190,8 +193,8 @@ class RemoteSequential(nn.Module):
                     case Blame.EXPIRED:  # the LoRA upload was evicted: send the weights again
                         self._uploads().forget(peer, ref.sha256)
                         continue
-                if _rate_limited(e):  # healthy but limiting us: no ban; wait a little, maybe go elsewhere
-                    time.sleep(0.2)
+                if _rate_limited(e):  # healthy but limiting us: no ban; the next try goes elsewhere if it can
+                    limiting |= {peer}
                     continue
             else:
                 if self.manager.config.verify > 0 and self._rng.random() < self.manager.config.verify:

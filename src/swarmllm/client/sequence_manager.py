@@ -193,12 +193,15 @@ class SequenceManager:
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 force = True
 
-    def holder(self, start: int, end: int) -> str:
-        """A live, unbanned server holding all of `[start, end)`; raises NoHolderError if there is none."""
+    def holder(self, start: int, end: int, prefer_not: frozenset[str] = frozenset()) -> str:
+        """A live, unbanned server holding all of `[start, end)`; raises NoHolderError if there is none.
+        Reported servers, then those in `prefer_not` (they refused this call for now), are the last resort."""
         servers = self.servers()
-        found = holders(servers, start, end, self.banned() | self.reported, self.versions(servers))
-        found = found or holders(servers, start, end, self.banned(), self.versions(servers))
-        if not found:
+        banned, versions = self.banned(), self.versions(servers)
+        for avoid in (banned | self.reported | prefer_not, banned | self.reported, banned):
+            if found := holders(servers, start, end, avoid, versions):
+                break
+        else:
             raise NoHolderError(f"no live server holds all of blocks {start}:{end}")
         # Spread stateless calls over the holders in proportion to their throughput.
         return self._rng.choices(found, weights=[r.forward_tps or 1.0 for r in found])[0].peer_id
