@@ -77,15 +77,15 @@ def test_span_holds_a_third_of_the_block_weights(smollm2_dir) -> None:
 def test_loading_a_span_never_materializes_the_whole_model(smollm2_dir, measured) -> None:
     """Measured in fresh children: a third of the blocks costs a third of the blocks' memory.
 
-    Both children pay the same fixed cost of loading (a meta skeleton, the rotary tables), so the difference
-    between them is what the 20 blocks not loaded would have cost.
+    Both children pay the same fixed cost of loading (a meta skeleton, the rotary tables, torch's first
+    forward), so the difference between them is what the 20 blocks not loaded would have cost. That cost
+    is not compared with the weights: it was 82 MiB in one run and 160 MiB in another, on the same machine.
     """
     sizes = block_weight_bytes(smollm2_dir)
     total, not_loaded = sum(sizes.values()), sum(sizes[i] for i in (*range(10), *range(20, 30)))
     third, whole = measured[10, 20, "none"], measured[0, 30, "none"]
     saved = whole["rss_delta"] - third["rss_delta"]
     assert abs(saved - not_loaded) < 0.1 * total, (third, whole, not_loaded)
-    assert third["rss_delta"] < 0.5 * whole["rss_delta"], (third, whole)
 
 
 # Measured on SmolLM2 (AMD EPYC, torch 2.13): 9 more blocks added 121.6 MiB in float32 (their weights: 121.5),
