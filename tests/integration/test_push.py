@@ -42,7 +42,8 @@ def test_push_delivers_steps_to_the_next_server_first_and_keeps_outputs_exact(ti
             time.sleep(0.2)
         counts = {name: pushed_counts(child, marks[name]) for name, child in swarm.servers.items()}
         logs = {name: "".join(child.log[marks[name]:][-15:]) for name, child in swarm.servers.items()}
-        assert all(len(c) == 1 for c in counts.values()), f"{counts}\n" + "".join(f"--- {n}\n{t}" for n, t in logs.items())
+        tails = "".join(f"--- {name}\n{tail}" for name, tail in logs.items())
+        assert all(len(c) == 1 for c in counts.values()), f"{counts}\n{tails}"
         for name in ("server1", "server2"):
             ((steps, pushed),) = counts[name]
             assert steps == 12, (name, logs[name])

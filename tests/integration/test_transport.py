@@ -73,7 +73,7 @@ async def _pair(name: str, handler):
 def test_closing_a_stream_ends_its_requests_before_the_stream() -> None:
     """A session closes by ending its requests and closing the replies at once. The server must see the requests
     end (END_OF_STREAM), and so end the session itself, rather than be cancelled when its daemon reports the
-    closed stream (which a loaded machine once never did)."""
+    closed stream."""
     seen: asyncio.Queue = asyncio.Queue()
 
     async def echo(requests, context: P2PContext):

@@ -17,10 +17,9 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarmllm import wire
-from swarmllm.client import loop
+from swarmllm.client import loop, remote_sequential
 from swarmllm.client.failover import SessionFailedError
 from swarmllm.client.inference_session import InferenceSession
-from swarmllm.client import remote_sequential
 from swarmllm.client.remote_sequential import RemoteSequential
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.verification import VerificationError

@@ -95,7 +95,7 @@ class HivemindTransport:
             if parts:
                 return wire.join(parts)
             # hivemind ends a stream that closed before any reply as if it were complete. A server's handler
-            # always replies, if only with an error, so the stream itself broke (seen once in hundreds of calls
+            # always replies, if only with an error, so the stream itself broke (seen once, in a full suite run
             # on a loaded machine). These calls are stateless, so one more try is safe.
             if attempt == 0:
                 logger.warning("%s at %s: the stream closed before any reply; trying once more", name, peer_id[-8:])
@@ -140,8 +140,8 @@ async def _replies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
             yield reply
     except GeneratorExit:
         # The caller closes the stream once its requests have ended (a session closing): let them end with
-        # END_OF_STREAM, so the server ends the session itself instead of waiting for its daemon to report the
-        # closed stream, which on a loaded machine was once not reported at all.
+        # END_OF_STREAM, so the server ends the session itself, rather than being cancelled when its daemon
+        # reports the closed stream (which cancels the session wherever it waits).
         await asyncio.wait({sending}, timeout=CLOSE_FLUSH)
         raise
     finally:
