@@ -95,8 +95,8 @@ class HivemindTransport:
             if parts:
                 return wire.join(parts)
             # hivemind ends a stream that closed before any reply as if it were complete. A server's handler
-            # always replies, if only with an error, so the stream itself broke (seen once, in a full suite run
-            # on a loaded machine). These calls are stateless, so one more try is safe.
+            # always replies, if only with an error, so the stream itself broke (seen under load on the first
+            # stream call to a fresh server). These calls are stateless, so one more try is safe.
             if attempt == 0:
                 logger.warning("%s at %s: the stream closed before any reply; trying once more", name, peer_id[-8:])
         raise ConnectionError(f"{name} at {peer_id[-8:]}: the stream closed twice before any reply")
