@@ -14,6 +14,26 @@ from swarmllm.launcher import LocalSwarm, ServerSpec
 logging.getLogger("hivemind").setLevel(logging.WARNING)
 
 
+# The session's SmolLM2 swarm (a bootstrap peer and 3 servers), and the API processes over it, burn ~20
+# CPU-seconds a minute while idle (announces, DHT refreshes, their daemons): on 2 cores, time every other test
+# waits for. A session fixture lives until the session ends, so the modules that use them run last, the API's
+# users at the very end. Modules stay whole (their module fixtures start once) and keep their order within a
+# rank.
+_LAST = (("api_url", "keyed_api"), ("smollm2_swarm",))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        used = set(getattr(item, "fixturenames", ()))
+        return next((len(_LAST) - i for i, names in enumerate(_LAST) if used.intersection(names)), 0)
+
+    module_rank: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        module_rank[module] = max(module_rank.get(module, 0), rank(item))
+    items.sort(key=lambda item: module_rank[item.nodeid.split("::")[0]])  # stable
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 4-block random Llama saved as a transformers folder."""
