@@ -4,7 +4,8 @@ Not a benchmark: the count behind docs/architecture.md's "path of one inference 
 read. A tiny random Llama is served by two servers of 2 blocks each, joined by the in-process loopback
 transport (`swarmllm.loopback`) instead of hivemind, so that one process can watch every thread: the caller's,
 the client's I/O loop (where the servers' handlers also run here) and each server's compute thread. The
-third token of a greedy `generate` is traced.
+third token of a greedy `generate` is traced, with the servers pushing it along the route as they do when
+they are far apart (`push_min_rtt=0`).
 
 A frame belongs to the client or to a server by the nearest `client/` or `server/` frame it was called from
 (a shared module such as wire.py counts on both sides). On hivemind, `client/transport.py` and hivemind's
@@ -28,13 +29,14 @@ from transformers import LogitsProcessor, LogitsProcessorList
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for the tests' loopback swarm
 from tests.unit.loopback_swarm import LoopbackSwarm  # noqa: E402
 
+import swarmllm  # noqa: E402
 from swarmllm import AutoDistributedModelForCausalLM  # noqa: E402
 from swarmllm.client import loop  # noqa: E402
 from swarmllm.client.sequence_manager import SequenceManager  # noqa: E402
 
 TRACED_TOKEN = 2  # the third new token: a plain decode step, after the prompt's and one more
 
-PACKAGE = "/swarmllm/"
+PACKAGE = f"{Path(swarmllm.__file__).parent}/"  # frames in files under it are swarmllm's
 
 
 class StepTracer:
@@ -94,7 +96,8 @@ def main() -> None:
         for handler in swarm.handlers.values():
             loop.run(handler.context.scheduler.run(sys.setprofile, tracer))
         with mock.patch.object(SequenceManager, "join", lambda config, name, n: swarm.join(config)):
-            model = AutoDistributedModelForCausalLM.from_pretrained(folder)
+            # Servers push each step to the next one as across a WAN (on one host, pings decide whether to).
+            model = AutoDistributedModelForCausalLM.from_pretrained(folder, push_min_rtt=0.0)
         try:
             model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=TRACED_TOKEN + 1, do_sample=False,
                            logits_processor=LogitsProcessorList([_TraceOneStep(tracer)]))
