@@ -79,8 +79,6 @@ def _side(frame) -> str:
             top = _short(frame.f_code.co_filename).split("/")[0]
             if top in ("client", "server"):
                 return top
-            if top == "models" and frame.f_code.co_name == "forward":
-                return "server"  # a span's forward runs on a server's compute thread
         frame = frame.f_back
     return "transport"
 
