@@ -1,6 +1,14 @@
-"""Serving many clients: aggregate tokens/s of 8 concurrent clients against 1, and time to first token.
+"""Serving many clients: what a batched decode step costs a server, and aggregate tokens/s of 8 concurrent
+clients against 1, with time to first token.
 
-One 3-server loopback swarm of SmolLM2 (float32, 10 blocks each). In the same run:
+Part `steps` (in this process, no network): one server's 10 blocks at SmolLM2's geometry (random weights,
+float32) run decode steps of 8 sessions in one pass, at a 64-token and at a 1,024-token context. It reports
+the step's time at 1,024 over that at 64, against what attention's own arithmetic adds: the same sessions'
+attention alone (`scaled_dot_product_attention` over each session's keys, every block), timed in the same
+run. And the bytes of keys and values a step moves besides storing its new tokens (the sessions' `copied`
+counters), per step: a step should store its new tokens and read the past in place.
+
+Part `swarm`: one 3-server loopback swarm of SmolLM2 (float32, 10 blocks each). In the same run:
 - 1 client decoding greedily, then 8 clients at once (threads sharing one client model, as an API server
   does); the figure is aggregate tokens/s of the 8 over that of the 1. Servers batch the 8 sessions' steps
   (see swarmllm/server/scheduler.py); the servers' own counters give the mean batch size.
@@ -9,7 +17,8 @@ One 3-server loopback swarm of SmolLM2 (float32, 10 blocks each). In the same ru
 - Time to first token for a 512-token prompt: swarm (prefill through 3 servers, in chunks) over local
   transformers. Lower is better.
 
-Usage: python bench/serving.py [--clients 8] [--new-tokens 32] [--threads 1] [--no-unbatched] [--server-args "..."]
+Usage: python bench/serving.py [--parts steps swarm] [--clients 8] [--new-tokens 32] [--threads 1]
+       [--no-unbatched] [--server-args "..."]
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ PROMPTS = [
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", choices=("steps", "swarm"), default=["steps", "swarm"])
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32, help="tokens each client decodes")
     # One thread per process: 3 servers and 8 client threads share 2 cores, and with 2 threads each the
@@ -52,6 +62,100 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--unbatched", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure a swarm whose servers do not batch (one step per pass)")
     return p.parse_args()
+
+
+STEP_CONTEXTS = (64, 1024)
+STEP_SESSIONS = 8
+STEP_PAGE = 64  # the servers' default cache page (server/config.py)
+TIMED_STEPS = STEP_PAGE  # one page of decode steps: every session's cache grows by one page in between
+
+
+def measure_steps() -> dict:
+    """Decode steps of `STEP_SESSIONS` sessions in one pass on one server's blocks, at each context."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from swarmllm.models.span import span_from_model
+    from swarmllm.server.cache import bytes_per_token
+
+    # SmolLM2-135M's geometry, 10 of its 30 blocks (what one of 3 servers holds), random weights.
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         head_dim=64, num_hidden_layers=10, vocab_size=128, max_position_embeddings=8192)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    span = span_from_model(AutoModelForCausalLM.from_config(config).eval(), 0, config.num_hidden_layers)
+    new_bytes = bytes_per_token(span) * STEP_SESSIONS  # what one step must store: its new tokens
+    out: dict = {"sessions": STEP_SESSIONS, "blocks": len(span.layers), "new_token_bytes_per_step": new_bytes}
+    for context in STEP_CONTEXTS:
+        step_s, copied = _batched_steps(span, context)
+        attention_s = _attention_alone(config, context)
+        out[context] = {"step_s": step_s, "attention_s": attention_s, "copied_bytes_per_step": copied}
+        print(f"  context {context}: step {step_s * 1e3:.2f} ms, attention alone {attention_s * 1e3:.2f} ms, "
+              f"copied {copied / 2**20:.2f} MiB/step ({copied / new_bytes:.1f}x the new tokens' bytes)", file=sys.stderr)
+    short, long = (out[c] for c in STEP_CONTEXTS)
+    out["step_ratio"] = long["step_s"] / short["step_s"]
+    out["arithmetic_ratio"] = (STEP_CONTEXTS[1] + 1) / (STEP_CONTEXTS[0] + 1)  # attention's work per new token
+    # What the long step would take if context only added attention's own time.
+    out["attention_bound_s"] = short["step_s"] + long["attention_s"] - short["attention_s"]
+    out["over_attention_bound"] = long["step_s"] / out["attention_bound_s"]
+    return out
+
+
+def _batched_steps(span, context: int) -> tuple[float, float]:
+    """Median seconds of a decode step of the sessions in one pass, and bytes copied per step, over
+    `TIMED_STEPS` steps. The sessions' lengths differ (context + i), as independent users' do; their pages are
+    granted as a server grants them, one at a time when a step needs one."""
+    import torch
+
+    from swarmllm.server.cache import SessionKV
+    from swarmllm.server.compute import Extras
+    from swarmllm.server.inference import Session, StepInput, run_batch
+
+    def grant(kv: SessionKV, tokens: int) -> None:  # SessionKV.reserve without the memory budget
+        kv.capacity += kv.pages_for(tokens) * kv.page_tokens
+
+    hidden = span.config.hidden_size
+    sessions = []
+    for i in range(STEP_SESSIONS):
+        kv = SessionKV(span, 1, STEP_PAGE)
+        session = Session(span, 1, context + i + TIMED_STEPS + 8, kv, Extras())
+        grant(kv, context + i)
+        run_batch([StepInput(session, torch.randn(1, context + i, hidden), torch.arange(context + i)[None], None)])
+        sessions.append(session)
+    times, copied0 = [], sum(s.kv.copied for s in sessions)
+    for n in range(TIMED_STEPS + 2):  # 2 untimed warm-up steps
+        if n == 2:
+            copied0 = sum(s.kv.copied for s in sessions)
+        steps = []
+        for s in sessions:
+            grant(s.kv, s.length + 1)
+            steps.append(StepInput(s, torch.randn(1, 1, hidden), torch.tensor([[s.length]]), None))
+        t0 = time.perf_counter()
+        run_batch(steps)
+        times.append(time.perf_counter() - t0)
+    copied = (sum(s.kv.copied for s in sessions) - copied0) / TIMED_STEPS
+    return statistics.median(times[2:]), copied
+
+
+def _attention_alone(config, context: int) -> float:
+    """Median seconds of the attention of one decode step of every session on every block, alone: each
+    session's query over its own keys and values, already in place (what the step cannot do with less)."""
+    import torch
+    import torch.nn.functional as F
+
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    keys = [torch.randn(1, kv_heads, context + i + 1, dim) for i in range(STEP_SESSIONS)]
+    values = [torch.randn_like(k) for k in keys]
+    query = torch.randn(1, heads, 1, dim)
+    times = []
+    with torch.inference_mode():
+        for _ in range(TIMED_STEPS + 2):
+            t0 = time.perf_counter()
+            for _ in range(config.num_hidden_layers):
+                for k, v in zip(keys, values):
+                    F.scaled_dot_product_attention(query, k, v, enable_gqa=True)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
 
 
 def chat_ids(tokenizer, text: str):
@@ -183,11 +287,29 @@ def main() -> int:
     args = parse_args()
     prepare()
     import torch
+
+    torch.set_num_threads(args.threads)
+    merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    ok = True
+    if "steps" in args.parts:
+        steps = measure_steps()
+        merged["serving_steps"] = steps
+        RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
+        print(f"batch-{STEP_SESSIONS} decode step, context {STEP_CONTEXTS[1]} / {STEP_CONTEXTS[0]}: "
+              f"{steps['step_ratio']:.2f}x (attention's arithmetic: {steps['arithmetic_ratio']:.2f}x; the step "
+              f"over its attention-bound time: {steps['over_attention_bound']:.2f}x); copied per step: "
+              + ", ".join(f"{steps[c]['copied_bytes_per_step'] / steps['new_token_bytes_per_step']:.1f}x the new "
+                          f"tokens' bytes at {c}" for c in STEP_CONTEXTS))
+    if "swarm" in args.parts:
+        ok = measure_swarms(args, merged)
+    return 0 if ok else 1
+
+
+def measure_swarms(args, merged: dict) -> bool:
     from transformers import AutoTokenizer
 
     from swarmllm.models.source import resolve_model
 
-    torch.set_num_threads(args.threads)
     model_dir = resolve_model("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batched = measure_swarm(args, model_dir, tokenizer, tuple(args.server_args.split()))
@@ -198,13 +320,12 @@ def main() -> int:
         results["unbatched"] = {k: v for k, v in unbatched.items() if k != "concurrent_tokens"}
         results["batched_over_unbatched"] = batched["aggregate_tok_s"] / unbatched["aggregate_tok_s"]
         results["outputs_equal_unbatched"] = batched["concurrent_tokens"] == unbatched["concurrent_tokens"]
-    merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**merged, "serving": results}, indent=2) + "\n")
     print(f"aggregate {args.clients} clients / 1 client: {batched['ratio']:.2f}x (target >= {TARGET_AGGREGATE})")
     if args.unbatched:
         print(f"batched / unbatched servers, {args.clients} clients: {results['batched_over_unbatched']:.2f}x")
     print(f"time to first token, {batched['ttft']['prompt_tokens']} tokens: swarm / local {batched['ttft']['ratio']:.2f}")
-    return 0 if batched["tokens_match_single"] else 1
+    return bool(batched["tokens_match_single"])
 
 
 if __name__ == "__main__":

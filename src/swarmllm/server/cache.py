@@ -127,6 +127,9 @@ class SessionKV:
     held: int = 0  # bytes granted by CacheMemory for those tokens
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # absolute block index -> tensor
     values: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Bytes of keys and values moved after they were first written (a tensor regrown, a batch's gather, a
+    # beam reorder): what a step costs beyond storing its own new tokens (bench/serving.py reports it).
+    copied: int = 0
 
     @property
     def page_bytes(self) -> int:
@@ -173,6 +176,7 @@ class SessionKV:
             if old is not None:
                 k[:, :, : old.shape[2]] = old
                 v[:, :, : old.shape[2]] = self.values[layer]
+                self.copied += nbytes(old) + nbytes(self.values[layer])
             self.keys[layer], self.values[layer] = k, v
         self.keys[layer][:, :, at:end] = key
         self.values[layer][:, :, at:end] = value
@@ -182,3 +186,8 @@ class SessionKV:
         for layer in self.keys:
             self.keys[layer] = self.keys[layer].index_select(0, hypo_ids)
             self.values[layer] = self.values[layer].index_select(0, hypo_ids)
+            self.copied += nbytes(self.keys[layer]) + nbytes(self.values[layer])
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

@@ -18,7 +18,7 @@ import torch
 
 from swarmllm.models.family import SLIDING
 from swarmllm.models.span import Span, attention_of
-from swarmllm.server.cache import SessionKV
+from swarmllm.server.cache import SessionKV, nbytes
 from swarmllm.server.compute import BadRequest, Extras, TooLong, check_inputs, check_prompts
 
 
@@ -114,6 +114,7 @@ class _BatchCache:
             kv.write(layer_idx, key[rows], value[rows], past)
             out_k[rows, :, : past + q] = kv.keys[layer_idx][:, :, : past + q]
             out_v[rows, :, : past + q] = kv.values[layer_idx][:, :, : past + q]
+            kv.copied += nbytes(out_k[rows, :, : past + q]) + nbytes(out_v[rows, :, : past + q])
             row += step.rows
         return out_k, out_v
 
