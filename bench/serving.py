@@ -104,21 +104,26 @@ def measure_steps() -> dict:
 def _batched_steps(span, context: int) -> tuple[float, float]:
     """Median seconds of a decode step of the sessions in one pass, and bytes copied per step, over
     `TIMED_STEPS` steps. The sessions' lengths differ (context + i), as independent users' do; their pages are
-    granted as a server grants them, one at a time when a step needs one."""
+    granted as a server grants them (`SessionKV.reserve`, from an ample budget) when a step needs room."""
+    import asyncio
+
     import torch
 
-    from swarmllm.server.cache import SessionKV
+    from swarmllm.server.cache import CacheMemory, SessionKV
     from swarmllm.server.compute import Extras
     from swarmllm.server.inference import Session, StepInput, run_batch
 
-    def grant(kv: SessionKV, tokens: int) -> None:  # SessionKV.reserve without the memory budget
-        kv.capacity += kv.pages_for(tokens) * kv.page_tokens
+    loop, memory = asyncio.new_event_loop(), CacheMemory(2**40, queue_timeout=1.0)
+
+    def grant(kv: SessionKV, tokens: int) -> None:
+        loop.run_until_complete(kv.reserve(memory, tokens, "a benchmark session"))
 
     hidden = span.config.hidden_size
     sessions = []
     for i in range(STEP_SESSIONS):
-        kv = SessionKV(span, 1, STEP_PAGE)
-        session = Session(span, 1, context + i + TIMED_STEPS + 8, kv, Extras())
+        max_length = context + i + TIMED_STEPS + 8
+        kv = SessionKV(span, 1, STEP_PAGE, limit=max_length)
+        session = Session(span, 1, max_length, kv, Extras())
         grant(kv, context + i)
         run_batch([StepInput(session, torch.randn(1, context + i, hidden), torch.arange(context + i)[None], None)])
         sessions.append(session)
@@ -134,6 +139,7 @@ def _batched_steps(span, context: int) -> tuple[float, float]:
         run_batch(steps)
         times.append(time.perf_counter() - t0)
     copied = (sum(s.kv.copied for s in sessions) - copied0) / TIMED_STEPS
+    loop.close()
     return statistics.median(times[2:]), copied
 
 

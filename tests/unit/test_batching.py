@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from swarmllm.models.span import span_from_model
 from swarmllm.server.cache import CacheFullError, CacheMemory, SessionKV, bytes_per_token
 from swarmllm.server.compute import Extras
 from swarmllm.server.inference import Session, StepInput, run_batch
+from swarmllm.server.ragged import RaggedPass, ragged_capable
 from swarmllm.server.scheduler import Scheduler, _Call, _Step, take_batch
 from tests.unit.test_span_exact import CONFIGS, _model, final_norm, first_hidden, skip_unrun
 
@@ -77,6 +79,64 @@ def test_batched_sessions_of_different_lengths_equal_the_full_model(name: str, a
             for i, out in zip(live, outs):
                 seqs[i].check(out, pos[i], pos[i] + 1, f"{name} session {i} decode at {pos[i]}")
                 pos[i] += 1
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_batched_decode_step_reads_the_past_in_place_where_it_attends_per_session(attention: str) -> None:
+    """With sdpa, each session attends over its own cache in place: batched decode steps copy no past keys or
+    values. Eager attention gathers every session's past into one padded tensor per block, each step: the
+    counter sees exactly those bytes."""
+    model = _model("llama", attention)
+    span = span_from_model(model, 0, 4)
+    seqs = [_Sequence(model, 12, 0, seed) for seed in (1, 2, 3)]
+    sessions = [_session(span) for _ in seqs]  # capacity for 64 tokens: nothing regrows
+    pos, gathered = [7, 5, 3], 0
+    with torch.no_grad():
+        for seq, session, n in zip(seqs, sessions, pos):
+            run_batch([seq.step(session, 0, n)])
+        for _ in range(4):
+            outs = run_batch([seq.step(session, p, p + 1) for seq, session, p in zip(seqs, sessions, pos)])
+            for i, out in enumerate(outs):
+                seqs[i].check(out, pos[i], pos[i] + 1, f"{attention} session {i} at {pos[i]}")
+                gathered += (pos[i] + 1) * bytes_per_token(span)
+                pos[i] += 1
+    assert sum(s.kv.copied for s in sessions) == (0 if attention == "sdpa" else gathered)
+
+
+def test_blocks_that_change_their_keys_after_the_cache_are_refused_per_session_not_computed_wrong(monkeypatch) -> None:
+    """DeepSeek's latent attention expands what it caches before attending: a pass that attended per session
+    over the cache would be wrong, so it is not capable of it, and forced to, it fails loudly."""
+    model = _model("deepseek_v3")
+    span = span_from_model(model, 0, model.config.num_hidden_layers)
+    assert not ragged_capable(span)
+    seqs = [_Sequence(model, 6, 0, seed) for seed in (1, 2)]
+    sessions = [_session(span) for _ in seqs]
+    with torch.no_grad():
+        for seq, session in zip(seqs, sessions):
+            run_batch([seq.step(session, 0, 5)])
+        monkeypatch.setattr("swarmllm.server.inference.ragged_capable", lambda span: True)
+        with pytest.raises(RuntimeError, match="changed their keys between the cache and attention"):
+            run_batch([seq.step(session, 5, 6) for seq, session in zip(seqs, sessions)])
+
+
+def test_the_wrapped_sdpa_is_transformers_own_outside_a_pass_and_in_other_threads() -> None:
+    """The registered sdpa attends per session only in the thread running a ragged pass: a model run by another
+    thread meanwhile, or after the pass, computes exactly what transformers does."""
+    model = _model("llama")
+    seq = _Sequence(model, 9, 0, 4)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model.base_model(inputs_embeds=model.get_input_embeddings()(seq.ids)).last_hidden_state
+
+    span = span_from_model(model, 0, 4)
+    other: list[torch.Tensor] = []
+    with RaggedPass(span, [], 1).active():
+        thread = threading.Thread(target=lambda: other.append(run()))
+        thread.start()
+        thread.join()
+    torch.testing.assert_close(other[0], seq.want, rtol=0, atol=0)
+    torch.testing.assert_close(run(), seq.want, rtol=0, atol=0)
 
 
 def _stepwise(model, embeds: torch.Tensor, steps: list[int]) -> list[torch.Tensor]:

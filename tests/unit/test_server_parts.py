@@ -10,7 +10,7 @@ import torch
 
 from swarmllm.cli.options import add_config_args, config_from_args
 from swarmllm.server import compute
-from swarmllm.server.cache import CacheFullError, CacheMemory, SessionKV, bytes_per_token
+from swarmllm.server.cache import GROWTH, CacheFullError, CacheMemory, SessionKV, bytes_per_token
 from swarmllm.server.config import ServerConfig
 from swarmllm.server.inference import Session, StepInput, run_batch
 from tests.unit.tiny import tiny_span
@@ -108,6 +108,32 @@ def test_running_out_of_device_memory_is_a_typed_busy_reply() -> None:
 
     assert error_code(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")) == ErrorCode.CACHE_FULL
     assert error_code(RuntimeError("something else")) == ErrorCode.INTERNAL
+
+
+def test_a_growing_cache_copies_each_token_a_bounded_number_of_times_and_never_takes_what_is_not_free(span) -> None:
+    """Decoding 400 tokens one at a time: the cache grows by a quarter at a time where memory allows, so its
+    regrowths copy each token fewer than 1 + 1 / GROWTH times (5; page by page it would be about 400 / 8 = 50).
+    Near `limit` or a full budget it takes only the pages it needs."""
+    per_page = bytes_per_token(span) * 4
+
+    async def decode(kv: SessionKV, memory: CacheMemory, tokens: int) -> None:
+        for t in range(1, tokens + 1):
+            await kv.reserve(memory, t, "a step")
+            for layer in range(4):  # (batch, kv_heads, q, head_dim)
+                kv.write(layer, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), t - 1)
+            kv.commit(1)
+
+    memory = CacheMemory(budget=1000 * per_page, queue_timeout=0.1)
+    kv = SessionKV(span, batch=1, page_tokens=4, limit=410)
+    asyncio.run(decode(kv, memory, 400))
+    stored = bytes_per_token(span) * 400
+    assert 0 < kv.copied < stored * (1 + 1 / GROWTH)
+    assert 400 <= kv.capacity <= 412 and memory.used == kv.held == kv.capacity // 4 * per_page  # capped by limit
+
+    tight = CacheMemory(budget=3 * per_page, queue_timeout=0.1)  # room for 12 tokens, no more
+    kv = SessionKV(span, batch=1, page_tokens=4)
+    asyncio.run(decode(kv, tight, 12))
+    assert kv.capacity == 12 and tight.used == tight.budget
 
 
 def test_session_kv_owns_its_pages_length_and_rewinds(span) -> None:

@@ -38,6 +38,10 @@ class Family:
     # What transformers runs the family's attention with by default: Gemma 2 softcaps its attention scores,
     # which its code does in eager attention only (it refuses sdpa).
     attention: str = "sdpa"
+    # Whether the family's attention gets the keys and values exactly as the cache hands them back: then a
+    # server's batched pass can attend per session over each session's cache in place (server/ragged.py).
+    # DeepSeek's latent attention expands what it caches into keys and values first.
+    attention_reads_cache: bool = True
     # The module that holds the blocks and the client's modules, and that the causal LM's head calls: the base
     # model itself (`model.base_model`), or a module within it (OPT's `decoder`). The paths below are within it:
     # where transformers keeps the stack of blocks, the embeddings and the final norm (the last two run on the
@@ -88,7 +92,7 @@ FAMILIES: dict[str, Family] = {
         # OPT: learned positions (offset 2) and optional projections around the blocks, all on the client.
         # DeepSeek-V3: multi-head latent attention (its cache holds the compressed latent), dense first blocks,
         # then routed experts beside a shared one, with group-limited routing.
-        Family("deepseek_v3"),
+        Family("deepseek_v3", attention_reads_cache=False),
         Family("opt", root="decoder", norm="final_layer_norm", positions="none", before=("project_in",),
                learned_positions="embed_positions", after=("project_out",)),
     )

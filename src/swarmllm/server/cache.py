@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +92,13 @@ class CacheMemory:
                 self._wake()
             raise
 
+    def try_acquire(self, nbytes: int) -> bool:
+        """Take `nbytes` only if they are free now and nobody is queued before; never waits."""
+        if self._waiters or nbytes > self.free:
+            return False
+        self.used += nbytes
+        return True
+
     def release(self, nbytes: int) -> None:
         self.used = max(0, self.used - nbytes)
         self._wake()
@@ -100,6 +108,12 @@ class CacheMemory:
             nbytes, waiter = self._waiters.popleft()
             self.used += nbytes
             waiter.set_result(None)
+
+
+# How much a growing session cache takes at once beyond what it needs, as a fraction of that: it copies its
+# tokens fewer than 1 + 1 / GROWTH times each over its life, and holds at most GROWTH more than it fills (plus
+# a page).
+GROWTH = 0.25
 
 
 def bytes_per_token(span: Span, batch: int = 1) -> int:
@@ -122,6 +136,7 @@ class SessionKV:
     span: Span
     batch: int
     page_tokens: int
+    limit: int | None = None  # the most tokens the session may hold (its declared max_length), if known
     length: int = 0
     capacity: int = 0  # tokens granted by CacheMemory
     held: int = 0  # bytes granted by CacheMemory for those tokens
@@ -141,12 +156,23 @@ class SessionKV:
 
     async def reserve(self, memory: CacheMemory, tokens: int, what: str) -> None:
         """Make room for `tokens` in all: take the missing pages from `memory`, waiting in its queue. Raises
-        CacheFullError with nothing taken."""
+        CacheFullError with nothing taken.
+
+        A cache that has to grow takes room for `GROWTH` more tokens than it needs where that much is free now
+        (never past `limit`): the compute thread copies the cache into a bigger tensor each time it grows, so
+        growing by a fraction keeps the copies per token constant (each token is copied fewer than 1 + 1 / GROWTH
+        times), where growing by one page would copy the whole context every `page_tokens` tokens."""
         pages = self.pages_for(tokens)
-        if pages:
+        if not pages:
+            return
+        ample = math.ceil(tokens * (1 + GROWTH))
+        more = self.pages_for(ample if self.limit is None else max(tokens, min(ample, self.limit)))
+        if more > pages and memory.try_acquire(more * self.page_bytes):
+            pages = more
+        else:
             await memory.acquire(pages * self.page_bytes, what)
-            self.held += pages * self.page_bytes
-            self.capacity += pages * self.page_tokens
+        self.held += pages * self.page_bytes
+        self.capacity += pages * self.page_tokens
 
     def release(self, memory: CacheMemory) -> None:
         memory.release(self.held)

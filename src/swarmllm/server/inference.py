@@ -1,9 +1,12 @@
 """Inference steps of many sessions in one forward pass.
 
 Each session keeps its own keys/values (`cache.SessionKV`) and its own position. A batch stacks the
-sessions' new tokens row-wise; during the pass, every attention layer gets, per row, that session's past
-keys followed by the new ones, padded to the longest session, with a mask that hides the padding. So a
-session's output does not depend on who it was batched with, beyond float rounding of a wider matmul.
+sessions' new tokens row-wise. Attention then runs per session over that session's own cache, in place
+(`ragged.RaggedPass`), for blocks that allow it (sdpa, keys used as cached). For the others (eager attention,
+DeepSeek's latent attention) every attention layer gets, per row, that session's past keys followed by the
+new ones, gathered and padded to the longest session, with a mask that hides the padding: a copy of the
+batch's whole context per step. Either way a session's output does not depend on who it was batched with,
+beyond float rounding of a wider matmul.
 
 Why bother: on a CPU (and a GPU) a decode step is bound by reading the weights, so one pass for 8 sessions
 costs little more than a pass for one.
@@ -11,6 +14,7 @@ costs little more than a pass for one.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,6 +24,7 @@ from swarmllm.models.family import SLIDING
 from swarmllm.models.span import Span, attention_of
 from swarmllm.server.cache import SessionKV, nbytes
 from swarmllm.server.compute import BadRequest, Extras, TooLong, check_inputs, check_prompts
+from swarmllm.server.ragged import RaggedPass, Rows, ragged_capable
 
 
 class BatchKey(NamedTuple):
@@ -93,8 +98,9 @@ class StepInput:
 
 
 class _BatchCache:
-    """What the attention layers see as the cache during one batched pass: `update` stores the new keys and
-    values in each session and returns, per row, [past, new, padding] up to `kv_len`."""
+    """What the attention layers see as the cache during one batched pass that cannot attend per session:
+    `update` stores the new keys and values in each session and returns, per row, [past, new, padding] up to
+    `kv_len`."""
 
     def __init__(self, steps: list[StepInput], pasts: list[int], kv_len: int):
         self.steps, self.pasts, self.kv_len = steps, pasts, kv_len
@@ -160,6 +166,15 @@ def _masks(span: Span, steps: list[StepInput], pasts: list[int], q: int, kv_len:
     return masks
 
 
+def _rows(span: Span, steps: list[StepInput], pasts: list[int], q: int) -> list[Rows]:
+    """Each session's rows of the pass, with the masks it would get alone (None where plain sdpa is exact)."""
+    parts, row = [], 0
+    for step, past in zip(steps, pasts):
+        parts.append(Rows(step.session.kv, slice(row, row + step.rows), past, _masks(span, [step], [past], q, past + q)))
+        row += step.rows
+    return parts
+
+
 def _keys(steps: list[StepInput], pasts: list[int], q: int, kv_len: int) -> torch.Tensor:
     """(rows, kv_len) 1 where a row has a real key: each session's own 2D mask (all ones without padding), then
     zeros up to the longest session. ALiBi counts a key's position along it, as the full model does."""
@@ -190,12 +205,19 @@ def run_batch(steps: list[StepInput]) -> list[torch.Tensor]:
     hidden = torch.cat([s.hidden.to(dtype) for s in steps])  # (rows, q, hidden)
     position_ids = torch.cat([s.position_ids for s in steps])  # (rows, q)
     prompts = session0._prompts() if len(steps) == 1 else None
-    masks = _masks(span, steps, pasts, q, kv_len)
     keys = _keys(steps, pasts, q, kv_len) if span.family.positions == "alibi" else None
     tables = torch.cat([torch.full((s.rows,), s.table, device=position_ids.device) for s in steps])
-    with session0.extras.applied(span):
-        out = span(hidden, position_ids, cache=_BatchCache(steps, pasts, kv_len), prompts=prompts, masks=masks, keys=keys,
-                   tables=tables)
+    cache: RaggedPass | _BatchCache
+    attending: contextlib.AbstractContextManager[None]
+    if len(steps) > 1 and ragged_capable(span):
+        cache = RaggedPass(span, _rows(span, steps, pasts, q), q)
+        masks: dict[str, torch.Tensor | None] = dict.fromkeys(span.types)  # each session's own are in `cache`
+        attending = cache.active()
+    else:
+        cache, masks = _BatchCache(steps, pasts, kv_len), _masks(span, steps, pasts, q, kv_len)
+        attending = contextlib.nullcontext()
+    with session0.extras.applied(span), attending:
+        out = span(hidden, position_ids, cache=cache, prompts=prompts, masks=masks, keys=keys, tables=tables)
     results, row = [], 0
     for s in steps:
         results.append(out[row : row + s.rows].to(s.hidden.dtype))

@@ -138,7 +138,7 @@ class Sessions:
         extras = await c.tuning.extras(meta.tuning, span, peer, prompts)
         what = f"a session of {meta.batch_size} x {meta.max_length} tokens on blocks {meta.start}:{meta.end}"
         c.memory.check_possible(bytes_per_token(span, meta.batch_size) * meta.max_length, what)
-        kv = SessionKV(span, meta.batch_size, c.page_tokens)
+        kv = SessionKV(span, meta.batch_size, c.page_tokens, limit=meta.max_length)
         await kv.reserve(c.memory, 1, what)  # its first page
         return _Live(meta, Session(span, meta.batch_size, meta.max_length, kv, extras))
 

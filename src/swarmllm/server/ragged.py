@@ -1,0 +1,115 @@
+"""Attention of a batched pass, computed per session over that session's own cache, in place.
+
+A batched pass stacks the sessions' new tokens row-wise for everything that shares weights (the projections
+and the MLPs): that is what batching pays for. Attention shares no weights: each row's queries attend to
+its own session's keys. Gathering every session's past into one padded tensor per block (what
+`inference._BatchCache` does) copies the whole context of the batch at every step, outside the cache budget.
+Here the pass instead runs the model's own `sdpa` attention once per session, over views of that session's
+cache: a step copies only its new keys and values (into the cache), whatever the context.
+
+How it reaches the attention: a block calls `cache.update(key, value, layer)` and then the function that
+`transformers.ALL_ATTENTION_FUNCTIONS` registers for its attention implementation. `install()` replaces the
+registered "sdpa" function with `_attention`, which is transformers' own function unchanged unless the calling
+thread is inside `RaggedPass.active()` (the server's compute thread, during one pass). There, `update` stores
+each session's new keys and values and hands back what it was given; `_attention` checks that the block passed
+exactly that on (a block that transforms its keys between the two, such as DeepSeek's latent attention, is
+refused loudly, never computed wrong) and attends per session.
+
+Only sdpa blocks whose attention takes the cache's keys as stored can run this way (`ragged_capable`); others
+keep the padded gather.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from swarmllm.models.span import Span, attention_of
+from swarmllm.server.cache import SessionKV
+
+_local = threading.local()  # .plan: the RaggedPass this thread is running, if any
+_sdpa: Callable | None = None  # transformers' own sdpa attention, once `install` has wrapped it
+_install_lock = threading.Lock()
+
+
+def ragged_capable(span: Span) -> bool:
+    """Whether a batched pass of `span` may attend per session: its blocks use the registered sdpa function on
+    the keys and values the cache hands back."""
+    return attention_of(span.config) == "sdpa" and span.family.attention_reads_cache
+
+
+def install() -> None:
+    """Wrap transformers' registered sdpa attention (once per process; idempotent and thread-safe)."""
+    global _sdpa
+    with _install_lock:
+        if _sdpa is None:
+            _sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = _attention
+
+
+@dataclass
+class Rows:
+    """One session's rows of a pass."""
+
+    kv: SessionKV
+    rows: slice
+    past: int  # tokens before this step
+    masks: dict[str, torch.Tensor | None]  # per layer type: its own mask alone, or None for plain sdpa
+
+
+class RaggedPass:
+    """The cache of one batched pass (`Span.forward(cache=...)`) that stores each session's new keys and values
+    in its own `SessionKV` and lets `_attention` read them there."""
+
+    def __init__(self, span: Span, parts: list[Rows], q: int):
+        """`parts`: every session's rows, in row order; `q`: new tokens per row."""
+        self.span, self.parts, self.q = span, parts, q
+        self._layer: int | None = None
+        self._handed: torch.Tensor | None = None  # the keys `update` last handed back
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key, value: (rows, kv_heads, q, head_dim) of every session, stacked
+        for part in self.parts:
+            part.kv.write(layer_idx, key[part.rows], value[part.rows], part.past)
+        self._layer, self._handed = layer_idx, key
+        return key, value
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        install()
+        _local.plan = self
+        try:
+            yield
+        finally:
+            _local.plan = None
+
+    def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs):
+        """Each session's queries over its own keys and values, in place; (rows, q, heads, head_dim)."""
+        if key is not self._handed or self._layer is None:
+            raise RuntimeError(f"blocks of {self.span.config.model_type} changed their keys between the cache and "
+                               "attention: they cannot attend per session (mark the family attention_reads_cache=False)")
+        layer, n = self._layer, self.q
+        layer_type = self.span.types[layer - self.span.start]
+        assert _sdpa is not None
+        outs = []
+        for part in self.parts:
+            length = part.past + n
+            k = part.kv.keys[layer][:, :, :length]  # (rows, kv_heads, past + q, head_dim): a view
+            v = part.kv.values[layer][:, :, :length]
+            out, _ = _sdpa(module, query[part.rows], k, v, part.masks[layer_type], **kwargs)
+            outs.append(out)  # (rows, q, heads, head_dim)
+        return torch.cat(outs), None
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    """The registered "sdpa": per session within a ragged pass on this thread, transformers' own otherwise."""
+    plan = getattr(_local, "plan", None)
+    assert _sdpa is not None
+    if plan is None:
+        return _sdpa(module, query, key, value, attention_mask, **kwargs)
+    return plan.attend(module, query, key, value, **kwargs)
