@@ -12,6 +12,7 @@ Part `swarm`: one 3-server loopback swarm of SmolLM2 (float32, 10 blocks each). 
 - 1 client decoding greedily, then 8 clients at once (threads sharing one client model, as an API server
   does); the figure is aggregate tokens/s of the 8 over that of the 1. Servers batch the 8 sessions' steps
   (see swarmllm/server/scheduler.py); the servers' own counters give the mean batch size.
+- The servers' CPU seconds per generated token (from /proc), 8 sessions over 1: what batching saves them.
 - With `--unbatched` (default on), the same against a second swarm whose servers run one step per pass
   (`--max-batch-rows 1`): what batching itself buys, against the same machine.
 - Time to first token for a 512-token prompt: swarm (prefill through 3 servers, in chunks) over local
@@ -37,6 +38,7 @@ from _process import prepare  # noqa: E402  (bench/ is on sys.path when run as a
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 TARGET_AGGREGATE = 4.0
+TARGET_SERVER_CPU = 0.35  # servers' CPU per token, 8 sessions over 1
 PROMPTS = [
     "Explain in a few sentences why the sky is blue.",
     "Write a haiku about autumn leaves.",
@@ -237,13 +239,18 @@ def measure_swarm(args, model_dir, tokenizer, extra: tuple[str, ...]) -> dict:
             str(model_dir), initial_peers=swarm.initial_peers, num_threads=args.threads, dtype=torch.float32)
         try:
             generate_n(model, prompts[0], 4)  # warm-up: connections, allocator; not timed
-            singles = []
+            singles, single_n = [], 0
+            cpu0 = cpu_snapshot(swarm)
             for _ in range(2):
                 t0 = time.perf_counter()
                 single_tokens = generate_n(model, prompts[0], args.new_tokens)
                 singles.append(len(single_tokens) / (time.perf_counter() - t0))
+                single_n += len(single_tokens)
+            cpu1 = cpu_snapshot(swarm)
             out["single_tok_s"] = statistics.median(singles)
-            print(f"  1 client: {out['single_tok_s']:.2f} tok/s", file=sys.stderr)
+            out["single_cpu_ms_per_token"] = {k: round((cpu1[k] - cpu0[k]) / single_n * 1e3, 2) for k in cpu0}
+            print(f"  1 client: {out['single_tok_s']:.2f} tok/s, CPU ms per token {out['single_cpu_ms_per_token']}",
+                  file=sys.stderr)
             steps0, passes0 = server_totals(swarm)
             cpu0 = cpu_snapshot(swarm)
             seconds, tokens = concurrent(model, prompts, args.new_tokens)
@@ -256,6 +263,10 @@ def measure_swarm(args, model_dir, tokenizer, extra: tuple[str, ...]) -> dict:
             # Where the CPU went, per generated token: what bounds the aggregate on a shared machine.
             n = sum(len(t) for t in tokens)
             out["cpu_ms_per_token"] = {k: round((cpu1[k] - cpu0[k]) / n * 1e3, 2) for k in cpu0}
+            servers = [k for k in cpu0 if k != "client"]
+            # What batching saves the servers: their CPU per generated token, 8 sessions over 1 (target <= 0.35).
+            out["server_cpu_per_token_ratio"] = (sum(out["cpu_ms_per_token"][k] for k in servers)
+                                                 / sum(out["single_cpu_ms_per_token"][k] for k in servers))
             out["tokens_match_single"] = tokens[0] == single_tokens
             out["concurrent_tokens"] = tokens
             print(f"  {args.clients} clients: {out['aggregate_tok_s']:.2f} tok/s aggregate "
@@ -328,6 +339,8 @@ def measure_swarms(args, merged: dict) -> bool:
         results["outputs_equal_unbatched"] = batched["concurrent_tokens"] == unbatched["concurrent_tokens"]
     RESULTS.write_text(json.dumps({**merged, "serving": results}, indent=2) + "\n")
     print(f"aggregate {args.clients} clients / 1 client: {batched['ratio']:.2f}x (target >= {TARGET_AGGREGATE})")
+    print(f"servers' CPU per token, {args.clients} sessions / 1: {batched['server_cpu_per_token_ratio']:.2f}x "
+          f"(target <= {TARGET_SERVER_CPU})")
     if args.unbatched:
         print(f"batched / unbatched servers, {args.clients} clients: {results['batched_over_unbatched']:.2f}x")
     print(f"time to first token, {batched['ttft']['prompt_tokens']} tokens: swarm / local {batched['ttft']['ratio']:.2f}")

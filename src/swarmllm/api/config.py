@@ -17,6 +17,10 @@ class ApiConfig(BaseModel):
     max_concurrent_requests: int = Field(
         default=8, ge=1, description="completions decoded at once, each in its own server-side session"
     )
+    batch_heads: bool = Field(
+        default=True, description="compute the LM head once for the decode steps of all completions in progress "
+        "(one matmul per step instead of one per request; rows may differ by float rounding from a lone request's)",
+    )
     max_queued_requests: int = Field(
         default=32, ge=0, description="completions that may wait for a free slot; beyond that requests get 429"
     )

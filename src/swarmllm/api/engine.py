@@ -1,7 +1,8 @@
 """The model behind the API: prompts to tokens, limits, and completions on worker threads.
 
 Each completion runs on its own worker thread with its own server-side session, so concurrent requests
-decode concurrently (the servers batch their steps). Admission is bounded: `max_concurrent_requests` decode,
+decode concurrently: the servers batch their steps, and with `batch_heads` this host computes the LM head
+of their decode steps in one pass (client/head_batch.py). Admission is bounded: `max_concurrent_requests` decode,
 `max_queued_requests` wait, and the rest get 429 at once instead of piling up. A request whose client goes
 away sets its cancel flag; its thread stops at the next token and closes the session, freeing the servers'
 cache.
@@ -23,6 +24,7 @@ from swarmllm.api.constrained import Vocabulary
 from swarmllm.api.errors import ApiError
 from swarmllm.api.generation import Completion, Piece, Sampling, complete
 from swarmllm.api.metrics import ApiMetrics
+from swarmllm.client.head_batch import HeadBatcher
 from swarmllm.models.span import text_config
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos = frozenset(eos)
+        self.heads = HeadBatcher.install(model) if config.batch_heads else None
         self.executor = ThreadPoolExecutor(config.max_concurrent_requests, thread_name_prefix="swarmllm-api")
         self._admitted = 0
         self._lock = threading.Lock()
@@ -168,6 +171,9 @@ class Engine:
                 put(complete(self.model, self.tokenizer, prompt, sampling, self.eos, cancel, put, vocabulary))
             except BaseException as e:  # delivered to the request, which answers with an error
                 put(e)
+            finally:
+                if self.heads is not None:
+                    self.heads.forget()  # this worker decodes no more for now: no head pass waits for it
 
         m, began, first, finished = self.metrics, time.monotonic(), True, False
         with self.admitted():
