@@ -2,13 +2,19 @@
 
 Conditions follow Petals' published table: 1 Gbit/s with < 5 ms RTT, 100 Mbit/s with < 5 ms RTT, and
 100 Mbit/s with 100 ms RTT. Every peer (bootstrap, 3 servers, client) is its own host in a network
-namespace (swarmllm.wan); each host's egress is shaped, so any two hosts see the condition's RTT.
+namespace (swarmllm.wan); each host's egress rate is shaped with tbf, and a delay comes from a userspace
+relay in each delayed host (swarmllm.relay: this kernel has no sch_netem), so any two hosts see the
+condition's RTT.
+
+First the relay itself is checked: the round trip measured through it, from another namespace, must be
+within 10% of the target at 1 and 100 ms.
 
 Each figure is compared with the physical limit measured in the same run: the local model's compute per
 step (same threads, same machine) plus the fewest network crossings a step needs, one way each: with
 push, client -> server 1 -> server 2 -> server 3 -> client (4); without, to and from every server (6).
 Bandwidth adds nothing visible at these sizes (576 floats per token). Conditions that this machine cannot
-emulate (no root, or no sch_netem for delays) are reported as skipped with the reason.
+emulate (no root) are reported as skipped with the reason; a condition whose client fails, or whose relay
+dies, is reported as failed with the reason (the client is stopped, nothing hangs).
 
 Usage: python bench/wan.py [--tokens 24] [--threads 1]   (needs root)
 """
@@ -92,6 +98,47 @@ def local_compute_s(threads: int, tokens: int) -> float:
     return 1.0 / decode_steps_per_s(local.generate, ids, tokens)
 
 
+class ConditionFailed(RuntimeError):
+    pass
+
+
+def run_client(net, cmd: list[str], name: str, timeout: float = 1800) -> dict:
+    """The client's JSON line; ConditionFailed if it fails, times out, or a relay dies meanwhile."""
+    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while client.poll() is None:
+            dead = net.dead_relays()
+            if dead:
+                raise ConditionFailed(f"the delay relay of {', '.join(dead)} died")
+            if time.monotonic() > deadline:
+                raise ConditionFailed(f"the client did not finish in {timeout:.0f}s")
+            time.sleep(0.5)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    out, err = client.communicate()
+    if client.returncode != 0:
+        raise ConditionFailed(f"client failed in {name}:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def check_relay() -> dict:
+    """Round trips measured through a relay at 1 and 100 ms targets, from another namespace."""
+    from swarmllm.wan import Link, WanNetwork
+
+    out: dict = {}
+    with WanNetwork() as net:
+        plain = net.add_host(Link())
+        out["no_relay_ms"] = round(net.rtt_ms(plain), 3)
+        for target in (1.0, 100.0):
+            measured = net.rtt_ms(net.add_host(Link(rtt_ms=target)))
+            out[f"{target:g}ms"] = {"measured_ms": round(measured, 3), "error": round(measured / target - 1, 3)}
+        out["relay_overhead_ms"] = round(net.overhead_ms or 0.0, 3)
+    out["within_10pct"] = all(abs(out[k]["error"]) <= 0.10 for k in ("1ms", "100ms"))
+    return out
+
+
 def run_condition(name: str, rtt_ms: float, rate: float, args, compute_s: float) -> dict:
     from swarmllm.cli.local import even_spans
     from swarmllm.models.source import resolve_model
@@ -102,23 +149,20 @@ def run_condition(name: str, rtt_ms: float, rate: float, args, compute_s: float)
     env = {"OMP_NUM_THREADS": str(args.threads)}
     with WanNetwork() as net:
         boot = net.add_host(link)
-        peers = net.spawn(boot, "dht", ["dht", "--host-maddrs", boot.maddr]).wait_for("initial peers:", 120)
+        peers = net.spawn(boot, "dht", ["dht", *boot.peer_args]).wait_for("initial peers:", 120)
         peers = peers.split(":", 1)[1].split()
         servers = []
         for i, blocks in enumerate(even_spans(30, 3)):
             host = net.add_host(link)
             servers.append(net.spawn(host, f"server{i}", [
                 "serve", str(model_dir), "--initial-peers", *peers, "--blocks", blocks,
-                "--num-threads", str(args.threads), "--host-maddrs", host.maddr], env=env))
+                "--num-threads", str(args.threads), *host.peer_args], env=env))
         for child in servers:
             child.wait_for("server ready:", 300)
         client = net.add_host(link)
         cmd = ["ip", "netns", "exec", client.name, sys.executable, __file__, "--client", "--tokens", str(args.tokens),
                "--threads", str(args.threads), "--initial-peers", *peers]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        if result.returncode != 0:
-            raise RuntimeError(f"client failed in {name}:\n{result.stderr[-3000:]}")
-        got = json.loads(result.stdout.strip().splitlines()[-1])
+        got = run_client(net, cmd, name)
     one_way = rtt_ms / 2 / 1000
     limit = {"push": 1 / (compute_s + 4 * one_way), "nopush": 1 / (compute_s + 6 * one_way)}
     return {
@@ -141,13 +185,22 @@ def main() -> int:
     compute_s = local_compute_s(args.threads, args.tokens)
     print(f"local compute: {compute_s * 1e3:.1f} ms per step ({args.threads} thread(s))")
     results: dict = {"local_compute_ms": round(compute_s * 1e3, 2), "threads": args.threads, "tokens": args.tokens}
+    reason = unavailable()
+    if not reason:
+        relay = results["relay_check"] = check_relay()
+        print(f"relay: 1 ms -> {relay['1ms']['measured_ms']:.3f} ms, 100 ms -> {relay['100ms']['measured_ms']:.2f} ms "
+              f"(within 10%: {relay['within_10pct']}; no relay {relay['no_relay_ms']:.3f} ms)")
     for name, (rtt_ms, rate) in CONDITIONS.items():
-        reason = unavailable(need_delay=rtt_ms > 0)
         if reason:
             print(f"{name}: skipped: {reason}")
             results[name] = {"skipped": reason}
             continue
-        r = run_condition(name, rtt_ms, rate, args, compute_s)
+        try:
+            r = run_condition(name, rtt_ms, rate, args, compute_s)
+        except ConditionFailed as e:
+            print(f"{name}: failed: {e}")
+            results[name] = {"failed": str(e)}
+            continue
         results[name] = r
         print(f"{name}: push {r['push_steps_s']:.2f} steps/s ({r['push_vs_limit']:.2f} of the limit), "
               f"no push {r['nopush_steps_s']:.2f} ({r['nopush_vs_limit']:.2f}), push speedup {r['push_speedup']:.2f}x")

@@ -95,13 +95,15 @@ def _warm_zygote() -> Zygote:
 
 
 def spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None, echo: bool = False,
-          prefix: Sequence[str] = ()) -> Child:
+          prefix: Sequence[str] = (), module: str = "swarmllm.cli.main") -> Child:
     """Start `swarmllm <args>`: forked from the warm zygote; or, after a `prefix` (e.g. `ip netns exec HOST`,
-    which execs in place), as a fresh interpreter."""
+    which execs in place), as a fresh interpreter running `module` (the CLI, or e.g. the WAN relay)."""
     proc: subprocess.Popen | Forked
+    if module != "swarmllm.cli.main" and not prefix:
+        raise ValueError("only the CLI is forked from the zygote: another module needs a prefix")
     if prefix:
         proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "swarmllm.cli.main", *args],
+            [*prefix, sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

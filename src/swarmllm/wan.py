@@ -1,12 +1,19 @@
 """WAN emulation on one Linux machine, for benchmarks and tests of routing over slow links.
 
-Each emulated host is a network namespace joined to a bridge by a veth pair. Its outgoing traffic is
-shaped with tc: `netem` adds the one-way delay (half the wanted round trip: the reply is delayed by the
-other host's egress) and limits the rate; without a delay, `tbf` limits the rate alone. Processes run in
-a host with `ip netns exec`, so peers talk over real TCP through the shaped links.
+Each emulated host is a network namespace joined to a bridge by a veth pair. `tbf` limits the rate of its
+outgoing traffic. A delay is added by a userspace relay (`swarmllm.relay`) in the host's namespace, not by
+`sch_netem`, which many kernels (this project's CI among them) do not have: the host's peer process listens
+on the namespace's loopback, the relay listens on the host's address and holds every segment for half the
+link's round trip each way, and the peer announces the relay's address (`Host.peer_args`). Every
+connection to the host then crosses the delay. Processes run in a host with `ip netns exec`, so peers talk
+over real TCP through the shaped links.
 
-It needs root, iproute2, and for delays the `sch_netem` kernel module. `unavailable()` says what is
-missing; tests skip with that reason. Only the namespaces, links and bridge created here are removed.
+A connection gets the delay of the host it was dialed to. Links of different delays therefore behave as
+netem's per-host egress delays only for connections dialed to the delayed hosts; with one condition for
+every host (the benchmark) or delayed servers and an undelayed client (the routing test), that is the same.
+
+It needs root and iproute2. `unavailable()` says what is missing; tests skip with that reason. Only the
+namespaces, links, bridge and relays created here are removed.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from swarmllm.launcher import Child, spawn
+from swarmllm.relay import Echo, Relay, measure_rtt
 
 
 class WanUnavailable(RuntimeError):
@@ -33,6 +41,10 @@ class Link:
     rate_mbit: float = 1000.0
 
 
+# Ports within a delayed host's namespace: its peer process listens on loopback, its relay on the host's address.
+PEER_PORT, RELAY_PORT = 40000, 4001
+
+
 @dataclass
 class Host:
     name: str  # the network namespace
@@ -40,8 +52,19 @@ class Host:
     link: Link
 
     @property
+    def delayed(self) -> bool:
+        return self.link.rtt_ms > 0
+
+    @property
     def maddr(self) -> str:
-        return f"/ip4/{self.ip}/tcp/0"
+        """Where its peer process listens."""
+        return f"/ip4/127.0.0.1/tcp/{PEER_PORT}" if self.delayed else f"/ip4/{self.ip}/tcp/0"
+
+    @property
+    def peer_args(self) -> list[str]:
+        """The options of a `swarmllm dht` or `serve` run in this host: listen, and announce the relay if any."""
+        args = ["--host-maddrs", self.maddr]
+        return [*args, "--announce-maddrs", f"/ip4/{self.ip}/tcp/{RELAY_PORT}"] if self.delayed else args
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
@@ -51,7 +74,7 @@ def _ip(*args: str, ns: str | None = None) -> None:
         raise WanUnavailable(f"`{' '.join(cmd)}` failed: {result.stderr.strip()}")
 
 
-def unavailable(need_delay: bool = True) -> str | None:
+def unavailable() -> str | None:
     """Why this machine cannot emulate a WAN (None if it can): tried for real, in a throwaway namespace."""
     if os.geteuid() != 0:
         return "WAN emulation needs root (network namespaces and tc)"
@@ -61,13 +84,25 @@ def unavailable(need_delay: bool = True) -> str | None:
     try:
         _ip("ip", "netns", "add", probe)
         _ip("ip", "link", "set", "lo", "up", ns=probe)
-        qdisc = ["netem", "delay", "1ms"] if need_delay else ["tbf", "rate", "100mbit", "burst", "32kb", "latency", "50ms"]
-        _ip("tc", "qdisc", "add", "dev", "lo", "root", *qdisc, ns=probe)
+        _ip("tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "100mbit", "burst", "32kb", "latency", "50ms", ns=probe)
     except WanUnavailable as e:
-        return f"{e} (delays need the sch_netem kernel module)" if need_delay else str(e)
+        return str(e)
     finally:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+def relay_overhead_ms() -> float:
+    """The round trip the relay itself adds on this machine (thread wakeups, copies), measured through one
+    that holds 0.25 ms each way: what the relays take off their holds."""
+    echo = Echo()
+    hold = 0.00025
+    relay = Relay(("127.0.0.1", 0), echo.address, hold).start()
+    try:
+        return max(0.0, measure_rtt(relay.address, rounds=100) - 2 * hold * 1000)
+    finally:
+        relay.close()
+        echo.close()
 
 
 class WanNetwork:
@@ -75,13 +110,16 @@ class WanNetwork:
 
     _count = itertools.count()
 
-    def __init__(self, prefix: str = "sw", subnet: str = "10.77.0"):
+    def __init__(self, prefix: str = "sw", subnet: str = "10.77.0", overhead_ms: float | None = None):
+        """`overhead_ms`: the relay's own round trip (default: measured on first need, `relay_overhead_ms`)."""
         # Unique per network: interface names must not collide with a previous network's, whose teardown
         # the kernel may still be finishing. (Linux limits interface names to 15 characters.)
         self.prefix, self.subnet = f"{prefix}{os.getpid() % 10000}{next(self._count)}", subnet
         self.bridge = f"{self.prefix}br"
         self.hosts: list[Host] = []
         self.children: list[Child] = []
+        self.relays: dict[str, Child] = {}  # host name -> its relay
+        self.overhead_ms = overhead_ms
 
     def __enter__(self) -> WanNetwork:
         _ip("ip", "link", "add", self.bridge, "type", "bridge")
@@ -101,13 +139,40 @@ class WanNetwork:
         _ip("ip", "addr", "add", f"{host.ip}/24", "dev", inside, ns=host.name)
         _ip("ip", "link", "set", inside, "up", ns=host.name)
         _ip("ip", "link", "set", "lo", "up", ns=host.name)
-        rate = f"{link.rate_mbit}mbit"
-        if link.rtt_ms > 0:
-            shape = ["netem", "delay", f"{link.rtt_ms / 2}ms", "rate", rate, "limit", "100000"]
-        else:
-            shape = ["tbf", "rate", rate, "burst", "256kb", "latency", "100ms"]
-        _ip("tc", "qdisc", "add", "dev", inside, "root", *shape, ns=host.name)
+        _ip("tc", "qdisc", "add", "dev", inside, "root", "tbf", "rate", f"{link.rate_mbit}mbit", "burst", "256kb",
+            "latency", "100ms", ns=host.name)
+        if host.delayed:
+            self._start_relay(host)
         return host
+
+    def _start_relay(self, host: Host) -> None:
+        if self.overhead_ms is None:
+            self.overhead_ms = relay_overhead_ms()
+        args = [f"{host.ip}:{RELAY_PORT}", f"127.0.0.1:{PEER_PORT}", "--delay-ms", str(host.link.rtt_ms),
+                "--overhead-ms", f"{self.overhead_ms:.3f}"]
+        relay = spawn(f"relay-{host.name}", args, prefix=("ip", "netns", "exec", host.name), module="swarmllm.relay")
+        self.relays[host.name] = relay
+        relay.wait_for("relay ready:", 30)
+
+    def stop_relay(self, host: Host) -> None:
+        """Kill `host`'s relay (a link that goes down): connections through it break."""
+        self.relays[host.name].stop()
+
+    def dead_relays(self) -> list[str]:
+        """The hosts whose relay has exited: their links are down."""
+        return [name for name, relay in self.relays.items() if relay.proc.poll() is not None]
+
+    def rtt_ms(self, host: Host, rounds: int = 30) -> float:
+        """The round trip measured from the root namespace to `host` (through its relay, if delayed): an echo
+        service takes the peer's port in the host's namespace for the measurement."""
+        port = PEER_PORT if host.delayed else RELAY_PORT
+        echo = spawn(f"echo-{host.name}", [f"{'127.0.0.1' if host.delayed else host.ip}:{port}", "--echo"],
+                     prefix=("ip", "netns", "exec", host.name), module="swarmllm.relay")
+        try:
+            echo.wait_for("echo ready:", 30)
+            return measure_rtt((host.ip, RELAY_PORT), rounds=rounds)
+        finally:
+            echo.stop()
 
     def spawn(self, host: Host, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> Child:
         """Run `swarmllm <args>` inside `host`; stopped on exit."""
@@ -116,7 +181,7 @@ class WanNetwork:
         return child
 
     def __exit__(self, *exc) -> None:
-        for child in reversed(self.children):
+        for child in [*reversed(self.children), *self.relays.values()]:
             child.stop()
         for host in self.hosts:
             subprocess.run(["ip", "link", "del", f"{host.name}a"], capture_output=True)  # and its peer inside
