@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from swarmllm.api.generation import Piece, Sampling, TextStream, complete, pick
+from swarmllm.api.generation import Piece, Sampling, TextStream, complete, lookup, pick
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -279,3 +279,62 @@ def test_max_tokens_0_scores_the_prompt_alone(smollm2_local, smollm2_tokenizer, 
     assert both.token_ids == plain.token_ids
     assert [e.logprob for e in both.prompt_logprobs[1:]] == pytest.approx([e.logprob for e in c.prompt_logprobs[1:]])
     assert all(e.top == () for e in both.prompt_logprobs[1:])  # logprobs=0: no alternatives
+
+
+# Prompt lookup (ApiConfig.prompt_lookup)
+
+
+@pytest.mark.parametrize("history, most, expected", [
+    ([1, 2, 3, 9, 1, 2, 3], 2, [9, 1]),  # the 3-token tail occurred before: what followed it
+    ([5, 1, 2, 7, 8, 4, 2], 3, [7, 8, 4]),  # only the last token occurred before
+    ([1, 2, 3], 4, []),  # nothing repeats
+    ([4, 4, 4], 0, []),
+])
+def test_lookup_drafts_what_followed_the_latest_earlier_occurrence_of_the_tail(history, most, expected) -> None:
+    assert lookup(history, most) == expected
+
+
+class _Steps:
+    """Counts a model's forward calls (each one step of its cache)."""
+
+    def __init__(self, model) -> None:
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_prompt_lookup_gives_plain_greedys_tokens_in_fewer_steps(smollm2_local, smollm2_tokenizer, eos, logprobs) -> None:
+    """A repetitive prompt: the drafts are often right. Same tokens, text and logprobs as without drafts."""
+    text = "Repeat exactly: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog."
+    prompt = list(smollm2_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                        return_dict=True)["input_ids"])
+    sampling = Sampling(max_tokens=24, temperature=0, logprobs=logprobs)
+    counter = _Steps(smollm2_local)
+    try:
+        plain = complete(smollm2_local, smollm2_tokenizer, prompt, sampling, eos)
+        plain_steps, counter.calls = counter.calls, 0
+        pieces: list[Piece] = []
+        drafted = complete(smollm2_local, smollm2_tokenizer, prompt, sampling, eos, emit=pieces.append, prompt_lookup=5)
+    finally:
+        counter.handle.remove()
+    assert drafted.token_ids == plain.token_ids and drafted.text == plain.text == _join(pieces)
+    assert drafted.completion_tokens == plain.completion_tokens and drafted.finish_reason == plain.finish_reason
+    if logprobs:
+        assert [e.token for e in drafted.logprobs] == [e.token for e in plain.logprobs]
+        for a, b in zip(drafted.logprobs, plain.logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    assert counter.calls < plain_steps == plain.completion_tokens
+
+
+def test_prompt_lookup_leaves_sampled_requests_alone(smollm2_local, smollm2_tokenizer, prompt, eos) -> None:
+    sampling = Sampling(max_tokens=8, temperature=0.8, seed=3)
+    counter = _Steps(smollm2_local)
+    try:
+        c = complete(smollm2_local, smollm2_tokenizer, prompt, sampling, eos, prompt_lookup=5)
+    finally:
+        counter.handle.remove()
+    assert counter.calls == c.completion_tokens
+    assert c.token_ids == complete(smollm2_local, smollm2_tokenizer, prompt, sampling, eos).token_ids

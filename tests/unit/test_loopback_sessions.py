@@ -290,6 +290,26 @@ def test_a_rewind_drops_the_servers_tokens_after_it(make_swarm):
     assert_outputs([out], swarm.local_steps([first, replacement])[1:])
 
 
+@pytest.mark.parametrize("fault", ["kill", "stall"])
+def test_a_server_that_fails_after_a_rewind_is_replaced_with_only_the_accepted_tokens(make_swarm, fault):
+    """Speculative decoding's pattern: draft tokens sent, some rejected (rewind), then the first hop fails.
+    The replacement gets the history the session still holds (the first 4 tokens, not the 2 rejected), so
+    the next step is at position 4 and equals local blocks that never saw the rejected ones."""
+    swarm = make_swarm([(0, 2), (0, 2), (2, BLOCKS)])
+    manager = swarm.client(request_timeout=0.5)
+    first, rejected, accepted = steps(4, 2, 1)
+    with InferenceSession(manager, 0, BLOCKS, max_length=16) as session:
+        session.step(first)
+        session.step(rejected)
+        session.rewind(4)
+        failed = session.route[0].peer_id
+        (swarm.network.kill if fault == "kill" else swarm.network.stall)(failed)
+        out = session.step(accepted)
+        assert session.position == 5 and session.route[0].peer_id != failed
+    assert_outputs([out], swarm.local_steps([first, accepted])[1:])
+    swarm.network.resume(failed)
+
+
 # --- server-to-server push ---
 
 

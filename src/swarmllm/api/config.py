@@ -21,6 +21,10 @@ class ApiConfig(BaseModel):
         default=True, description="compute the LM head once for the decode steps of all completions in progress "
         "(one matmul per step instead of one per request; rows may differ by float rounding from a lone request's)",
     )
+    prompt_lookup: int = Field(
+        default=0, ge=0, le=64, description="draft tokens per step by prompt lookup, for greedy requests without a "
+        "response_format: one round trip checks them all, same tokens as plain decoding (0: off)",
+    )
     max_queued_requests: int = Field(
         default=32, ge=0, description="completions that may wait for a free slot; beyond that requests get 429"
     )

@@ -168,7 +168,8 @@ class Engine:
                 return
             try:
                 vocabulary = self.vocabulary if sampling.grammar is not None else None
-                put(complete(self.model, self.tokenizer, prompt, sampling, self.eos, cancel, put, vocabulary))
+                put(complete(self.model, self.tokenizer, prompt, sampling, self.eos, cancel, put, vocabulary,
+                             prompt_lookup=self.config.prompt_lookup))
             except BaseException as e:  # delivered to the request, which answers with an error
                 put(e)
             finally:

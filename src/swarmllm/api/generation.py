@@ -168,13 +168,73 @@ def _cache(model, max_length: int) -> Iterator[DynamicCache]:
         yield DynamicCache()
 
 
+class _Decoder:
+    """The per-token bookkeeping of one completion: picking, counts for penalties, the grammar, logprobs, the
+    released text and pieces."""
+
+    def __init__(self, tokenizer, sampling: Sampling, eos: frozenset[int], emit: Callable[[Piece], None] | None,
+                 matcher):
+        self.tokenizer, self.sampling, self.eos, self.emit, self.matcher = tokenizer, sampling, eos, emit, matcher
+        self.generator = None
+        if sampling.temperature > 0:
+            self.generator = torch.Generator()
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self.generator.manual_seed(seed)
+        self.stream = TextStream(tokenizer, sampling.stop)
+        self.counts: dict[int, int] = {}
+        self.produced: list[TokenLogprob] = []
+        self.pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not released yet
+
+    @property
+    def generated(self) -> int:
+        return sum(self.counts.values())
+
+    def take(self, logits: torch.Tensor) -> tuple[int, bool]:
+        """Pick the next token from its position's logits (vocab,) and account for it; (token, stop here)."""
+        allowed = self.matcher.allowed(logits.shape[-1]) if self.matcher is not None else None
+        token = pick(logits, self.sampling, self.generator, self.counts, allowed)
+        if self.matcher is not None and token not in self.eos:
+            self.matcher.advance(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
+        if self.sampling.logprobs is not None:
+            [entry] = score(self.tokenizer, logits[None], [token], self.sampling.logprobs)
+            self.pending.append(dataclasses.replace(entry, end=True) if token in self.eos else entry)
+        if token in self.eos:
+            return token, True
+        piece = self.stream.add(token)
+        if piece:
+            self.produced.extend(self.pending)
+            if self.emit is not None:
+                self.emit(Piece(piece, self.pending))
+            self.pending = []
+        return token, self.stream.stopped
+
+
+def lookup(history: list[int], most: int, ngram: int = 3) -> list[int]:
+    """Prompt lookup: up to `most` tokens that followed the latest earlier occurrence of the longest tail of
+    `history` (`ngram` tokens down to 1) that occurred before; [] when none did."""
+    if most <= 0:
+        return []
+    for n in range(min(ngram, len(history) - 1), 0, -1):
+        tail = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start : start + n] == tail:
+                return history[start + n : start + n + most]
+    return []
+
+
 def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: frozenset[int],
              cancel: threading.Event | None = None, emit: Callable[[Piece], None] | None = None,
-             vocabulary: Vocabulary | None = None) -> Completion:
+             vocabulary: Vocabulary | None = None, prompt_lookup: int = 0) -> Completion:
     """Decode up to `sampling.max_tokens` tokens after `prompt`, calling `emit` with each piece of final text.
     Stops at an end-of-sequence token, a stop string, the token budget, or when `cancel` is set.
     `max_tokens` may be 0: with `prompt_logprobs`, that scores the prompt alone. A `sampling.grammar` needs
-    the tokenizer's `vocabulary`; the end of sequence then comes only where the grammar may end."""
+    the tokenizer's `vocabulary`; the end of sequence then comes only where the grammar may end.
+
+    `prompt_lookup` > 0 drafts that many tokens per step by prompt lookup (`lookup`) for a greedy request
+    without a grammar: one pass checks them all, the tokens up to the first the model would not have picked
+    are kept, and the cache is rewound past the rest. The tokens are exactly those of plain greedy decoding
+    (up to the float rounding of a multi-token pass); there are fewer steps when drafts are right."""
     matcher = None
     if sampling.grammar is not None:
         if vocabulary is None:
@@ -183,64 +243,53 @@ def complete(model, tokenizer, prompt: list[int], sampling: Sampling, eos: froze
     if sampling.max_tokens == 0 and not sampling.prompt_logprobs:  # nothing to compute: open no session
         return Completion("", "length", len(prompt), 0, logprobs=[] if sampling.logprobs is not None else None)
     cancel = cancel or threading.Event()
-    generator = None
-    if sampling.temperature > 0:
-        generator = torch.Generator()
-        generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    stream = TextStream(tokenizer, sampling.stop)
-    k = sampling.logprobs
-    counts: dict[int, int] = {}
-    produced: list[TokenLogprob] = []
-    pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not released yet
+    drafts = prompt_lookup if sampling.temperature == 0 and matcher is None else 0
+    decoder = _Decoder(tokenizer, sampling, eos, emit, matcher)
     prompt_logprobs = None
     finish: FinishReason = "length"
     device = model.device  # the client's embeddings and head may live on a GPU; picking and scoring stay on the CPU
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    history = list(prompt)
     with _cache(model, len(prompt) + sampling.max_tokens) as cache, torch.inference_mode():
         ahead = None  # logits for the next position, when the prefill already gave them
         if sampling.prompt_logprobs and not cancel.is_set():
             logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=0).logits[0].cpu()  # (prompt, vocab)
             first = TokenLogprob(tokenizer.decode(prompt[:1]), None)
-            prompt_logprobs = [first, *score(tokenizer, logits[:-1], prompt[1:], k or 0)]
-            ahead = logits[-1]
+            prompt_logprobs = [first, *score(tokenizer, logits[:-1], prompt[1:], sampling.logprobs or 0)]
+            ahead = logits[-1:]
             if emit is not None:  # a stream echoes the prompt first, with these
                 emit(Piece("", prompt_logprobs=prompt_logprobs))
-        for _ in range(sampling.max_tokens):
+        while decoder.generated < sampling.max_tokens:
             if cancel.is_set():
                 finish = "cancelled"
                 break
+            draft = lookup(history, min(drafts, sampling.max_tokens - decoder.generated - 1)) if ahead is None else []
             if ahead is None:
-                logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].cpu()
+                step = torch.cat([ids, torch.tensor([draft], dtype=torch.long, device=device)], 1) if draft else ids
+                rows = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1 + len(draft)).logits[0].cpu()
             else:
-                logits, ahead = ahead, None
-            allowed = matcher.allowed(logits.shape[-1]) if matcher is not None else None
-            token = pick(logits, sampling, generator, counts, allowed)
-            if matcher is not None and token not in eos:
-                matcher.advance(token)
-            counts[token] = counts.get(token, 0) + 1
-            if k is not None:
-                [entry] = score(tokenizer, logits[None], [token], k)
-                pending.append(dataclasses.replace(entry, end=True) if token in eos else entry)
-            if token in eos:
-                finish = "stop"
+                rows, ahead = ahead, None
+            for j, row in enumerate(rows):  # (vocab,) each: the position after ids, then after each draft token
+                token, stop = decoder.take(row)
+                history.append(token)
+                if stop:
+                    finish = "stop"
+                    break
+                if j == len(draft) or token != draft[j] or decoder.generated == sampling.max_tokens:
+                    break
+            if finish == "stop":
                 break
-            piece = stream.add(token)
-            if piece:
-                produced.extend(pending)
-                if emit is not None:
-                    emit(Piece(piece, pending))
-                pending = []
-            if stream.stopped:
-                finish = "stop"
-                break
+            if draft and j < len(draft):
+                cache.crop(j - len(draft))  # keep ids and the j draft tokens taken; drop the rest
             ids = torch.tensor([[token]], dtype=torch.long, device=device)
+    stream = decoder.stream
     rest = stream.flush() if finish != "cancelled" else ""
-    produced.extend(pending)
-    if (rest or pending) and emit is not None and finish != "cancelled":
-        emit(Piece(rest, pending))
-    generated = sum(counts.values())
-    return Completion(stream.text, finish, len(prompt), generated, stream.ids,
-                      logprobs=produced if k is not None else None, prompt_logprobs=prompt_logprobs)
+    decoder.produced.extend(decoder.pending)
+    if (rest or decoder.pending) and emit is not None and finish != "cancelled":
+        emit(Piece(rest, decoder.pending))
+    return Completion(stream.text, finish, len(prompt), decoder.generated, stream.ids,
+                      logprobs=decoder.produced if sampling.logprobs is not None else None,
+                      prompt_logprobs=prompt_logprobs)
 
 
 def score(tokenizer, logits: torch.Tensor, tokens: list[int], k: int, rows: int = 256) -> list[TokenLogprob]:
