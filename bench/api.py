@@ -6,6 +6,8 @@ a free port. Measured in the same run:
 - api: the same completion through the official `openai` client, streamed (tokens/s and time to first
   token), as a ratio to direct; its text must equal direct's (exit 1 otherwise);
 - logprobs: the same streamed request with `logprobs` (top 5 per token), as a ratio to the plain one;
+- prompt lookup: a code-editing chat streamed through this API host and through a second one over the same
+  model with `--prompt-lookup 10`: time to first token and tokens/s, and equal texts (exit 1 otherwise);
 - concurrency: K requests at once through the API, total tokens/s as a ratio to one request at a time
   (the servers batch the concurrent sessions' steps; target >= 3x at K=8), first with every request
   computing its own LM head, then with the host's head batcher (`batch_heads`, the default: one head
@@ -29,6 +31,22 @@ from serving import cpu_snapshot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 TARGET_CONCURRENT = 3.0  # 8 requests at once over 1, aggregate tokens/s
+LOOKUP_TOKENS = 10
+CODE_PROMPT = """Add type hints to this function and change nothing else. Reply with the code only.
+
+def moving_average(values, window):
+    if window <= 0:
+        raise ValueError("window must be positive")
+    averages = []
+    total = 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            averages.append(total / window)
+    return averages
+"""
 PROMPT = "The history of the printing press begins"
 
 
@@ -38,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrent", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the median is reported")
+    p.add_argument("--lookup-tokens", type=int, default=64, help="new tokens of the prompt-lookup comparison")
     return p.parse_args()
 
 
@@ -132,6 +151,7 @@ def run(args: argparse.Namespace) -> dict:
                       f"{cpu_ms['batched_heads']}; "
                       f"n={args.concurrent} in one request: {choices[-1]:.2f} tok/s", file=sys.stderr)
             rows_per_head_pass = heads.calls / max(1, heads.passes)
+            lookup = prompt_lookup(args, client, model, model_dir)
         finally:
             api.stop()
             model.sequence_manager.shutdown()
@@ -149,9 +169,52 @@ def run(args: argparse.Namespace) -> dict:
         "n_choices_ratio_to_one": round(statistics.median(choices) / single, 3),
         "logprobs_tok_s": round(n / statistics.median(logprob_times), 3),
         "logprobs_ratio_to_api": round(statistics.median(api_times) / statistics.median(logprob_times), 3),
-        "text_matches": text_api == text_direct,
+        "text_matches": text_api == text_direct, "prompt_lookup": lookup,
         "new_tokens": n, "threads": args.threads, "repeats": args.repeats,
     }
+
+
+def streamed_chat(client, model_id: str, n: int) -> tuple[float, float, str]:
+    """(time to first token, tokens/s, text) of one greedy streamed chat completion of CODE_PROMPT."""
+    t0, first, text = time.perf_counter(), None, ""
+    for chunk in client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": CODE_PROMPT}],
+                                                max_tokens=n, temperature=0, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter() - t0
+            text += chunk.choices[0].delta.content
+    return first or 0.0, n / (time.perf_counter() - t0), text
+
+
+def prompt_lookup(args, client, model, model_dir) -> dict:
+    """A code-editing chat (the answer copies the code) through this API and through a second API host over
+    the same model with `prompt_lookup`: time to first token and tokens/s, alternating, and equal texts."""
+    import openai
+
+    from swarmllm.api.config import ApiConfig
+    from swarmllm.api.serve import ApiServer, swarm_engine
+
+    n = args.lookup_tokens
+    engine = swarm_engine(ApiConfig(model=str(model_dir), port=0, prompt_lookup=LOOKUP_TOKENS),
+                          model.sequence_manager.config, model=model)
+    with_lookup = ApiServer(engine).start()
+    try:
+        clients = {"plain": client, "lookup": openai.OpenAI(base_url=f"{with_lookup.url}/v1", api_key="unused",
+                                                           max_retries=0)}
+        got: dict[str, list] = {"plain": [], "lookup": []}
+        for r in range(args.repeats):
+            for name in ("plain", "lookup") if r % 2 == 0 else ("lookup", "plain"):
+                got[name].append(streamed_chat(clients[name], with_lookup.engine.model_id, n))
+                print(f"  {name}: first token {got[name][-1][0] * 1e3:.0f} ms, {got[name][-1][1]:.2f} tok/s",
+                      file=sys.stderr)
+    finally:
+        with_lookup.stop()
+    out = {"lookup_tokens": LOOKUP_TOKENS, "new_tokens": n,
+           "texts_equal": all(a[2] == b[2] for a, b in zip(got["plain"], got["lookup"]))}
+    for name, runs in got.items():
+        out[name] = {"first_token_s": round(statistics.median(r[0] for r in runs), 3),
+                     "tok_s": round(statistics.median(r[1] for r in runs), 3)}
+    out["speedup"] = round(out["lookup"]["tok_s"] / out["plain"]["tok_s"], 3)
+    return out
 
 
 def main() -> int:
@@ -168,9 +231,13 @@ def main() -> int:
           f"{r['head_calls_per_pass']:.2f} requests' decode steps per head pass)")
     print(f"one request with n={r['concurrent']}: {r['n_choices_total_tok_s']:.2f} tok/s in total, "
           f"{r['n_choices_ratio_to_one']:.2f}x one request")
+    lk = r["prompt_lookup"]
+    print(f"--prompt-lookup {lk['lookup_tokens']} on a code edit: {lk['lookup']['tok_s']:.2f} tok/s against "
+          f"{lk['plain']['tok_s']:.2f} ({lk['speedup']:.2f}x), first token {lk['lookup']['first_token_s'] * 1e3:.0f} "
+          f"against {lk['plain']['first_token_s'] * 1e3:.0f} ms; text {'equal' if lk['texts_equal'] else 'DIFFERS'}")
     merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**merged, "api": r}, indent=2) + "\n")
-    return 0 if r["text_matches"] else 1
+    return 0 if r["text_matches"] and lk["texts_equal"] else 1
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ Usage: python bench/wan.py [--tokens 24] [--threads 1]   (needs root)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from _process import prepare  # noqa: E402  (bench/ is on sys.path when run as a script)
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
 PROMPT = "Explain in three sentences why a bank might run its own language model swarm."
 # name -> (round trip added per exchange in ms, rate in Mbit/s). "< 5 ms" adds no delay: veth pairs on a
-# bridge already give well under 1 ms, and rate limiting alone needs only tbf (no sch_netem).
+# bridge already give well under 1 ms.
 CONDITIONS = {"1gbit_lt5ms": (0.0, 1000.0), "100mbit_lt5ms": (0.0, 100.0), "100mbit_100ms": (100.0, 100.0)}
 
 
@@ -43,9 +45,29 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=24, help="new tokens per generation (timed: the decode steps)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)  # internal: the client side
-    p.add_argument("--initial-peers", nargs="*", default=[], help=argparse.SUPPRESS)
+    add_client_args(p)
+    p.add_argument("--push", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
     return p.parse_args()
+
+
+def add_client_args(p: argparse.ArgumentParser) -> None:
+    """The internal options of a benchmark's client side, which runs in its own host (`client_command`)."""
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--initial-peers", nargs="*", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--host-maddrs", nargs="*", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--announce-maddrs", nargs="*", default=None, help=argparse.SUPPRESS)
+
+
+def peer_kwargs(args: argparse.Namespace) -> dict:
+    """The client's listen and announced addresses in its host: behind its relay, like every delayed peer (a
+    client reachable directly would let servers' connections to it skip every delay)."""
+    return {k: v for k, v in (("host_maddrs", args.host_maddrs), ("announce_maddrs", args.announce_maddrs)) if v}
+
+
+def client_command(host, script: str, peers: list[str], *args: str) -> list[str]:
+    """Run `script --client` in `host`, as a peer of the swarm at `peers`."""
+    return ["ip", "netns", "exec", host.name, sys.executable, script, "--client", *args, "--initial-peers", *peers,
+            *host.peer_args]
 
 
 def decode_steps_per_s(generate, ids, tokens: int) -> float:
@@ -59,7 +81,8 @@ def decode_steps_per_s(generate, ids, tokens: int) -> float:
 
 
 def client_main(args: argparse.Namespace) -> None:
-    """Runs inside the client's namespace: push on and off, alternating, and prints one JSON line."""
+    """Runs inside a client's namespace, with push on or off (one p2p daemon per host: it listens behind the
+    host's relay); prints one JSON line."""
     import torch
     from transformers import AutoTokenizer
 
@@ -69,19 +92,13 @@ def client_main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model_dir = resolve_model("smollm2")
     ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt").input_ids
-    models = {push: AutoDistributedModelForCausalLM.from_pretrained(
-        str(model_dir), initial_peers=args.initial_peers, push=push, num_threads=args.threads, request_timeout=120,
-        push_min_rtt=0,
-    ) for push in (True, False)}
-    rates: dict[bool, list[float]] = {True: [], False: []}
-    for push in (True, False):
-        models[push].generate(ids, max_new_tokens=2)  # warm-up: connections, pings
-    for r in range(2):
-        for push in (True, False) if r % 2 == 0 else (False, True):
-            rates[push].append(decode_steps_per_s(models[push].generate, ids, args.tokens))
-    for m in models.values():
-        m.sequence_manager.shutdown()
-    print(json.dumps({"push": statistics.median(rates[True]), "nopush": statistics.median(rates[False])}), flush=True)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(model_dir), initial_peers=args.initial_peers, push=args.push, num_threads=args.threads,
+        request_timeout=120, push_min_rtt=0, **peer_kwargs(args))
+    model.generate(ids, max_new_tokens=2)  # warm-up: connections, pings
+    rates = [decode_steps_per_s(model.generate, ids, args.tokens) for _ in range(2)]
+    model.sequence_manager.shutdown()
+    print(json.dumps({"steps_s": statistics.median(rates)}), flush=True)
 
 
 def local_compute_s(threads: int, tokens: int) -> float:
@@ -134,19 +151,21 @@ def check_relay() -> dict:
         for target in (1.0, 100.0):
             measured = net.rtt_ms(net.add_host(Link(rtt_ms=target)))
             out[f"{target:g}ms"] = {"measured_ms": round(measured, 3), "error": round(measured / target - 1, 3)}
-        out["relay_overhead_ms"] = round(net.overhead_ms or 0.0, 3)
+        out["relay_path_overhead_ms"] = round(net.overhead_ms or 0.0, 3)
     out["within_10pct"] = all(abs(out[k]["error"]) <= 0.10 for k in ("1ms", "100ms"))
     return out
 
 
-def run_condition(name: str, rtt_ms: float, rate: float, args, compute_s: float) -> dict:
+@contextlib.contextmanager
+def wan_swarm(link, threads: int) -> Iterator[tuple]:
+    """A bootstrap host and 3 SmolLM2 servers (10 blocks each), every one its own host behind `link`; yields
+    (the network, the initial peers)."""
     from swarmllm.cli.local import even_spans
     from swarmllm.models.source import resolve_model
-    from swarmllm.wan import Link, WanNetwork
+    from swarmllm.wan import WanNetwork
 
     model_dir = resolve_model("smollm2")
-    link = Link(rtt_ms=rtt_ms, rate_mbit=rate)
-    env = {"OMP_NUM_THREADS": str(args.threads)}
+    env = {"OMP_NUM_THREADS": str(threads)}
     with WanNetwork() as net:
         boot = net.add_host(link)
         peers = net.spawn(boot, "dht", ["dht", *boot.peer_args]).wait_for("initial peers:", 120)
@@ -156,13 +175,22 @@ def run_condition(name: str, rtt_ms: float, rate: float, args, compute_s: float)
             host = net.add_host(link)
             servers.append(net.spawn(host, f"server{i}", [
                 "serve", str(model_dir), "--initial-peers", *peers, "--blocks", blocks,
-                "--num-threads", str(args.threads), *host.peer_args], env=env))
+                "--num-threads", str(threads), *host.peer_args], env=env))
         for child in servers:
             child.wait_for("server ready:", 300)
-        client = net.add_host(link)
-        cmd = ["ip", "netns", "exec", client.name, sys.executable, __file__, "--client", "--tokens", str(args.tokens),
-               "--threads", str(args.threads), "--initial-peers", *peers]
-        got = run_client(net, cmd, name)
+        yield net, peers
+
+
+def run_condition(name: str, rtt_ms: float, rate: float, args, compute_s: float) -> dict:
+    from swarmllm.wan import Link
+
+    link = Link(rtt_ms=rtt_ms, rate_mbit=rate)
+    got = {}
+    with wan_swarm(link, args.threads) as (net, peers):
+        for push in (True, False):  # each client in a host of its own
+            cmd = client_command(net.add_host(link), __file__, peers, "--tokens", str(args.tokens), "--threads",
+                                 str(args.threads), "--push" if push else "--no-push")
+            got["push" if push else "nopush"] = run_client(net, cmd, name)["steps_s"]
     one_way = rtt_ms / 2 / 1000
     limit = {"push": 1 / (compute_s + 4 * one_way), "nopush": 1 / (compute_s + 6 * one_way)}
     return {

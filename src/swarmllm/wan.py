@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from swarmllm.launcher import Child, spawn
-from swarmllm.relay import Echo, Relay, measure_rtt
+from swarmllm.relay import measure_rtt
 
 
 class WanUnavailable(RuntimeError):
@@ -92,26 +92,14 @@ def unavailable() -> str | None:
     return None
 
 
-def relay_overhead_ms() -> float:
-    """The round trip the relay itself adds on this machine (thread wakeups, copies), measured through one
-    that holds 0.25 ms each way: what the relays take off their holds."""
-    echo = Echo()
-    hold = 0.00025
-    relay = Relay(("127.0.0.1", 0), echo.address, hold).start()
-    try:
-        return max(0.0, measure_rtt(relay.address, rounds=100) - 2 * hold * 1000)
-    finally:
-        relay.close()
-        echo.close()
-
-
 class WanNetwork:
     """Hosts on one emulated network. Use as a context manager; everything created is removed on exit."""
 
     _count = itertools.count()
 
     def __init__(self, prefix: str = "sw", subnet: str = "10.77.0", overhead_ms: float | None = None):
-        """`overhead_ms`: the relay's own round trip (default: measured on first need, `relay_overhead_ms`)."""
+        """`overhead_ms`: what a path through a relay adds besides its holds (default: measured in the first
+        delayed host, `_calibrate`)."""
         # Unique per network: interface names must not collide with a previous network's, whose teardown
         # the kernel may still be finishing. (Linux limits interface names to 15 characters.)
         self.prefix, self.subnet = f"{prefix}{os.getpid() % 10000}{next(self._count)}", subnet
@@ -147,12 +135,42 @@ class WanNetwork:
 
     def _start_relay(self, host: Host) -> None:
         if self.overhead_ms is None:
-            self.overhead_ms = relay_overhead_ms()
-        args = [f"{host.ip}:{RELAY_PORT}", f"127.0.0.1:{PEER_PORT}", "--delay-ms", str(host.link.rtt_ms),
-                "--overhead-ms", f"{self.overhead_ms:.3f}"]
-        relay = spawn(f"relay-{host.name}", args, prefix=("ip", "netns", "exec", host.name), module="swarmllm.relay")
-        self.relays[host.name] = relay
-        relay.wait_for("relay ready:", 30)
+            self.overhead_ms = self._calibrate(host)
+        self.relays[host.name] = self._relay(host, RELAY_PORT, host.link.rtt_ms, self.overhead_ms)
+
+    def _relay(self, host: Host, port: int, rtt_ms: float, overhead_ms: float) -> Child:
+        args = [f"{host.ip}:{port}", f"127.0.0.1:{PEER_PORT}", "--delay-ms", str(rtt_ms), "--overhead-ms", f"{overhead_ms:.3f}"]
+        relay = spawn(f"relay-{host.name}-{port}", args, prefix=("ip", "netns", "exec", host.name), module="swarmllm.relay")
+        try:
+            relay.wait_for("relay ready:", 30)
+        except BaseException:
+            relay.stop()
+            raise
+        return relay
+
+    def _calibrate(self, host: Host, probe_ms: float = 0.5) -> float:
+        """What the path through a relay adds besides its holds, measured on `host`'s own path (the bridge,
+        the veth pair, the relay's copies and thread wakeups): a relay told to add `probe_ms`, with nothing
+        taken off, before the real one starts. About 0.1 to 0.25 ms here."""
+        probe = self._relay(host, RELAY_PORT, probe_ms, 0.0)
+        echo = self._echo(host)
+        try:
+            return max(0.0, measure_rtt((host.ip, RELAY_PORT), rounds=100) - probe_ms)
+        finally:
+            echo.stop()
+            probe.stop()
+
+    def _echo(self, host: Host) -> Child:
+        """An echo service where `host`'s peer listens (before the peer starts): the far end of `rtt_ms`."""
+        where = f"127.0.0.1:{PEER_PORT}" if host.delayed else f"{host.ip}:{RELAY_PORT}"
+        echo = spawn(f"echo-{host.name}", [where, "--echo"], prefix=("ip", "netns", "exec", host.name),
+                     module="swarmllm.relay")
+        try:
+            echo.wait_for("echo ready:", 30)
+        except BaseException:
+            echo.stop()
+            raise
+        return echo
 
     def stop_relay(self, host: Host) -> None:
         """Kill `host`'s relay (a link that goes down): connections through it break."""
@@ -163,13 +181,10 @@ class WanNetwork:
         return [name for name, relay in self.relays.items() if relay.proc.poll() is not None]
 
     def rtt_ms(self, host: Host, rounds: int = 30) -> float:
-        """The round trip measured from the root namespace to `host` (through its relay, if delayed): an echo
-        service takes the peer's port in the host's namespace for the measurement."""
-        port = PEER_PORT if host.delayed else RELAY_PORT
-        echo = spawn(f"echo-{host.name}", [f"{'127.0.0.1' if host.delayed else host.ip}:{port}", "--echo"],
-                     prefix=("ip", "netns", "exec", host.name), module="swarmllm.relay")
+        """The round trip measured from the root namespace to `host` (through its relay, if delayed), before
+        its peer starts: an echo service takes the peer's place for the measurement."""
+        echo = self._echo(host)
         try:
-            echo.wait_for("echo ready:", 30)
             return measure_rtt((host.ip, RELAY_PORT), rounds=rounds)
         finally:
             echo.stop()
