@@ -342,12 +342,16 @@ class DistributedMixin:
 
 
 def _max_length(generation_config, kwargs: dict, inputs: torch.Tensor | None) -> int:
+    """The tokens a generate call's session must be able to hold. Prompt lookup may check drafts past the
+    requested length (transformers bounds its drafts by the text so far, not by max_length, and cuts the output
+    afterwards), so the session has room for one more step of drafts."""
     prompt = 0 if inputs is None else inputs.shape[-1]
     config = kwargs.get("generation_config") or generation_config
+    drafts = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) or 0
     new = kwargs.get("max_new_tokens", config.max_new_tokens)
     if new is not None:
-        return prompt + new
-    return kwargs.get("max_length", config.max_length)
+        return prompt + new + drafts
+    return kwargs.get("max_length", config.max_length) + drafts
 
 
 class AutoDistributedModelForCausalLM:
