@@ -8,9 +8,10 @@ link's round trip each way, and the peer announces the relay's address (`Host.pe
 connection to the host then crosses the delay. Processes run in a host with `ip netns exec`, so peers talk
 over real TCP through the shaped links.
 
-A connection gets the delay of the host it was dialed to. Links of different delays therefore behave as
-netem's per-host egress delays only for connections dialed to the delayed hosts; with one condition for
-every host (the benchmark) or delayed servers and an undelayed client (the routing test), that is the same.
+A connection gets the delay of the host it was dialed to, in both directions, whoever uses it. That equals
+netem's per-host egress delays when every host has the same condition (the benchmark). Where hosts differ, a
+connection that a delayed host dials to an undelayed one skips the delay: an undelayed peer should not be
+dialed, as a client in client mode is not (the routing test).
 
 It needs root and iproute2. `unavailable()` says what is missing; tests skip with that reason. Only the
 namespaces, links, bridge and relays created here are removed.

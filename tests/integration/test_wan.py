@@ -53,7 +53,9 @@ def test_routing_prefers_the_low_latency_server(tiny_llama_dir):
         pytest.skip(reason)
     with WanNetwork() as net:
         peers, ids = start(net, tiny_llama_dir, [("0:4", Link(rtt_ms=160)), ("0:4", Link(rtt_ms=4))])
-        model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama_dir), initial_peers=peers)
+        # In client mode no server dials the client (which has no relay): every connection crosses a server's.
+        model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama_dir), initial_peers=peers,
+                                                                client_mode=True)
         try:
             manager = model.sequence_manager
             deadline = time.monotonic() + 30

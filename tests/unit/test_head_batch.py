@@ -6,6 +6,7 @@ calls are queued: what is asserted is the batcher's own count of calls and passe
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -192,3 +193,18 @@ def test_a_pass_waits_for_a_recently_active_thread_but_not_for_one_that_is_done(
     with torch.no_grad():
         batcher(x)  # the only other recent thread said it is done: no waiting
     assert time.monotonic() - t0 < 10 and recorder.rows == [1, 2, 1, 1]
+
+
+def test_a_model_with_a_batcher_deep_copies_into_one_with_its_own() -> None:
+    """transformers' assisted generation users copy a model to make a draft of it: the copy batches its own
+    head, over its own weights."""
+    model = _model()
+    HeadBatcher.install(model)
+    twin = copy.deepcopy(model)
+    batcher = twin.get_output_embeddings().forward
+    assert isinstance(batcher, HeadBatcher) and batcher is not model.get_output_embeddings().forward
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.mul_(2)
+        x = torch.randn(1, 1, 32)
+        torch.testing.assert_close(twin.get_output_embeddings()(x), model.get_output_embeddings()(x) * 2)
+    assert batcher.calls == 1

@@ -58,6 +58,11 @@ class HeadBatcher:
         self.calls = 0  # decode-step calls answered
         self.passes = 0  # matmuls that answered them
 
+    def __reduce__(self):
+        # A copy (copy.deepcopy of the model, e.g. to make a draft model from it; pickling) gets a batcher of
+        # its own over the copied layer's forward, with nothing pending: locks and waiting calls do not copy.
+        return type(self), (self._forward, self.wait, self.recent)
+
     @classmethod
     def install(cls, model: PreTrainedModel) -> HeadBatcher:
         """Batch the output layer of `model` (a transformers causal LM); returns the batcher (idempotent)."""
