@@ -13,6 +13,8 @@ Part `swarm`: one 3-server loopback swarm of SmolLM2 (float32, 10 blocks each). 
   does); the figure is aggregate tokens/s of the 8 over that of the 1. Servers batch the 8 sessions' steps
   (see swarmllm/server/scheduler.py); the servers' own counters give the mean batch size.
 - The servers' CPU seconds per generated token (from /proc), 8 sessions over 1: what batching saves them.
+  With `--batch-heads` (default on) the 8 client threads share one LM-head pass per step, as the API host's
+  requests do (client/head_batch.py).
 - With `--unbatched` (default on), the same against a second swarm whose servers run one step per pass
   (`--max-batch-rows 1`): what batching itself buys, against the same machine.
 - Time to first token for a 512-token prompt: swarm (prefill through 3 servers, in chunks) over local
@@ -61,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads, here and per server")
     p.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for time to first token")
     p.add_argument("--server-args", default="", help="extra options for every server, e.g. '--batch-wait 0.01'")
+    p.add_argument("--batch-heads", action=argparse.BooleanOptionalAction, default=True,
+                   help="the concurrent clients share one LM-head pass per step (client/head_batch.py)")
     p.add_argument("--unbatched", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure a swarm whose servers do not batch (one step per pass)")
     return p.parse_args()
@@ -185,9 +189,13 @@ def concurrent(model, prompts: list, n: int) -> tuple[float, list[list[int]]]:
     results: list = [None] * len(prompts)
     barrier = threading.Barrier(len(prompts) + 1)
 
+    forget = getattr(model.get_output_embeddings().forward, "forget", None)  # a HeadBatcher's
+
     def client(i: int) -> None:
         barrier.wait()
         results[i] = generate_n(model, prompts[i], n)
+        if forget is not None:
+            forget()  # this thread is done: no head pass waits for it
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -228,6 +236,7 @@ def measure_swarm(args, model_dir, tokenizer, extra: tuple[str, ...]) -> dict:
 
     from swarmllm import AutoDistributedModelForCausalLM
     from swarmllm.cli.local import even_spans
+    from swarmllm.client.head_batch import HeadBatcher
     from swarmllm.launcher import LocalSwarm, ServerSpec
     from swarmllm.models.span import load_config
 
@@ -253,6 +262,8 @@ def measure_swarm(args, model_dir, tokenizer, extra: tuple[str, ...]) -> dict:
                   file=sys.stderr)
             steps0, passes0 = server_totals(swarm)
             cpu0 = cpu_snapshot(swarm)
+            if args.batch_heads:
+                HeadBatcher.install(model)  # the 8 threads share one head pass per step, as an API host's do
             seconds, tokens = concurrent(model, prompts, args.new_tokens)
             cpu1 = cpu_snapshot(swarm)
             time.sleep(1.0)  # let the servers log their session-close lines
@@ -331,6 +342,7 @@ def measure_swarms(args, merged: dict) -> bool:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batched = measure_swarm(args, model_dir, tokenizer, tuple(args.server_args.split()))
     results = {"clients": args.clients, "new_tokens": args.new_tokens, "threads": args.threads,
+               "batch_heads": args.batch_heads,
                "target_aggregate": TARGET_AGGREGATE, "batched": {k: v for k, v in batched.items() if k != "concurrent_tokens"}}
     if args.unbatched:
         unbatched = measure_swarm(args, model_dir, tokenizer, (*args.server_args.split(), "--max-batch-rows", "1"))
