@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads, here and per server")
     p.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for time to first token")
     p.add_argument("--server-args", default="", help="extra options for every server, e.g. '--batch-wait 0.01'")
+    p.add_argument("--push-always", action="store_true",
+                   help="servers push every step to the next server, however close (push_min_rtt=0)")
     p.add_argument("--batch-heads", action=argparse.BooleanOptionalAction, default=True,
                    help="the concurrent clients share one LM-head pass per step (client/head_batch.py)")
     p.add_argument("--unbatched", action=argparse.BooleanOptionalAction, default=True,
@@ -245,7 +247,8 @@ def measure_swarm(args, model_dir, tokenizer, extra: tuple[str, ...]) -> dict:
     out: dict = {}
     with LocalSwarm(str(model_dir), specs, threads=args.threads) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            str(model_dir), initial_peers=swarm.initial_peers, num_threads=args.threads, dtype=torch.float32)
+            str(model_dir), initial_peers=swarm.initial_peers, num_threads=args.threads, dtype=torch.float32,
+            **({"push_min_rtt": 0.0} if args.push_always else {}))
         try:
             generate_n(model, prompts[0], 4)  # warm-up: connections, allocator; not timed
             singles, single_n = [], 0
