@@ -27,6 +27,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,24 +121,28 @@ class ConditionFailed(RuntimeError):
 
 
 def run_client(net, cmd: list[str], name: str, timeout: float = 1800) -> dict:
-    """The client's JSON line; ConditionFailed if it fails, times out, or a relay dies meanwhile."""
-    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while client.poll() is None:
-            dead = net.dead_relays()
-            if dead:
-                raise ConditionFailed(f"the delay relay of {', '.join(dead)} died")
-            if time.monotonic() > deadline:
-                raise ConditionFailed(f"the client did not finish in {timeout:.0f}s")
-            time.sleep(0.5)
-    finally:
-        if client.poll() is None:
-            client.kill()
-    out, err = client.communicate()
-    if client.returncode != 0:
-        raise ConditionFailed(f"client failed in {name}:\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    """The client's JSON line; ConditionFailed if it fails, times out, or a relay dies meanwhile. Its output
+    goes to files, not pipes: nobody reads a pipe while it runs, and a full one would stall it."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        client = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while client.poll() is None:
+                dead = net.dead_relays()
+                if dead:
+                    raise ConditionFailed(f"the delay relay of {', '.join(dead)} died")
+                if time.monotonic() > deadline:
+                    raise ConditionFailed(f"the client did not finish in {timeout:.0f}s")
+                time.sleep(0.5)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        out.seek(0)
+        err.seek(0)
+        if client.returncode != 0:
+            raise ConditionFailed(f"client failed in {name}:\n{err.read()[-3000:]}")
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def check_relay() -> dict:
