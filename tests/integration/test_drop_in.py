@@ -19,6 +19,7 @@ from swarmllm import (
     AutoDistributedSpeculativeModel,
 )
 from swarmllm.models.span import span_from_model
+from tests.counters import CountForwards
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -216,17 +217,6 @@ def _assistant(local) -> torch.nn.Module:
     return small
 
 
-class _CountForwards:
-    """Counts a model's forward calls (each is one step of its cache)."""
-
-    def __init__(self, model) -> None:
-        self.calls = 0
-        self.handle = model.register_forward_pre_hook(self._count)
-
-    def _count(self, module, args) -> None:
-        self.calls += 1
-
-
 def test_assisted_generation_equals_local_and_reports_its_drafts(smollm2_client, smollm2_local, smollm2_tokenizer,
                                                                  caplog) -> None:
     """transformers' assisted generation with a small local assistant: greedy equals plain greedy, the
@@ -234,7 +224,7 @@ def test_assisted_generation_equals_local_and_reports_its_drafts(smollm2_client,
     ids = _ids(smollm2_tokenizer, "The history of the city begins")
     assistant = _assistant(smollm2_local)
     plain = smollm2_local.generate(ids, max_new_tokens=16, do_sample=False)
-    counter = _CountForwards(smollm2_local)
+    counter = CountForwards(smollm2_local)
     try:
         local = smollm2_local.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=assistant)
     finally:

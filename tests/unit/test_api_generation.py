@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from swarmllm.api.generation import Piece, Sampling, TextStream, complete, lookup, pick
+from tests.counters import CountForwards
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -294,17 +295,6 @@ def test_lookup_drafts_what_followed_the_latest_earlier_occurrence_of_the_tail(h
     assert lookup(history, most) == expected
 
 
-class _Steps:
-    """Counts a model's forward calls (each one step of its cache)."""
-
-    def __init__(self, model) -> None:
-        self.calls = 0
-        self.handle = model.register_forward_pre_hook(self._count)
-
-    def _count(self, module, args) -> None:
-        self.calls += 1
-
-
 @pytest.mark.parametrize("logprobs", [None, 2])
 def test_prompt_lookup_gives_plain_greedys_tokens_in_fewer_steps(smollm2_local, smollm2_tokenizer, eos, logprobs) -> None:
     """A repetitive prompt: the drafts are often right. Same tokens, text and logprobs as without drafts."""
@@ -312,7 +302,7 @@ def test_prompt_lookup_gives_plain_greedys_tokens_in_fewer_steps(smollm2_local, 
     prompt = list(smollm2_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                         return_dict=True)["input_ids"])
     sampling = Sampling(max_tokens=24, temperature=0, logprobs=logprobs)
-    counter = _Steps(smollm2_local)
+    counter = CountForwards(smollm2_local)
     try:
         plain = complete(smollm2_local, smollm2_tokenizer, prompt, sampling, eos)
         plain_steps, counter.calls = counter.calls, 0
@@ -331,7 +321,7 @@ def test_prompt_lookup_gives_plain_greedys_tokens_in_fewer_steps(smollm2_local, 
 
 def test_prompt_lookup_leaves_sampled_requests_alone(smollm2_local, smollm2_tokenizer, prompt, eos) -> None:
     sampling = Sampling(max_tokens=8, temperature=0.8, seed=3)
-    counter = _Steps(smollm2_local)
+    counter = CountForwards(smollm2_local)
     try:
         c = complete(smollm2_local, smollm2_tokenizer, prompt, sampling, eos, prompt_lookup=5)
     finally:
