@@ -72,3 +72,42 @@ def test_quantized_span_passes_gradients_to_its_input(quant, random_smollm2_dir,
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert all(not m.weight.requires_grad for m in linears)
     assert error < 0.5, error  # a quantization error, not garbage (which is ~1 or more)
+
+
+def test_batched_decode_steps_on_cuda_attend_in_place_and_equal_lone_steps(random_smollm2_dir, record_property) -> None:
+    """Per-session attention (server/ragged.py) on the GPU: 3 sessions of different lengths decode in shared
+    passes, copy no past keys or values, and give what each gives in passes of its own."""
+    from swarmllm.server.cache import SessionKV
+    from swarmllm.server.compute import Extras
+    from swarmllm.server.inference import Session, StepInput, run_batch
+
+    span = load_span(random_smollm2_dir, START, END, torch.float32, device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    lengths, steps = [7, 5, 3], 3
+    inputs = [torch.randn(1, n + steps, span.config.hidden_size, device="cuda", generator=generator) for n in lengths]
+
+    def sessions() -> list[Session]:
+        made = []
+        for x, n in zip(inputs, lengths):
+            kv = SessionKV(span, 1, page_tokens=64)
+            kv.capacity = 64
+            session = Session(span, 1, 64, kv, Extras())
+            run_batch([StepInput(session, x[:, :n], torch.arange(n, device="cuda")[None], None)])
+            made.append(session)
+        return made
+
+    def step(session: Session, x: torch.Tensor) -> StepInput:
+        at = session.length
+        return StepInput(session, x[:, at : at + 1], torch.tensor([[at]], device="cuda"), None)
+
+    batched, alone = sessions(), sessions()
+    worst = 0.0
+    with torch.inference_mode():
+        for _ in range(steps):
+            together = run_batch([step(s, x) for s, x in zip(batched, inputs)])
+            for s, x, got in zip(alone, inputs, together):
+                (want,) = run_batch([step(s, x)])
+                worst = max(worst, (got - want).abs().max().item())
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    record_property("max_abs_diff", worst)
+    assert sum(s.kv.copied for s in batched) == 0
