@@ -9,9 +9,10 @@ namespace's loopback, and delays the bytes both ways. The peer announces the rel
     python -m swarmllm.relay LISTEN_HOST:PORT --echo      (an echo service, to measure a link's round trip)
 
 Holding is done by threads with `time.sleep`, not by an event loop: epoll's timeouts are whole
-milliseconds, which would be a 100% error on a 1 ms round trip. `--overhead-ms` is what the relay itself
-adds to a round trip (two copies and four thread wakeups), measured by `measure_rtt` with no delay; it is
-taken off the holds, so that the round trip through the relay is the wanted one.
+milliseconds, which would be a 100% error on a 1 ms round trip. `--overhead-ms` is what the path through
+the relay adds to a round trip besides its holds (copies, thread wakeups, the bridge), which the harness
+measures through a probe relay (`WanNetwork._calibrate`); it is taken off the holds, so that the round trip
+through the relay is the wanted one.
 
 Failure: a connection whose target refuses or goes away is closed on the other side too; the relay itself
 keeps serving other connections. If the relay dies, connections through it break (as a link that goes
@@ -27,6 +28,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 CHUNK = 1 << 16
 
@@ -94,28 +96,15 @@ def _serve_one(client: socket.socket, target: tuple[str, int], hold: float) -> N
     _close(client, upstream)
 
 
-class Relay:
-    """Listens on `listen` and relays each connection to `target`, holding bytes `hold` seconds each way."""
-
-    def __init__(self, listen: tuple[str, int], target: tuple[str, int], hold: float):
-        self.target, self.hold = target, hold
-        self.server = socket.create_server(listen, reuse_port=False)
-        self.address = self.server.getsockname()[:2]
-
-    def serve_forever(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=_serve_one, args=(client, self.target, self.hold), daemon=True).start()
-
-    def start(self) -> Relay:
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def close(self) -> None:
-        _close(self.server)
+def serve(listen: tuple[str, int], handle: Callable[[socket.socket], None], ready: str) -> None:
+    """Accept connections on `listen` forever, each handled by `handle` on a thread of its own; first print
+    `ready` and the address listened on (what the harness waits for)."""
+    server = socket.create_server(listen)
+    host, port = server.getsockname()[:2]
+    print(f"{ready}: {host}:{port}", flush=True)
+    while True:
+        client, _ = server.accept()
+        threading.Thread(target=handle, args=(client,), daemon=True).start()
 
 
 def hold_for(rtt_ms: float, overhead_ms: float = 0.0) -> float:
@@ -142,31 +131,12 @@ def measure_rtt(address: tuple[str, int], rounds: int = 50, size: int = 64) -> f
     return statistics.median(times[3:]) * 1000
 
 
-class Echo:
-    """A TCP echo service (the other end of `measure_rtt`), by default on a free port of loopback."""
-
-    def __init__(self, address: tuple[str, int] = ("127.0.0.1", 0)):
-        self.server = socket.create_server(address)
-        self.address = self.server.getsockname()[:2]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with conn:
-            while data := conn.recv(CHUNK):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        _close(self.server)
+def _echo(conn: socket.socket) -> None:
+    """The far end of `measure_rtt`: send back what comes in."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with conn:
+        while data := conn.recv(CHUNK):
+            conn.sendall(data)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -183,14 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--echo", action="store_true", help="be an echo service instead of a relay")
     args = p.parse_args(argv)
     if args.echo:
-        echo = Echo(args.listen)
-        print(f"echo ready: {echo.address[0]}:{echo.address[1]}", flush=True)
-        threading.Event().wait()
+        serve(args.listen, _echo, "echo ready")
     if args.target is None or args.delay_ms is None:
         p.error("a relay needs TARGET and --delay-ms")
-    relay = Relay(args.listen, args.target, hold_for(args.delay_ms, args.overhead_ms))
-    print(f"relay ready: {relay.address[0]}:{relay.address[1]} -> {args.target[0]}:{args.target[1]}", flush=True)
-    relay.serve_forever()
+    hold = hold_for(args.delay_ms, args.overhead_ms)
+    serve(args.listen, lambda client: _serve_one(client, args.target, hold), "relay ready")
     return 0
 
 

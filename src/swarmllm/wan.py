@@ -93,6 +93,16 @@ def unavailable() -> str | None:
     return None
 
 
+def _ready(child: Child, line: str) -> Child:
+    """`child` once it has printed `line` (within 30 s); stopped if it does not."""
+    try:
+        child.wait_for(line, 30)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
 class WanNetwork:
     """Hosts on one emulated network. Use as a context manager; everything created is removed on exit."""
 
@@ -141,13 +151,8 @@ class WanNetwork:
 
     def _relay(self, host: Host, port: int, rtt_ms: float, overhead_ms: float) -> Child:
         args = [f"{host.ip}:{port}", f"127.0.0.1:{PEER_PORT}", "--delay-ms", str(rtt_ms), "--overhead-ms", f"{overhead_ms:.3f}"]
-        relay = spawn(f"relay-{host.name}-{port}", args, prefix=("ip", "netns", "exec", host.name), module="swarmllm.relay")
-        try:
-            relay.wait_for("relay ready:", 30)
-        except BaseException:
-            relay.stop()
-            raise
-        return relay
+        return _ready(spawn(f"relay-{host.name}-{port}", args, prefix=("ip", "netns", "exec", host.name),
+                            module="swarmllm.relay"), "relay ready:")
 
     def _calibrate(self, host: Host, probe_ms: float = 0.5) -> float:
         """What the path through a relay adds besides its holds, measured on `host`'s own path (the bridge,
@@ -164,14 +169,8 @@ class WanNetwork:
     def _echo(self, host: Host) -> Child:
         """An echo service where `host`'s peer listens (before the peer starts): the far end of `rtt_ms`."""
         where = f"127.0.0.1:{PEER_PORT}" if host.delayed else f"{host.ip}:{RELAY_PORT}"
-        echo = spawn(f"echo-{host.name}", [where, "--echo"], prefix=("ip", "netns", "exec", host.name),
-                     module="swarmllm.relay")
-        try:
-            echo.wait_for("echo ready:", 30)
-        except BaseException:
-            echo.stop()
-            raise
-        return echo
+        return _ready(spawn(f"echo-{host.name}", [where, "--echo"], prefix=("ip", "netns", "exec", host.name),
+                            module="swarmllm.relay"), "echo ready:")
 
     def stop_relay(self, host: Host) -> None:
         """Kill `host`'s relay (a link that goes down): connections through it break."""
