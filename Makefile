@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/constrained.py
 	$(BIN)/python bench/wan.py
+	$(BIN)/python bench/speculative.py
 	$(BIN)/python -m pytest -q -s -m big tests/integration/test_big_model.py
 	$(BIN)/python bench/chart.py
 

@@ -38,10 +38,32 @@ def figures(results: dict) -> list[tuple[str, str, float, float | None, bool]]:
     add("speed vs baseline", "TTFT 512: swarm / local time", _get(results, "serving", "batched", "ttft", "ratio"), None, False)
     add("serving many clients", "8 clients / 1 client", _get(results, "serving", "batched", "ratio"), 4.0)
     add("serving many clients", "batched / unbatched servers", _get(results, "serving", "batched_over_unbatched"), None)
-    add("serving many clients", "API: 4 requests / 1", _get(results, "api", "concurrent_ratio_to_one"), None)
+    add("serving many clients", "servers' CPU per token: 8 sessions / 1",
+        _get(results, "serving", "batched", "server_cpu_per_token_ratio"), 0.35, False)
+    add("serving many clients", "API: 8 requests / 1 (tokens/s)", _get(results, "api", "concurrent_ratio_to_one"), 3.0)
     add("serving many clients", "API: n=4 choices / 1", _get(results, "api", "n_choices_ratio_to_one"), None)
     add("speed vs baseline", "API stream / direct generate", _get(results, "api", "api_ratio_to_direct"), None)
     add("speed vs baseline", "API with logprobs / without", _get(results, "api", "logprobs_ratio_to_api"), None)
+    steps = _get(results, "serving_steps") or {}
+    if isinstance(steps.get("step_ratio"), (int, float)) and steps.get("arithmetic_ratio"):
+        add("batch-8 decode step at 1,024 tokens", "step growth 1,024/64 / attention's arithmetic growth",
+            steps["step_ratio"] / steps["arithmetic_ratio"], 1.0, False)
+    add("batch-8 decode step at 1,024 tokens", "step / attention-bound time", steps.get("over_attention_bound"), None, False)
+    long = _get(steps, "1024", "copied_bytes_per_step")
+    if isinstance(long, (int, float)) and steps.get("new_token_bytes_per_step"):
+        add("batch-8 decode step at 1,024 tokens", "bytes copied / new tokens' bytes", long / steps["new_token_bytes_per_step"],
+            0.0, False)
+    add("batch-8 decode step at 1,024 tokens", "pages interleaved / one run", _get(steps, "interleaved", "ratio_to_one_run"),
+        None, False)
+    for mode in ("prompt_lookup", "draft_model"):
+        add("fewer round trips (100 ms RTT)", f"{mode.replace('_', ' ')}: tok/s over plain",
+            _get(results, "speculative", mode, "speedup"))
+    add("fewer round trips (100 ms RTT)", "API --prompt-lookup: tok/s over plain (loopback)",
+        _get(results, "api", "prompt_lookup", "speedup"))
+    for target in ("1ms", "100ms"):
+        measured = _get(results, "wan", "relay_check", target, "measured_ms")
+        if isinstance(measured, (int, float)):
+            add("WAN: steps/s / limit", f"relay RTT / target {target}", measured / float(target[:-2]), 1.1, False)
     for key, cond in (_get(results, "wan") or {}).items():
         for side in ("push", "nopush"):
             add("WAN: steps/s / limit", f"{key} {side}", _get(cond, f"{side}_vs_limit") if isinstance(cond, dict) else None)

@@ -6,7 +6,9 @@ float32) run decode steps of 8 sessions in one pass, at a 64-token and at a 1,02
 the step's time at 1,024 over that at 64, against what attention's own arithmetic adds: the same sessions'
 attention alone (`scaled_dot_product_attention` over each session's keys, every block), timed in the same
 run. And the bytes of keys and values a step moves besides storing its new tokens (the sessions' `copied`
-counters), per step: a step should store its new tokens and read the past in place.
+counters), per step: a step should store its new tokens and read the past in place. Then the long step again
+with every session's pages interleaved with the others' (the worst layout the page pool can hand out: one
+run per page), over the step with one run each.
 
 Part `swarm`: one 3-server loopback swarm of SmolLM2 (float32, 10 blocks each). In the same run:
 - 1 client decoding greedily, then 8 clients at once (threads sharing one client model, as an API server
@@ -100,6 +102,12 @@ def measure_steps() -> dict:
         out[context] = {"step_s": step_s, "attention_s": attention_s, "copied_bytes_per_step": copied}
         print(f"  context {context}: step {step_s * 1e3:.2f} ms, attention alone {attention_s * 1e3:.2f} ms, "
               f"copied {copied / 2**20:.2f} MiB/step ({copied / new_bytes:.1f}x the new tokens' bytes)", file=sys.stderr)
+    # The same long step with every session's pages interleaved with the others' (one run per page).
+    step_s, copied = _batched_steps(span, STEP_CONTEXTS[1], interleaved=True)
+    out["interleaved"] = {"step_s": step_s, "copied_bytes_per_step": copied,
+                          "ratio_to_one_run": step_s / out[STEP_CONTEXTS[1]]["step_s"]}
+    print(f"  context {STEP_CONTEXTS[1]}, pages interleaved: step {step_s * 1e3:.2f} ms, copied {copied / 2**20:.2f} MiB/step",
+          file=sys.stderr)
     short, long = (out[c] for c in STEP_CONTEXTS)
     out["step_ratio"] = long["step_s"] / short["step_s"]
     out["arithmetic_ratio"] = (STEP_CONTEXTS[1] + 1) / (STEP_CONTEXTS[0] + 1)  # attention's work per new token
@@ -109,28 +117,34 @@ def measure_steps() -> dict:
     return out
 
 
-def _batched_steps(span, context: int) -> tuple[float, float]:
+def _batched_steps(span, context: int, interleaved: bool = False) -> tuple[float, float]:
     """Median seconds of a decode step of the sessions in one pass, and bytes copied per step, over
     `TIMED_STEPS` steps. The sessions' lengths differ (context + i), as independent users' do; their pages are
-    granted as a server grants them (`SessionKV.reserve`, from an ample budget) when a step needs room."""
+    granted as a server grants them (`SessionKV.reserve`, from one pool) when a step needs room. `interleaved`:
+    the sessions declare no max_length (no room set aside) and took their prompts' pages in turns, one page
+    each, so that every session's past is one run per page: the worst layout a pool can hand out."""
     import asyncio
 
     import torch
 
-    from swarmllm.server.cache import CacheMemory, SessionKV
+    from swarmllm.server.cache import CacheMemory, PagePool, SessionKV, bytes_per_token
     from swarmllm.server.compute import Extras
     from swarmllm.server.inference import Session, StepInput, run_batch
 
-    loop, memory = asyncio.new_event_loop(), CacheMemory(2**40, queue_timeout=1.0)
+    lengths = [context + i + TIMED_STEPS + 8 for i in range(STEP_SESSIONS)]
+    pool = PagePool(span, bytes_per_token(span) * STEP_PAGE * (sum(lengths) // STEP_PAGE + 2 * STEP_SESSIONS), STEP_PAGE)
+    loop, memory = asyncio.new_event_loop(), CacheMemory(pool.capacity, queue_timeout=1.0)
 
     def grant(kv: SessionKV, tokens: int) -> None:
         loop.run_until_complete(kv.reserve(memory, tokens, "a benchmark session"))
 
     hidden = span.config.hidden_size
+    kvs = [SessionKV(pool, span, 1, limit=None if interleaved else n) for n in lengths]
+    for tokens in range(STEP_PAGE if interleaved else context + STEP_SESSIONS, context + STEP_SESSIONS, STEP_PAGE):
+        for kv in kvs:
+            grant(kv, tokens)
     sessions = []
-    for i in range(STEP_SESSIONS):
-        max_length = context + i + TIMED_STEPS + 8
-        kv = SessionKV(span, 1, STEP_PAGE, limit=max_length)
+    for i, (kv, max_length) in enumerate(zip(kvs, lengths)):
         session = Session(span, 1, max_length, kv, Extras())
         grant(kv, context + i)
         run_batch([StepInput(session, torch.randn(1, context + i, hidden), torch.arange(context + i)[None], None)])
@@ -330,7 +344,9 @@ def main() -> int:
               f"{steps['step_ratio']:.2f}x (attention's arithmetic: {steps['arithmetic_ratio']:.2f}x; the step "
               f"over its attention-bound time: {steps['over_attention_bound']:.2f}x); copied per step: "
               + ", ".join(f"{steps[c]['copied_bytes_per_step'] / steps['new_token_bytes_per_step']:.1f}x the new "
-                          f"tokens' bytes at {c}" for c in STEP_CONTEXTS))
+                          f"tokens' bytes at {c}" for c in STEP_CONTEXTS)
+              + f"; pages interleaved at {STEP_CONTEXTS[1]}: {steps['interleaved']['ratio_to_one_run']:.2f}x the step "
+              "over one run")
     if "swarm" in args.parts:
         ok = measure_swarms(args, merged)
     return 0 if ok else 1

@@ -77,7 +77,7 @@ def test_quantized_span_passes_gradients_to_its_input(quant, random_smollm2_dir,
 def test_batched_decode_steps_on_cuda_attend_in_place_and_equal_lone_steps(random_smollm2_dir, record_property) -> None:
     """Per-session attention (server/ragged.py) on the GPU: 3 sessions of different lengths decode in shared
     passes, copy no past keys or values, and give what each gives in passes of its own."""
-    from swarmllm.server.cache import SessionKV
+    from swarmllm.server.cache import PagePool, SessionKV, bytes_per_token
     from swarmllm.server.compute import Extras
     from swarmllm.server.inference import Session, StepInput, run_batch
 
@@ -89,8 +89,8 @@ def test_batched_decode_steps_on_cuda_attend_in_place_and_equal_lone_steps(rando
     def sessions() -> list[Session]:
         made = []
         for x, n in zip(inputs, lengths):
-            kv = SessionKV(span, 1, page_tokens=64)
-            kv.capacity = 64
+            kv = SessionKV(PagePool(span, bytes_per_token(span) * 64, 64), span, 1)
+            kv.take(64)
             session = Session(span, 1, 64, kv, Extras())
             run_batch([StepInput(session, x[:, :n], torch.arange(n, device="cuda")[None], None)])
             made.append(session)

@@ -17,6 +17,7 @@ from swarmllm.loopback import LoopbackNetwork
 from swarmllm.models.span import Span, load_config, load_span, span_from_model, text_config
 from swarmllm.protocol import ServerRecord
 from swarmllm.server.cache import CacheMemory
+from swarmllm.server.config import default
 from swarmllm.server.context import ServingContext, SpanSlot
 from swarmllm.server.handler import Handler
 from swarmllm.trust.identity import Identity
@@ -55,9 +56,9 @@ class LoopbackSwarm:
         self.peers = [self.add_server(start, end) for start, end in spans]
 
     def add_server(self, start: int, end: int, cache_bytes: int = CACHE_BYTES, queue_timeout: float = 5.0,
-                   **context_options) -> str:
-        """A server of blocks [start, end) with a cache budget of `cache_bytes` (a session waits up to
-        `queue_timeout` for pages); `context_options` are ServingContext fields (limits, page_tokens, ...)."""
+                   page_tokens: int = default("cache_page_tokens"), **context_options) -> str:
+        """A server of blocks [start, end) with a cache budget of `cache_bytes` in pages of `page_tokens` (a
+        session waits up to `queue_timeout` for pages); `context_options` are ServingContext fields (limits, ...)."""
         host = self.network.host()
         peer = str(host.peer_id)
         memory = CacheMemory(cache_bytes, queue_timeout)
@@ -66,7 +67,7 @@ class LoopbackSwarm:
             return ServerRecord(peer_id=peer, start=start, end=end, dtype="float32", num_blocks=self.num_blocks,
                                 cache_tokens_left=memory.budget - memory.used, forward_tps=self.speeds.get(peer, 1.0))
 
-        context = ServingContext(SpanSlot(self._span(start, end)), memory, self.session_timeout, **context_options)
+        context = ServingContext(SpanSlot(self._span(start, end), memory, page_tokens), memory, self.session_timeout, **context_options)
         handler = Handler(context, record)
         loop.run(handler.register(host))
         self.network.announce(self.name, peer, record)

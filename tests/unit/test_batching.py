@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from swarmllm.models.span import span_from_model
-from swarmllm.server.cache import CacheFullError, CacheMemory, SessionKV, bytes_per_token
+from swarmllm.server.cache import CacheFullError, CacheMemory, PagePool, SessionKV, bytes_per_token
 from swarmllm.server.compute import Extras
 from swarmllm.server.inference import Session, StepInput, run_batch
 from swarmllm.server.ragged import RaggedPass, ragged_capable
@@ -26,8 +26,9 @@ from tests.unit.test_span_exact import CONFIGS, _model, final_norm, first_hidden
 
 
 def _session(span, batch: int = 1, capacity: int = 64) -> Session:
-    kv = SessionKV(span, batch, page_tokens=8)
-    kv.capacity = capacity
+    """A session with pages for `capacity` tokens, in a pool of its own (one run of pages)."""
+    kv = SessionKV(PagePool(span, bytes_per_token(span, batch) * capacity, 8), span, batch)
+    kv.take(capacity)
     return Session(span, batch, capacity, kv, Extras())
 
 
@@ -79,6 +80,38 @@ def test_batched_sessions_of_different_lengths_equal_the_full_model(name: str, a
             for i, out in zip(live, outs):
                 seqs[i].check(out, pos[i], pos[i] + 1, f"{name} session {i} decode at {pos[i]}")
                 pos[i] += 1
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "qwen2", "falcon"])
+def test_sessions_whose_pages_interleave_attend_over_each_run_in_place_and_equal_the_full_model(name: str) -> None:
+    """Sessions that grow in turns from one pool, page by page and with no room set aside (no declared
+    max_length), end up with pages that alternate: every session's past is many runs. Alone and batched, each
+    attends over its runs in place (one softmax over all of them) and gets what the full model gives; nothing
+    is copied. Gemma 3's sliding layers mask per run too; the second session is left-padded."""
+    skip_unrun(name, "sdpa")
+    model = _model(name)
+    span = span_from_model(model, 0, model.config.num_hidden_layers)
+    seqs = [_Sequence(model, 14, 0, 1), _Sequence(model, 12, 3, 2), _Sequence(model, 10, 0, 3)]
+    pool = PagePool(span, bytes_per_token(span) * 40, page_tokens=2)
+    kvs = [SessionKV(pool, span, 1) for _ in seqs]
+    sessions = [Session(span, 1, 14, kv, Extras()) for kv in kvs]
+    for tokens in range(2, 15, 2):  # one page each, in turns
+        for kv, seq in zip(kvs, seqs):
+            kv.take(min(tokens, seq.ids.shape[1]))
+    assert all(len(kv.segments(0, kv.capacity)) >= 5 for kv in kvs), [kv.tables for kv in kvs]
+    prompt = [5, 6, 2]
+    with torch.no_grad():
+        for seq, session, n in zip(seqs, sessions, prompt):
+            (out,) = run_batch([seq.step(session, 0, n)])  # alone, over several runs from the second page on
+            seq.check(out, 0, n, f"{name} prefill {n}")
+        pos = list(prompt)
+        while any(p < seq.ids.shape[1] for p, seq in zip(pos, seqs)):
+            live = [i for i, seq in enumerate(seqs) if pos[i] < seq.ids.shape[1]]
+            outs = run_batch([seqs[i].step(sessions[i], pos[i], pos[i] + 1) for i in live])
+            for i, out in zip(live, outs):
+                seqs[i].check(out, pos[i], pos[i] + 1, f"{name} session {i} decode at {pos[i]}")
+                pos[i] += 1
+    assert sum(kv.copied for kv in kvs) == 0
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -283,10 +316,10 @@ def test_session_memory_is_counted_in_pages_of_keys_and_values() -> None:
     model = _model("llama")  # 4 blocks, 2 kv heads of 8 dims, float32
     span = span_from_model(model, 0, 4)
     assert bytes_per_token(span) == 2 * 2 * 8 * 4 * 4
-    kv = SessionKV(span, batch=2, page_tokens=8)
+    kv = SessionKV(PagePool(span, 10 * bytes_per_token(span, 2) * 8, 8), span, batch=2)
     assert kv.page_bytes == 2 * bytes_per_token(span) * 8
     assert kv.pages_for(1) == 1 and kv.pages_for(17) == 3
-    kv.capacity = 16
+    kv.take(16)
     assert kv.pages_for(16) == 0 and kv.pages_for(17) == 1
 
 
@@ -301,8 +334,8 @@ def test_the_cache_budget_counts_what_the_blocks_store(name: str) -> None:
     seq = _Sequence(model, 8, 0, 5)
     with torch.no_grad():
         run_batch([seq.step(session, 0, 8)])
-    stored = sum(t.numel() * t.element_size() for t in [*session.kv.keys.values(), *session.kv.values.values()])
-    assert sorted(session.kv.keys) == [1, 2]
+    stored = sum(t.numel() * t.element_size() for block in (1, 2) for t in session.kv.read(block, 8))
+    assert session.kv.pool.keys.keys() == {1, 2}
     assert stored == bytes_per_token(span) * 8
 
 

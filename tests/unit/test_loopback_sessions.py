@@ -444,13 +444,13 @@ TOKEN_BYTES = 2 * 2 * 8 * 4 * 2  # blocks 0:2 of the tiny model: 2 blocks x 2 kv
 
 
 def small_server(swarm: LoopbackSwarm, queue_timeout: float = 5.0) -> str:
-    """Blocks 0:2 with room for 200 tokens, in pages of 16 (12.5 pages)."""
+    """Blocks 0:2 with a budget of 200 tokens, in pages of 16: 12 whole pages (192 tokens; the pool trims the rest)."""
     return swarm.add_server(0, 2, cache_bytes=200 * TOKEN_BYTES, queue_timeout=queue_timeout, page_tokens=16)
 
 
 def fill(manager, tokens: int = 190) -> InferenceSession:
-    """A session holding 12 of the small server's 12.5 pages: no room for another one's first page."""
-    session = InferenceSession(manager, 0, BLOCKS, max_length=200)
+    """A session holding all 12 of the small server's pages: no room for another one's first page."""
+    session = InferenceSession(manager, 0, BLOCKS, max_length=192)
     session.step(torch.randn(1, tokens, HIDDEN))
     return session
 
@@ -459,7 +459,7 @@ def test_a_session_over_the_whole_budget_is_refused_with_what_is_available(make_
     swarm = make_swarm([(2, BLOCKS)])
     small_server(swarm)
     manager = swarm.client()
-    with pytest.raises(SessionFailedError, match=r"needs up to 75.0 KiB .* whole budget is 50.0 KiB"):
+    with pytest.raises(SessionFailedError, match=r"needs up to 76.0 KiB .* whole budget is 48.0 KiB"):
         InferenceSession(manager, 0, BLOCKS, max_length=300).step(steps(4)[0])
     assert manager.banned() == frozenset(), "a full server is healthy: it must not be banned"
 
@@ -496,15 +496,15 @@ def test_a_session_outgrowing_free_memory_fails_clearly_and_the_server_is_not_ba
     swarm = make_swarm([(2, BLOCKS)])
     small_server(swarm, queue_timeout=0.2)
     manager = swarm.client(max_failovers=1)
-    filler = fill(manager, 100)  # 7 of 12.5 pages
-    session = InferenceSession(manager, 0, BLOCKS, max_length=200)
+    filler = fill(manager, 100)  # 7 of 12 pages
+    session = InferenceSession(manager, 0, BLOCKS, max_length=192)
     session.step(torch.randn(1, 50, HIDDEN))  # 4 more pages
     with pytest.raises(SessionFailedError, match=r"no server had room for this step.*waited 0.2s in the queue"):
-        session.step(torch.randn(1, 60, HIDDEN))  # needs 3 more pages, 1.5 are free
+        session.step(torch.randn(1, 60, HIDDEN))  # needs 3 more pages, 1 is free
     assert manager.banned() == frozenset(), "a full server is healthy: it must not be banned"
     filler.close()
     session.close()
-    with InferenceSession(manager, 0, BLOCKS, max_length=200) as fresh:  # the memory came back
+    with InferenceSession(manager, 0, BLOCKS, max_length=192) as fresh:  # the memory came back
         fresh.step(torch.randn(1, 110, HIDDEN))
 
 
@@ -513,7 +513,7 @@ def test_an_idle_session_times_out_frees_its_cache_and_is_rebuilt_on_its_next_st
     memory = swarm.handlers[small_server(swarm, queue_timeout=0.2)].context.memory
     manager = swarm.client()
     first, second = steps(3, 1)
-    session = InferenceSession(manager, 0, BLOCKS, max_length=200)
+    session = InferenceSession(manager, 0, BLOCKS, max_length=192)
     session.step(first)
     wait_for(lambda: memory.used == 0)  # idle past session_timeout: the server freed its cache
     resumed = session.step(second)  # the server timed it out: it is reopened and its history replayed

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from swarmllm.models.span import load_span
 from swarmllm.server import compute
-from swarmllm.server.cache import SessionKV
+from swarmllm.server.cache import PagePool, SessionKV, bytes_per_token
 from swarmllm.server.inference import Session, StepInput, run_batch
 from swarmllm.server.throughput import measure
 from tests.unit.tiny import tiny_span
@@ -52,8 +52,8 @@ def span():
 
 
 def _session(span, batch: int, tokens: int) -> Session:
-    kv = SessionKV(span, batch=batch, page_tokens=tokens)
-    kv.capacity = tokens
+    kv = SessionKV(PagePool(span, bytes_per_token(span, batch) * tokens, tokens), span, batch=batch)
+    kv.take(tokens)
     return Session(span, batch, tokens, kv, compute.Extras())
 
 

@@ -10,7 +10,7 @@ import torch
 
 from swarmllm.cli.options import add_config_args, config_from_args
 from swarmllm.server import compute
-from swarmllm.server.cache import GROWTH, CacheFullError, CacheMemory, SessionKV, bytes_per_token
+from swarmllm.server.cache import CacheFullError, CacheMemory, PagePool, SessionKV, bytes_per_token
 from swarmllm.server.config import ServerConfig
 from swarmllm.server.inference import Session, StepInput, run_batch
 from tests.unit.tiny import tiny_span
@@ -38,8 +38,8 @@ def test_bad_inputs_are_rejected_before_compute(span, hidden, pos, mask, match) 
 
 
 def test_session_refuses_more_than_max_length_and_keeps_its_state(span) -> None:
-    kv = SessionKV(span, batch=1, page_tokens=4)
-    kv.capacity = 4
+    kv = SessionKV(PagePool(span, 2**20, 4), span, batch=1)
+    kv.take(4)
     session = Session(span, 1, 4, kv, compute.Extras())
     run_batch([StepInput(session, torch.randn(1, 3, 32), torch.arange(3)[None], None)])
     with pytest.raises(compute.TooLong, match="max_length=4"):
@@ -110,35 +110,68 @@ def test_running_out_of_device_memory_is_a_typed_busy_reply() -> None:
     assert error_code(RuntimeError("something else")) == ErrorCode.INTERNAL
 
 
-def test_a_growing_cache_copies_each_token_a_bounded_number_of_times_and_never_takes_what_is_not_free(span) -> None:
-    """Decoding 400 tokens one at a time: the cache grows by a quarter at a time where memory allows, so its
-    regrowths copy each token fewer than 1 + 1 / GROWTH times (5; page by page it would be about 400 / 8 = 50).
-    Near `limit` or a full budget it takes only the pages it needs."""
+async def _decode(kv: SessionKV, memory: CacheMemory, tokens: int, start: int = 0) -> None:
+    """Grow `kv` one token at a time as a server does, writing each token's keys and values (the token's
+    position, in every element) into the tiny span's 4 blocks."""
+    for t in range(start + 1, tokens + 1):
+        await kv.reserve(memory, t, "a step")
+        for layer in range(4):  # (batch, kv_heads, q, head_dim)
+            kv.write(layer, torch.full((1, 2, 1, 8), float(t - 1)), torch.full((1, 2, 1, 8), -float(t - 1)), t - 1)
+        kv.commit(1)
+
+
+def _positions(kv: SessionKV) -> list[float]:
+    """What each stored token says its position is, read back through `views` (block 2's keys)."""
+    return [p for keys, _ in kv.views(2, kv.length) for p in keys[0, 1, :, 3].tolist()]
+
+
+def test_a_growing_cache_takes_one_page_at_a_time_moves_nothing_and_stays_one_run(span) -> None:
+    """Decoding 400 tokens one at a time takes exactly the pages they fill, copies no token ever written, and
+    (its declared max_length set aside in the pool) reads its whole past as one view."""
     per_page = bytes_per_token(span) * 4
-
-    async def decode(kv: SessionKV, memory: CacheMemory, tokens: int) -> None:
-        for t in range(1, tokens + 1):
-            await kv.reserve(memory, t, "a step")
-            for layer in range(4):  # (batch, kv_heads, q, head_dim)
-                kv.write(layer, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), t - 1)
-            kv.commit(1)
-
-    memory = CacheMemory(budget=1000 * per_page, queue_timeout=0.1)
-    kv = SessionKV(span, batch=1, page_tokens=4, limit=410)
-    asyncio.run(decode(kv, memory, 400))
-    stored = bytes_per_token(span) * 400
-    assert 0 < kv.copied < stored * (1 + 1 / GROWTH)
-    assert 400 <= kv.capacity <= 412 and memory.used == kv.held == kv.capacity // 4 * per_page  # capped by limit
+    pool = PagePool(span, 1000 * per_page, 4)
+    memory = CacheMemory(budget=pool.capacity, queue_timeout=0.1)
+    kv = SessionKV(pool, span, batch=1, limit=410)
+    asyncio.run(_decode(kv, memory, 400))
+    assert kv.copied == 0 and kv.capacity == 400 and memory.used == kv.held == 100 * per_page == pool.in_use * per_page
+    assert kv.in_place(400) and _positions(kv) == list(range(400))
 
     tight = CacheMemory(budget=3 * per_page, queue_timeout=0.1)  # room for 12 tokens, no more
-    kv = SessionKV(span, batch=1, page_tokens=4)
-    asyncio.run(decode(kv, tight, 12))
+    kv = SessionKV(PagePool(span, 3 * per_page, 4), span, batch=1)
+    asyncio.run(_decode(kv, tight, 12))
     assert kv.capacity == 12 and tight.used == tight.budget
+
+
+def test_room_set_aside_is_used_by_others_only_when_nothing_else_is_free(span) -> None:
+    """Two sessions that declare 20 tokens each set aside 5 pages in a pool of 12: they grow side by side and
+    each stays one run. A third, with nothing unclaimed left but 2 pages, takes those, then the room set aside
+    for the first; the first then continues in the rest of its room, as a second run, and every token reads back."""
+    per_page = bytes_per_token(span) * 4
+    pool = PagePool(span, 12 * per_page, 4)
+    memory = CacheMemory(budget=pool.capacity, queue_timeout=0.1)
+    a, b = (SessionKV(pool, span, batch=1, limit=20) for _ in range(2))
+
+    async def main():
+        for n in (4, 8):
+            await _decode(a, memory, n, n - 4)
+            await _decode(b, memory, n, n - 4)
+        assert a.tables == [[0, 1]] and b.tables == [[5, 6]]  # each in its own room
+        c = SessionKV(pool, span, batch=1)
+        await _decode(c, memory, 12)  # pages 10, 11, then the first free one of a's room
+        assert c.tables == [[10, 11, 2]]
+        await _decode(a, memory, 16, 8)  # a's next page is c's now: it goes on after it, in its own room
+        assert a.tables == [[0, 1, 3, 4]] and len(a.segments(0, 16)) == 2 and not a.in_place(16)
+        assert _positions(a) == list(range(16)) and _positions(c) == list(range(12))
+        for kv in (a, b, c):
+            kv.release(memory)
+        assert pool.in_use == 0 and memory.used == 0 and not any(pool._claimed) and not any(pool._blocked)
+
+    asyncio.run(main())
 
 
 def test_session_kv_owns_its_pages_length_and_rewinds(span) -> None:
     memory = CacheMemory(budget=10 * bytes_per_token(span) * 4, queue_timeout=0.1)
-    kv = SessionKV(span, batch=1, page_tokens=4)
+    kv = SessionKV(PagePool(span, memory.budget, 4), span, batch=1)
 
     async def grow():
         await kv.reserve(memory, 1, "first page")
@@ -155,4 +188,4 @@ def test_session_kv_owns_its_pages_length_and_rewinds(span) -> None:
     with pytest.raises(ValueError, match="holds 5 tokens"):
         kv.rewind(6)  # a rewind never grows the session
     kv.release(memory)
-    assert (kv.held, memory.used) == (0, 0)
+    assert (kv.held, memory.used, kv.pool.in_use) == (0, 0, 0)

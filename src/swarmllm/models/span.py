@@ -233,11 +233,11 @@ class Span(nn.Module):
         return self._alibi(keys, self.config.num_attention_heads, dtype=hidden.dtype)
 
     @functools.cached_property
-    def cache_elements(self) -> int:
-        """Elements of keys and values one block stores in its cache per token, measured: the first block runs
-        on the meta device (no memory, no arithmetic) with a cache that records what it is given. Families
-        differ (Falcon's 40B/180B blocks store keys for every query head in some transformers releases and
-        grouped ones in others; DeepSeek's store a compressed latent), so no formula is trusted."""
+    def cache_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, width) of the keys and of the values one block stores in its cache per token, measured: the
+        first block runs on the meta device (no memory, no arithmetic) with a cache that records what it is
+        given. Families differ (Falcon's 40B/180B blocks store keys for every query head in some transformers
+        releases and grouped ones in others; DeepSeek's store a compressed latent), so no formula is trusted."""
         with torch.device("meta"):
             block = type(self.layers[0])(self.config, self.start)
             rotary = copy.deepcopy(self.rotary).to("meta") if self.rotary is not None else None
@@ -249,8 +249,14 @@ class Span(nn.Module):
         try:
             probe(hidden, position_ids, cache=recorder, masks=masks, keys=torch.ones(1, 2, dtype=torch.long, device="meta"))
         except _Recorded:
-            return recorder.elements
+            return recorder.shapes
         raise SpanError(f"blocks of {self.config.model_type} stored nothing in their cache")
+
+    @property
+    def cache_elements(self) -> int:
+        """Elements of keys and values one block stores in its cache per token."""
+        (kh, kw), (vh, vw) = self.cache_shapes
+        return kh * kw + vh * vw
 
     @property
     def dtype(self) -> torch.dtype:
@@ -274,14 +280,14 @@ class _Recorded(Exception):
 
 
 class _CacheRecorder:
-    """Stands in for a cache during `Span.cache_elements`: keeps the width of what a block stores per token,
-    then stops the block (its MLP or experts need not run, even on the meta device)."""
+    """Stands in for a cache during `Span.cache_shapes`: keeps the shape of what a block stores per token, then
+    stops the block (its MLP or experts need not run, even on the meta device)."""
 
-    elements = 0
+    shapes = ((0, 0), (0, 0))
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         # (batch, heads, tokens, width) each; keys and values may differ in heads and width (latents).
-        self.elements = key.shape[1] * key.shape[3] + value.shape[1] * value.shape[3]
+        self.shapes = ((key.shape[1], key.shape[3]), (value.shape[1], value.shape[3]))
         raise _Recorded
 
 

@@ -1,4 +1,5 @@
-"""Attention-cache memory: a server-wide byte budget, sessions' caches grown in pages, and a queue.
+"""Attention-cache memory: a server-wide byte budget with a queue, and the pool of pages that holds every
+session's keys and values.
 
 Petals reserves each session's whole declared `max_length` at admission and refuses a session at once
 when memory is full. Here a session holds only the pages its tokens fill (`page_tokens` tokens of every
@@ -11,15 +12,33 @@ refused without waiting. Growing on demand means that admitted sessions can, tog
 budget: the queue's timeout, not a reservation, is what resolves that (a step that times out fails with
 `cache_full`, and the client replays its session elsewhere).
 
+Storage (`PagePool`): the whole budget is allocated once, when the server loads its span: per block, one
+keys tensor (kv_heads, slots, width) and one values tensor. A page is `page_tokens` consecutive slots of
+every block of the span, for one row of one session, and a session holds one page table per row
+(`SessionKV.tables`). A step that needs room takes more pages; nothing already written ever moves, so a step
+writes only its own new tokens, and attention reads the past in place, run by run of consecutive pages
+(`SessionKV.segments`, `ragged.RaggedPass`).
+
+Keeping runs long: an opening session sets aside (claims) room after its first pages for its declared
+max_length where that much is free and unclaimed, and growing takes the next pages of that room. Claims are
+soft: when no unclaimed room is left, pages set aside for others are taken too, so the budget is usable to
+its last page; the sessions concerned then read their past as several runs (attention costs a little more,
+results are the same).
+
+Pages span all of the server's blocks, so that one table per row serves every block and the budget counts
+exactly the pages in use. A session on part of the span pays for all of it (clients route whole spans where
+they can).
+
 All accounting runs on the server's event loop; the tensors themselves are touched only by the compute
-thread (see `SessionKV`).
+thread. A session's tables change only between its own steps. Its pages are freed when its stream ends,
+possibly while its last pass still runs; a pass of the pages' next owner runs after that one, on the same
+thread, so it writes after the old owner's last write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -110,12 +129,6 @@ class CacheMemory:
             waiter.set_result(None)
 
 
-# How much a growing session cache takes at once beyond what it needs, as a fraction of that: it copies its
-# tokens fewer than 1 + 1 / GROWTH times each over its life, and holds at most GROWTH more than it fills (plus
-# a page).
-GROWTH = 0.25
-
-
 def bytes_per_token(span: Span, batch: int = 1) -> int:
     """Cache bytes one token costs on `span`: keys and values of every block (full length for sliding layers
     too: the mask, not the storage, limits what they see)."""
@@ -123,60 +136,167 @@ def bytes_per_token(span: Span, batch: int = 1) -> int:
     return span.cache_elements * itemsize * len(span.layers) * batch
 
 
-@dataclass
+class PagePool:
+    """The server's attention-cache tensors, allocated once for `span`, and which of their pages are taken.
+    `grow` and `release` run on the event loop; `keys` and `values` are read and written by the compute thread."""
+
+    def __init__(self, span: Span, budget: int, page_tokens: int):
+        self.start, self.end, self.page_tokens = span.start, span.end, page_tokens
+        self.page_bytes = bytes_per_token(span) * page_tokens  # one page: one row, every block
+        self.pages = budget // self.page_bytes
+        (kh, kw), (vh, vw) = span.cache_shapes
+        slots = self.pages * page_tokens
+
+        def tensor(heads: int, width: int) -> torch.Tensor:
+            return torch.empty((heads, slots, width), dtype=span.dtype, device=span.device)
+
+        self.keys = {b: tensor(kh, kw) for b in range(span.start, span.end)}
+        self.values = {b: tensor(vh, vw) for b in range(span.start, span.end)}
+        self.in_use = 0  # pages in some session's table
+        self._used = bytearray(self.pages)  # 1: in a session's table
+        self._claimed = bytearray(self.pages)  # 1: set aside for a session's growth
+        self._blocked = bytearray(self.pages)  # used or claimed: where no new room is set aside
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of the budget that whole pages hold (what `CacheMemory` may grant)."""
+        return self.pages * self.page_bytes
+
+    def grow(self, kv: SessionKV, pages: int) -> None:
+        """Append `pages` pages to each of `kv`'s rows: right after the row's last page where those are free
+        (and not set aside for another session), elsewhere as a new run otherwise. The caller holds the budget
+        for them (`CacheMemory`), so they exist; a caller that skipped it gets a CacheFullError."""
+        rows = len(kv.tables)
+        if pages * rows > self.pages - self.in_use:
+            raise CacheFullError(f"{pages * rows} pages wanted, {self.pages - self.in_use} of {self.pages} free")
+        held = len(kv.tables[0])
+        room = pages if kv.limit is None else max(pages, -(-kv.limit // self.page_tokens) - held)
+        stuck = [t for t in kv.tables if not self._extend(t, pages, kv.claims)]
+        if stuck:
+            self._place(stuck, pages, room, kv.claims)
+
+    def release(self, kv: SessionKV) -> None:
+        """Every page of `kv` and the room it set aside are free again (its tables stay as they were: a pass
+        that still runs for it reads them)."""
+        for table in kv.tables:
+            for p in table:
+                self._used[p], self._blocked[p] = 0, self._claimed[p]
+            self.in_use -= len(table)
+        for claim in kv.claims:
+            for p in claim:
+                self._claimed[p], self._blocked[p] = 0, self._used[p]
+
+    def _extend(self, table: list[int], n: int, claims: list[range]) -> bool:
+        if not table or table[-1] + 1 + n > self.pages:
+            return False
+        after = range(table[-1] + 1, table[-1] + 1 + n)
+        if any(self._used[p] or (self._claimed[p] and not any(p in c for c in claims)) for p in after):
+            return False
+        self._take(table, after)
+        return True
+
+    def _place(self, rows: list[list[int]], n: int, room: int, claims: list[range]) -> None:
+        """New runs of `n` pages for `rows`, evenly spaced so that one strided view reads them all: in unclaimed
+        room for `room` pages each if there is some, else for `n`; else over room set aside for others; else
+        wherever pages are free, one by one."""
+        k = len(rows)
+        for size in dict.fromkeys((room, n)):
+            base = self._blocked.find(bytes(k * size))
+            if base >= 0:
+                claim = range(base, base + k * size)
+                for p in claim:
+                    self._claimed[p] = self._blocked[p] = 1
+                claims.append(claim)
+                for i, table in enumerate(rows):
+                    self._take(table, range(base + i * size, base + i * size + n))
+                return
+        base = self._used.find(bytes(k * n))
+        if base >= 0:
+            for i, table in enumerate(rows):
+                self._take(table, range(base + i * n, base + (i + 1) * n))
+            return
+        free = [p for p in range(self.pages) if not self._used[p]][: k * n]
+        for i, table in enumerate(rows):
+            self._take(table, free[i * n : (i + 1) * n])
+
+    def _take(self, table: list[int], pages) -> None:
+        for p in pages:
+            self._used[p] = self._blocked[p] = 1
+        table.extend(pages)
+        self.in_use += len(pages)
+
+
+@dataclass(eq=False)
 class SessionKV:
-    """One session's keys and values for blocks `[start, end)`: per block, (batch, kv_heads, capacity,
-    head_dim) tensors, grown by the compute thread up to `capacity` tokens (what the memory budget granted
-    on the event loop). Tokens `[0, length)` are valid; a failed step only has to reset `length`.
+    """One session's keys and values for blocks `[span.start, span.end)`: a page table per row into `pool`,
+    grown up to `capacity` tokens (what the memory budget granted on the event loop). Tokens `[0, length)` are
+    valid; a failed step only has to reset `length`.
 
-    It owns its length and capacity: `reserve` grows capacity page by page from the memory budget (on the
-    event loop), `commit` advances the length after a pass (on the compute thread), `rewind` cuts it (a
-    client's rewind, or a failed pass), and `release` gives every page back."""
+    It owns its length and pages: `reserve` takes pages from the memory budget and the pool (on the event
+    loop), `commit` advances the length after a pass (on the compute thread), `rewind` cuts it (a client's
+    rewind, or a failed pass), and `release` gives every page back."""
 
+    pool: PagePool
     span: Span
     batch: int
-    page_tokens: int
     limit: int | None = None  # the most tokens the session may hold (its declared max_length), if known
     length: int = 0
-    capacity: int = 0  # tokens granted by CacheMemory
-    held: int = 0  # bytes granted by CacheMemory for those tokens
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # absolute block index -> tensor
-    values: dict[int, torch.Tensor] = field(default_factory=dict)
-    # Bytes of keys and values moved after they were first written (a tensor regrown, a batch's gather, a
-    # beam reorder): what a step costs beyond storing its own new tokens (bench/serving.py reports it).
+    held: int = 0  # bytes granted by CacheMemory
+    # Bytes of keys and values moved after they were first written (a batch's gather for blocks that cannot
+    # attend in place, a beam reorder, a strided read that had to be stacked): what a step costs beyond storing
+    # its own new tokens (bench/serving.py reports it).
     copied: int = 0
+    tables: list[list[int]] = field(init=False)  # per row, the pool's pages in token order
+    claims: list[range] = field(default_factory=list)  # room set aside in the pool for this session's growth
+    _bounds: list[int] = field(default_factory=list)  # token positions where some row's run of pages ends
+
+    def __post_init__(self) -> None:
+        self.tables = [[] for _ in range(self.batch)]
+
+    @property
+    def page_tokens(self) -> int:
+        return self.pool.page_tokens
+
+    @property
+    def capacity(self) -> int:
+        """Tokens per row that the session's pages hold."""
+        return len(self.tables[0]) * self.page_tokens
 
     @property
     def page_bytes(self) -> int:
-        return bytes_per_token(self.span, self.batch) * self.page_tokens
+        """Bytes of one more page for every row."""
+        return self.pool.page_bytes * self.batch
 
     def pages_for(self, tokens: int) -> int:
-        """Pages to add so that `tokens` fit."""
-        return max(0, -(-tokens // self.page_tokens) - self.capacity // self.page_tokens)
+        """Pages (per row) to add so that `tokens` fit."""
+        return max(0, -(-tokens // self.page_tokens) - len(self.tables[0]))
 
     async def reserve(self, memory: CacheMemory, tokens: int, what: str) -> None:
-        """Make room for `tokens` in all: take the missing pages from `memory`, waiting in its queue. Raises
-        CacheFullError with nothing taken.
-
-        A cache that has to grow takes room for `GROWTH` more tokens than it needs where that much is free now
-        (never past `limit`): the compute thread copies the cache into a bigger tensor each time it grows, so
-        growing by a fraction keeps the copies per token constant (each token is copied fewer than 1 + 1 / GROWTH
-        times), where growing by one page would copy the whole context every `page_tokens` tokens."""
+        """Make room for `tokens` in all: take the missing pages' bytes from `memory`, waiting in its queue, then
+        the pages themselves from the pool. Raises CacheFullError with nothing taken."""
         pages = self.pages_for(tokens)
-        if not pages:
-            return
-        ample = math.ceil(tokens * (1 + GROWTH))
-        more = self.pages_for(ample if self.limit is None else max(tokens, min(ample, self.limit)))
-        if more > pages and memory.try_acquire(more * self.page_bytes):
-            pages = more
-        else:
+        if pages:
             await memory.acquire(pages * self.page_bytes, what)
-        self.held += pages * self.page_bytes
-        self.capacity += pages * self.page_tokens
+            self.held += pages * self.page_bytes
+            self.take(tokens)
+
+    def take(self, tokens: int) -> None:
+        """Pages for `tokens` from the pool, without the budget: `reserve` has it (or a test does not need it)."""
+        pages = self.pages_for(tokens)
+        if pages:
+            self.pool.grow(self, pages)
+            ends = {0, self.capacity}
+            for table in self.tables:
+                ends.update(j * self.page_tokens for j in range(1, len(table)) if table[j] != table[j - 1] + 1)
+            self._bounds = sorted(ends)
 
     def release(self, memory: CacheMemory) -> None:
-        memory.release(self.held)
-        self.held = 0
+        if self.held or any(self.tables):
+            self.pool.release(self)
+            memory.release(self.held)
+            self.held = 0
+            self.tables = [[] for _ in range(self.batch)]  # a second release frees nothing
+            self._bounds = []
 
     def commit(self, tokens: int) -> None:
         """A pass wrote `tokens` more positions: they are valid now."""
@@ -189,30 +309,90 @@ class SessionKV:
             raise ValueError(f"cannot rewind to {length}: the session holds {self.length} tokens")
         self.length = length
 
+    def segments(self, start: int, end: int) -> list[tuple[int, int, list[int]]]:
+        """Tokens `[start, end)` as pieces that are consecutive slots of the pool in every row: (first token,
+        end token, each row's slot of the first token)."""
+        assert end <= self.capacity, "pages must be granted before the compute thread touches them"
+        pieces, tokens = [], self.page_tokens
+        for a, b in zip(self._bounds, self._bounds[1:]):
+            a, b = max(a, start), min(b, end)
+            if a < b:
+                pieces.append((a, b, [t[a // tokens] * tokens + a % tokens for t in self.tables]))
+        return pieces
+
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, at: int) -> None:
-        """Store `key`/`value` (batch, kv_heads, q, head_dim) at positions `[at, at + q)` of `layer`. Keys and values
-        may differ in width (DeepSeek's blocks cache a compressed latent as keys and a rotary key as values)."""
-        end = at + key.shape[2]
-        assert end <= self.capacity, "pages must be granted before the compute thread writes"
-        old = self.keys.get(layer)
-        if old is None or old.shape[2] < end:
-            # Grow to the granted capacity at once: one copy per page granted, not one per token.
-            k = key.new_empty((*key.shape[:2], self.capacity, key.shape[3]))
-            v = value.new_empty((*value.shape[:2], self.capacity, value.shape[3]))
-            if old is not None:
-                k[:, :, : old.shape[2]] = old
-                v[:, :, : old.shape[2]] = self.values[layer]
-                self.copied += nbytes(old) + nbytes(self.values[layer])
-            self.keys[layer], self.values[layer] = k, v
-        self.keys[layer][:, :, at:end] = key
-        self.values[layer][:, :, at:end] = value
+        """Store `key`/`value` (batch, kv_heads, q, width) at positions `[at, at + q)` of block `layer`, in its
+        pages. Keys and values may differ in width (DeepSeek's blocks cache a compressed latent as keys and a
+        rotary key as values)."""
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        if key.shape[1::2] != keys.shape[::2] or value.shape[1::2] != values.shape[::2]:
+            raise RuntimeError(f"block {layer} cached keys {tuple(key.shape)} and values {tuple(value.shape)}; the "
+                               f"pool holds (heads, width) {keys.shape[::2]} and {values.shape[::2]}")
+        for a, b, starts in self.segments(at, at + key.shape[2]):
+            for pool, new in ((keys, key), (values, value)):
+                part = new[:, :, a - at : b - at]
+                view = _rows_view(pool, starts, b - a)
+                if view is not None:
+                    view.copy_(part)
+                else:
+                    for row, slot in enumerate(starts):
+                        pool[:, slot : slot + b - a] = part[row]
+
+    def views(self, layer: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Tokens `[0, length)` of block `layer` as (keys, values) pairs of (batch, kv_heads, tokens, width),
+        one per piece of consecutive slots: views of the pool, or stacked copies (counted) where the rows'
+        slots are not evenly spaced."""
+        out = []
+        for a, b, starts in self.segments(0, length):
+            pair = []
+            for pool in (self.pool.keys[layer], self.pool.values[layer]):
+                view = _rows_view(pool, starts, b - a)
+                if view is None:
+                    view = torch.stack([pool[:, slot : slot + b - a] for slot in starts])
+                    self.copied += nbytes(view)
+                pair.append(view)
+            out.append((pair[0], pair[1]))
+        return out
+
+    def in_place(self, length: int) -> bool:
+        """Whether tokens `[0, length)` read as one view of the pool in every block."""
+        pieces = self.segments(0, length)
+        return len(pieces) == 1 and _evenly(pieces[0][2])
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens `[0, length)` of block `layer` as one (batch, kv_heads, length, width) pair: a view of the
+        pool when `in_place`, else the pieces copied together (counted)."""
+        pieces = self.views(layer, length)
+        if len(pieces) == 1:
+            return pieces[0]
+        keys, values = torch.cat([k for k, _ in pieces], dim=2), torch.cat([v for _, v in pieces], dim=2)
+        self.copied += nbytes(keys) + nbytes(values)
+        return keys, values
 
     def reorder(self, hypo_ids: torch.Tensor) -> None:
-        """Row i becomes what row `hypo_ids[i]` was (beam search reordering its beams); a copy of each tensor."""
-        for layer in self.keys:
-            self.keys[layer] = self.keys[layer].index_select(0, hypo_ids)
-            self.values[layer] = self.values[layer].index_select(0, hypo_ids)
-            self.copied += nbytes(self.keys[layer]) + nbytes(self.values[layer])
+        """Row i becomes what row `hypo_ids[i]` was (beam search reordering its beams): a copy of the session."""
+        if not self.length:
+            return
+        for layer in range(self.span.start, self.span.end):
+            keys, values = self.read(layer, self.length)
+            keys, values = keys.index_select(0, hypo_ids), values.index_select(0, hypo_ids)
+            self.write(layer, keys, values, 0)
+            self.copied += nbytes(keys) + nbytes(values)
+
+
+def _evenly(starts: list[int]) -> bool:
+    return len(starts) == 1 or (starts[1] > starts[0] and all(b - a == starts[1] - starts[0] for a, b in zip(starts, starts[1:])))
+
+
+def _rows_view(pool: torch.Tensor, starts: list[int], tokens: int) -> torch.Tensor | None:
+    """(rows, heads, tokens, width) of `pool` (heads, slots, width) from each row's first slot, as one view:
+    possible when the rows are evenly spaced in the pool, else None."""
+    if not _evenly(starts):
+        return None
+    heads, slots, width = pool.shape
+    step = (starts[1] - starts[0]) if len(starts) > 1 else tokens
+    return pool.as_strided((len(starts), heads, tokens, width), (step * width, slots * width, width, 1),
+                           pool.storage_offset() + starts[0] * width)
 
 
 def nbytes(t: torch.Tensor) -> int:

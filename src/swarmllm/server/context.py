@@ -21,7 +21,7 @@ from swarmllm.models.span import Span
 from swarmllm.protocol import ErrorCode, Tuning
 from swarmllm.server import compute
 from swarmllm.server.audit import AuditLog
-from swarmllm.server.cache import CacheMemory
+from swarmllm.server.cache import CacheMemory, PagePool
 from swarmllm.server.config import default
 from swarmllm.server.kept_graphs import KeptGraphs
 from swarmllm.server.limits import PeerLimits
@@ -36,17 +36,30 @@ NamedAdapter = tuple[lora.LoraSpec, lora.LoraWeights]
 
 
 class SpanSlot:
-    """The span a server serves now; None while it moves to other blocks (requests then get `not_serving`).
-    The device never changes: every tensor a request brings is moved there as it is parsed."""
+    """The span a server serves now, and the pool of cache pages allocated for it; both None while it moves to
+    other blocks (requests then get `not_serving`). The device never changes: every tensor a request brings is
+    moved there as it is parsed.
 
-    def __init__(self, span: Span):
-        self.span: Span | None = span
+    The pool takes `memory`'s whole budget, in pages of `page_tokens` tokens; the budget is trimmed to whole
+    pages, so that every byte `memory` grants is a page that exists."""
+
+    def __init__(self, span: Span, memory: CacheMemory, page_tokens: int = default("cache_page_tokens")):
         self.device: torch.device = span.device
+        self.memory, self.page_tokens, self._budget = memory, page_tokens, memory.budget
+        self.span: Span | None = None
+        self.pool: PagePool | None = None
+        self.set_span(span)
 
     def set_span(self, span: Span | None) -> None:
+        """Serve `span` from now on (None: nothing), with a new pool; no session may hold pages of the old one."""
         if span is not None and span.device != self.device:
             raise ValueError(f"a server's span stays on {self.device}, got one on {span.device}")
-        self.span = span
+        if self.memory.used:
+            raise RuntimeError(f"sessions still hold {self.memory.used} bytes of the attention cache")
+        self.span, self.pool = span, None  # the old pool is freed before the new one is allocated
+        if span is not None:
+            self.pool = PagePool(span, self._budget, self.page_tokens)
+            self.memory.budget = self.pool.capacity
 
     def sub_span(self, start: int, end: int) -> Span:
         """Blocks [start, end) of the span served now (read once per request: a move may clear it)."""
@@ -120,7 +133,6 @@ class ServingContext:
     scheduler: Scheduler = field(default_factory=Scheduler)
     tuning: TuningResolver = field(default_factory=TuningResolver)
     kept: KeptGraphs = field(default_factory=lambda: KeptGraphs(default("max_kept_graphs"), default("kept_graph_ttl")))
-    page_tokens: int = default("cache_page_tokens")  # tokens per page of a session's cache
     audit: AuditLog = field(default_factory=lambda: AuditLog(None))
     membership: Membership = PUBLIC
     limits: PeerLimits = field(default_factory=PeerLimits)

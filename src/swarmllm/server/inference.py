@@ -1,11 +1,11 @@
 """Inference steps of many sessions in one forward pass.
 
-Each session keeps its own keys/values (`cache.SessionKV`) and its own position. A batch stacks the
-sessions' new tokens row-wise. Attention then runs per session over that session's own cache, in place
-(`ragged.RaggedPass`), for blocks that allow it (sdpa, keys used as cached). For the others (eager attention,
-DeepSeek's latent attention) every attention layer gets, per row, that session's past keys followed by the
-new ones, gathered and padded to the longest session, with a mask that hides the padding: a copy of the
-batch's whole context per step. Either way a session's output does not depend on who it was batched with,
+Each session keeps its own keys/values (`cache.SessionKV`, pages of the server's pool) and its own position. A
+batch stacks the sessions' new tokens row-wise. Attention then runs per session over that session's own pages,
+in place (`ragged.RaggedPass`), for blocks that allow it (sdpa, keys used as cached). For the others (eager
+attention, DeepSeek's latent attention) every attention layer gets, per row, that session's past keys followed
+by the new ones, gathered and padded to the longest session, with a mask that hides the padding: a copy of the
+batch's whole context per step. A lone session reads a view of its pages, as a local model reads its cache. Either way a session's output does not depend on who it was batched with,
 beyond float rounding of a wider matmul.
 
 Why bother: on a CPU (and a GPU) a decode step is bound by reading the weights, so one pass for 8 sessions
@@ -108,18 +108,17 @@ class _BatchCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key, value: (rows, kv_heads, q, head_dim)
         q = key.shape[2]
-        if len(self.steps) == 1:  # alone: views of the session's own storage, no copy
+        if len(self.steps) == 1:  # alone: a view of the session's pages where they are one run
             kv, past = self.steps[0].session.kv, self.pasts[0]
             kv.write(layer_idx, key, value, past)
-            return kv.keys[layer_idx][:, :, : past + q], kv.values[layer_idx][:, :, : past + q]
+            return kv.read(layer_idx, past + q)
         out_k = key.new_zeros((key.shape[0], key.shape[1], self.kv_len, key.shape[3]))
         out_v = value.new_zeros((value.shape[0], value.shape[1], self.kv_len, value.shape[3]))
         row = 0
         for step, past in zip(self.steps, self.pasts):
             kv, rows = step.session.kv, slice(row, row + step.rows)
             kv.write(layer_idx, key[rows], value[rows], past)
-            out_k[rows, :, : past + q] = kv.keys[layer_idx][:, :, : past + q]
-            out_v[rows, :, : past + q] = kv.values[layer_idx][:, :, : past + q]
+            out_k[rows, :, : past + q], out_v[rows, :, : past + q] = kv.read(layer_idx, past + q)
             kv.copied += nbytes(out_k[rows, :, : past + q]) + nbytes(out_v[rows, :, : past + q])
             row += step.rows
         return out_k, out_v
@@ -209,7 +208,8 @@ def run_batch(steps: list[StepInput]) -> list[torch.Tensor]:
     tables = torch.cat([torch.full((s.rows,), s.table, device=position_ids.device) for s in steps])
     cache: RaggedPass | _BatchCache
     attending: contextlib.AbstractContextManager[None]
-    if len(steps) > 1 and ragged_capable(span):
+    # A lone session whose pages are several runs attends per run too, rather than copy them together.
+    if ragged_capable(span) and (len(steps) > 1 or not session0.kv.in_place(pasts[0] + q)):
         cache = RaggedPass(span, _rows(span, steps, pasts, q), q)
         masks: dict[str, torch.Tensor | None] = dict.fromkeys(span.types)  # each session's own are in `cache`
         attending = cache.active()

@@ -4,8 +4,10 @@ A batched pass stacks the sessions' new tokens row-wise for everything that shar
 and the MLPs): that is what batching pays for. Attention shares no weights: each row's queries attend to
 its own session's keys. Gathering every session's past into one padded tensor per block (what
 `inference._BatchCache` does) copies the whole context of the batch at every step, outside the cache budget.
-Here the pass instead runs the model's own `sdpa` attention once per session, over views of that session's
-cache: a step copies only its new keys and values (into the cache), whatever the context.
+Here the pass instead runs the model's own `sdpa` attention once per session, over a view of that session's
+pages in the server's pool: a step copies only its new keys and values (into the pool), whatever the context.
+A session whose pages are not one run (the pool was short of consecutive room) attends over each run in place
+and merges them in one softmax (`_over_runs`); that, too, copies nothing.
 
 How it reaches the attention: a block calls `cache.update(key, value, layer)` and then the function that
 `transformers.ALL_ATTENTION_FUNCTIONS` registers for its attention implementation. `install()` replaces the
@@ -98,12 +100,53 @@ class RaggedPass:
         assert _sdpa is not None
         outs = []
         for part in self.parts:
-            length = part.past + n
-            k = part.kv.keys[layer][:, :, :length]  # (rows, kv_heads, past + q, head_dim): a view
-            v = part.kv.values[layer][:, :, :length]
-            out, _ = _sdpa(module, query[part.rows], k, v, part.masks[layer_type], **kwargs)
+            runs = part.kv.views(layer, part.past + n)  # (rows, kv_heads, tokens, width) each: views of the pool
+            mask = part.masks[layer_type]
+            if len(runs) == 1:
+                out, _ = _sdpa(module, query[part.rows], *runs[0], mask, **kwargs)
+            else:
+                allowed = mask if mask is not None else _causal(part.past, n, query.device)
+                out = _over_runs(module, query[part.rows], runs, allowed, **kwargs)
             outs.append(out)  # (rows, q, heads, head_dim)
         return torch.cat(outs), None
+
+
+def _causal(past: int, q: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, q, past + q) True where a query may attend: what sdpa does without a mask."""
+    return (torch.arange(past + q, device=device)[None, :] <= past + torch.arange(q, device=device)[:, None])[None, None]
+
+
+# Arguments of transformers' attention functions that attention over runs cannot honour unless they are unset.
+_UNSUPPORTED = ("softcap", "s_aux", "sinks")
+
+
+def _over_runs(module, query: torch.Tensor, runs: list[tuple[torch.Tensor, torch.Tensor]], allowed: torch.Tensor,
+               *, scaling: float | None = None, dropout: float = 0.0, **kwargs) -> torch.Tensor:
+    """Attention of `query` (rows, heads, q, width) over keys and values held as several runs of the pool (a
+    session whose pages are not consecutive), without copying them together: the scores of every run side by
+    side, one softmax, then each run's share of the values. `allowed`: (rows or 1, 1, q, tokens) booleans.
+    Returns (rows, q, heads, value width), as transformers' attention functions do."""
+    unsupported = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
+    if unsupported or dropout:
+        raise RuntimeError(f"attention over a session's pages cannot apply {unsupported or 'dropout'}")
+    rows, heads, q, width = query.shape
+    kv_heads = runs[0][0].shape[1]
+    groups = heads // kv_heads  # query heads per key head, as transformers' repeat_kv pairs them
+    scale = scaling if scaling is not None else width**-0.5
+    outs = []
+    for r in range(rows):  # per row: a run's (kv_heads, tokens, width) view multiplies without a copy
+        grouped = query[r].reshape(kv_heads, groups * q, width)
+        scores = torch.cat([grouped @ k[r].transpose(-1, -2) for k, _ in runs], dim=-1).float() * scale
+        scores = scores.view(kv_heads, groups, q, -1).masked_fill(~allowed[min(r, len(allowed) - 1)][:, None], float("-inf"))
+        probs = scores.softmax(-1).to(query.dtype).view(kv_heads, groups * q, -1)
+        out, at = None, 0
+        for _, v in runs:
+            part = probs[..., at : at + v.shape[2]] @ v[r]  # (kv_heads, groups * q, value width)
+            out = part if out is None else out + part
+            at += v.shape[2]
+        assert out is not None
+        outs.append(out.view(heads, q, -1).transpose(0, 1))  # (q, heads, value width)
+    return torch.stack(outs)
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):

@@ -109,11 +109,11 @@ class Server:
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self.metrics = ServerMetrics()  # counts from the start; served over HTTP only with --metrics-port
         self.context = ServingContext(
-            SpanSlot(span), self.memory, config.session_timeout,
+            SpanSlot(span, self.memory, config.cache_page_tokens), self.memory, config.session_timeout,
             scheduler=Scheduler(config.max_batch_rows, config.prefill_chunk, config.batch_wait,
                                 balance=self.points.priority, newcomer_share=config.newcomer_share),
             tuning=TuningResolver(LoraCache(config.lora_cache_bytes), self.adapter),
-            kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl), page_tokens=config.cache_page_tokens,
+            kept=KeptGraphs(config.max_kept_graphs, config.kept_graph_ttl),
             audit=AuditLog(config.audit_log), membership=self.peer.membership,
             limits=PeerLimits(Limits.from_config(config)), points=self.points, metrics=self.metrics,
             faults=Faults(config.test_corrupt_outputs),

@@ -29,7 +29,7 @@ from swarmllm.protocol import (
     StepDone,
 )
 from swarmllm.server import compute
-from swarmllm.server.cache import CacheFullError, SessionKV, bytes_per_token
+from swarmllm.server.cache import CacheFullError, SessionKV
 from swarmllm.server.context import ServingContext
 from swarmllm.server.inference import Session
 from swarmllm.server.limits import PeerLimits, RateLimited
@@ -130,15 +130,16 @@ class Sessions:
     async def _open(self, meta: OpenSession, tensors: list, peer: str) -> _Live:
         """Admit a session: check what it declares, resolve its tuning, then wait for its first cache page."""
         c = self.context
-        span = c.spans.sub_span(meta.start, meta.end)
+        span, pool = c.spans.sub_span(meta.start, meta.end), c.spans.pool
         if len(tensors) != int(meta.tuning.prompts):
             raise compute.BadRequest(f"OpenSession carries {int(meta.tuning.prompts)} tensors, got {len(tensors)}")
         prompts = tensors[0] if tensors else None
         compute.check_prompt_shape(span, meta.batch_size, meta.max_length, prompts)
         extras = await c.tuning.extras(meta.tuning, span, peer, prompts)
         what = f"a session of {meta.batch_size} x {meta.max_length} tokens on blocks {meta.start}:{meta.end}"
-        c.memory.check_possible(bytes_per_token(span, meta.batch_size) * meta.max_length, what)
-        kv = SessionKV(span, meta.batch_size, c.page_tokens, limit=meta.max_length)
+        assert pool is not None  # it comes with the span
+        kv = SessionKV(pool, span, meta.batch_size, limit=meta.max_length)
+        c.memory.check_possible(kv.page_bytes * kv.pages_for(meta.max_length), what)
         await kv.reserve(c.memory, 1, what)  # its first page
         return _Live(meta, Session(span, meta.batch_size, meta.max_length, kv, extras))
 
