@@ -162,6 +162,10 @@ class PagePool:
         """Bytes of the budget that whole pages hold (what `CacheMemory` may grant)."""
         return self.pages * self.page_bytes
 
+    def bytes_for(self, batch: int, tokens: int) -> int:
+        """Bytes of the pages that `batch` rows of `tokens` tokens fill."""
+        return self.page_bytes * batch * -(-tokens // self.page_tokens)
+
     def grow(self, kv: SessionKV, pages: int) -> None:
         """Append `pages` pages to each of `kv`'s rows: right after the row's last page where those are free
         (and not set aside for another session), elsewhere as a new run otherwise. The caller holds the budget

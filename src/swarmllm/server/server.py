@@ -118,6 +118,13 @@ class Server:
             limits=PeerLimits(Limits.from_config(config)), points=self.points, metrics=self.metrics,
             faults=Faults(config.test_corrupt_outputs),
         )
+        pool = self.context.spans.pool
+        assert pool is not None  # built with the span
+        logger.info("attention cache: %d pages of %d tokens (%.2f GiB), allocated", pool.pages, pool.page_tokens,
+                    pool.capacity / 2**30)
+        if pool.pages == 0:
+            logger.warning("--max-cache-bytes %d is less than one page (%d bytes): every session will be refused",
+                           cache_bytes, pool.page_bytes)
         self.handler = Handler(self.context, self.record)
         if config.test_corrupt_outputs:
             logger.warning("TEST ONLY: this server corrupts its outputs (--test-corrupt-outputs %g)", config.test_corrupt_outputs)

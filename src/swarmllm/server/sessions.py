@@ -138,8 +138,8 @@ class Sessions:
         extras = await c.tuning.extras(meta.tuning, span, peer, prompts)
         what = f"a session of {meta.batch_size} x {meta.max_length} tokens on blocks {meta.start}:{meta.end}"
         assert pool is not None  # it comes with the span
+        c.memory.check_possible(pool.bytes_for(meta.batch_size, meta.max_length), what)  # before any per-row state
         kv = SessionKV(pool, span, meta.batch_size, limit=meta.max_length)
-        c.memory.check_possible(kv.page_bytes * kv.pages_for(meta.max_length), what)
         await kv.reserve(c.memory, 1, what)  # its first page
         return _Live(meta, Session(span, meta.batch_size, meta.max_length, kv, extras))
 
