@@ -195,6 +195,35 @@ def test_a_pass_waits_for_a_recently_active_thread_but_not_for_one_that_is_done(
     assert time.monotonic() - t0 < 10 and recorder.rows == [1, 2, 1, 1]
 
 
+def test_a_pass_stops_waiting_for_a_thread_overdue_by_half_its_period() -> None:
+    """A thread that called twice, 20 ms apart, then went silent (its user paused) is still recent, but a
+    pass waits for it only until 1.5 of its periods after its last call: not the 30 s cap."""
+    model = _model()
+    recorder = _Recorder(model.get_output_embeddings().forward)
+    batcher = HeadBatcher(recorder, wait=30.0, recent=30.0)
+    x = torch.randn(1, 1, 32)
+    stop = threading.Event()
+
+    def paused_user() -> None:
+        with torch.no_grad():
+            batcher(x)
+            time.sleep(0.02)
+            batcher(x)
+        stop.wait(30)  # silent, and never says it is done
+
+    user = _in_thread(paused_user)
+    while recorder.rows != [1, 1]:
+        time.sleep(0.001)
+    finished = threading.Event()
+    other = _in_thread(lambda: (batcher(x), finished.set()))
+    other.join(10)
+    assert finished.is_set() and recorder.rows == [1, 1, 1], "the pass waited for the paused thread"
+    with batcher._cv:
+        assert 0.02 <= batcher._period[user.ident] < 10 and user.ident in batcher._last  # still recent
+    stop.set()
+    user.join(10)
+
+
 def test_a_model_with_a_batcher_deep_copies_into_one_with_its_own() -> None:
     """transformers' assisted generation users copy a model to make a draft of it: the copy batches its own
     head, over its own weights."""
