@@ -40,7 +40,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-
 # How late, in periods of its own, a thread may be for a pass to still wait for it: its calls come once per round
 # of its route, give or take the noise of a shared machine (up to a third).
 PATIENCE = 1.5
