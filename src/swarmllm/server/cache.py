@@ -253,6 +253,8 @@ class SessionKV:
     tables: list[list[int]] = field(init=False)  # per row, the pool's pages in token order
     claims: list[range] = field(default_factory=list)  # room set aside in the pool for this session's growth
     _bounds: list[int] = field(default_factory=list)  # token positions where some row's run of pages ends
+    # `segments` answers of the current pages: a pass asks the same ones for every block.
+    _pieces: dict[tuple[int, int], list[tuple[int, int, list[int]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tables = [[] for _ in range(self.batch)]
@@ -293,6 +295,7 @@ class SessionKV:
             for table in self.tables:
                 ends.update(j * self.page_tokens for j in range(1, len(table)) if table[j] != table[j - 1] + 1)
             self._bounds = sorted(ends)
+            self._pieces = {}
 
     def release(self, memory: CacheMemory) -> None:
         if self.held or any(self.tables):
@@ -300,7 +303,7 @@ class SessionKV:
             memory.release(self.held)
             self.held = 0
             self.tables = [[] for _ in range(self.batch)]  # a second release frees nothing
-            self._bounds = []
+            self._bounds, self._pieces = [], {}
 
     def commit(self, tokens: int) -> None:
         """A pass wrote `tokens` more positions: they are valid now."""
@@ -317,11 +320,16 @@ class SessionKV:
         """Tokens `[start, end)` as pieces that are consecutive slots of the pool in every row: (first token,
         end token, each row's slot of the first token)."""
         assert end <= self.capacity, "pages must be granted before the compute thread touches them"
-        pieces, tokens = [], self.page_tokens
-        for a, b in zip(self._bounds, self._bounds[1:]):
-            a, b = max(a, start), min(b, end)
-            if a < b:
-                pieces.append((a, b, [t[a // tokens] * tokens + a % tokens for t in self.tables]))
+        pieces = self._pieces.get((start, end))
+        if pieces is None:
+            pieces, tokens = [], self.page_tokens
+            for a, b in zip(self._bounds, self._bounds[1:]):
+                a, b = max(a, start), min(b, end)
+                if a < b:
+                    pieces.append((a, b, [t[a // tokens] * tokens + a % tokens for t in self.tables]))
+            if len(self._pieces) >= 8:  # old lengths: a session asks for a few per step
+                self._pieces.clear()
+            self._pieces[(start, end)] = pieces
         return pieces
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, at: int) -> None:
