@@ -189,3 +189,6 @@ def test_session_kv_owns_its_pages_length_and_rewinds(span) -> None:
         kv.rewind(6)  # a rewind never grows the session
     kv.release(memory)
     assert (kv.held, memory.used, kv.pool.in_use) == (0, 0, 0)
+    kv.release(memory)  # a second release frees nothing twice
+    assert (memory.used, kv.pool.in_use) == (0, 0)
+    assert kv.capacity == 12, "the tables stay: a pass still running for the session reads them to its end"

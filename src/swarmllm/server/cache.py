@@ -252,6 +252,7 @@ class SessionKV:
     copied: int = 0
     tables: list[list[int]] = field(init=False)  # per row, the pool's pages in token order
     claims: list[range] = field(default_factory=list)  # room set aside in the pool for this session's growth
+    released: bool = False  # its pages are back in the pool
     _bounds: list[int] = field(default_factory=list)  # token positions where some row's run of pages ends
     # `segments` answers of the current pages: a pass asks the same ones for every block.
     _pieces: dict[tuple[int, int], list[tuple[int, int, list[int]]]] = field(default_factory=dict)
@@ -290,6 +291,7 @@ class SessionKV:
         """Pages for `tokens` from the pool, without the budget: `reserve` has it (or a test does not need it)."""
         pages = self.pages_for(tokens)
         if pages:
+            assert not self.released, "a released session takes no pages"
             self.pool.grow(self, pages)
             ends = {0, self.capacity}
             for table in self.tables:
@@ -298,12 +300,13 @@ class SessionKV:
             self._pieces = {}
 
     def release(self, memory: CacheMemory) -> None:
-        if self.held or any(self.tables):
+        """Give every page and its bytes back, once. The tables stay as they are: the session's last pass may
+        still be running (its client went away mid-step), and it must finish as it began."""
+        if not self.released:
+            self.released = True
             self.pool.release(self)
             memory.release(self.held)
             self.held = 0
-            self.tables = [[] for _ in range(self.batch)]  # a second release frees nothing
-            self._bounds, self._pieces = [], {}
 
     def commit(self, tokens: int) -> None:
         """A pass wrote `tokens` more positions: they are valid now."""

@@ -5,8 +5,9 @@ batch stacks the sessions' new tokens row-wise. Attention then runs per session 
 in place (`ragged.RaggedPass`), for blocks that allow it (sdpa, keys used as cached). For the others (eager
 attention, DeepSeek's latent attention) every attention layer gets, per row, that session's past keys followed
 by the new ones, gathered and padded to the longest session, with a mask that hides the padding: a copy of the
-batch's whole context per step. A lone session reads a view of its pages, as a local model reads its cache. Either way a session's output does not depend on who it was batched with,
-beyond float rounding of a wider matmul.
+batch's whole context per step. A lone session reads a view of its pages, as a local model reads its cache.
+Either way a session's output does not depend on who it was batched with, beyond float rounding of a wider
+matmul.
 
 Why bother: on a CPU (and a GPU) a decode step is bound by reading the weights, so one pass for 8 sessions
 costs little more than a pass for one.
