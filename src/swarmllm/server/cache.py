@@ -162,6 +162,15 @@ class PagePool:
         """Bytes of the budget that whole pages hold (what `CacheMemory` may grant)."""
         return self.pages * self.page_bytes
 
+    def stores(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """((keys of block `layer`, `key`), (its values, `value`)): where new (rows, heads, tokens, width) keys and
+        values go, checked to fit the pool's (heads, width)."""
+        keys, values = self.keys[layer], self.values[layer]
+        if key.shape[1::2] != keys.shape[::2] or value.shape[1::2] != values.shape[::2]:
+            raise RuntimeError(f"block {layer} cached keys {tuple(key.shape)} and values {tuple(value.shape)}; the "
+                               f"pool holds (heads, width) {keys.shape[::2]} and {values.shape[::2]}")
+        return (keys, key), (values, value)
+
     def bytes_for(self, batch: int, tokens: int) -> int:
         """Bytes of the pages that `batch` rows of `tokens` tokens fill."""
         return self.page_bytes * batch * -(-tokens // self.page_tokens)
@@ -339,12 +348,9 @@ class SessionKV:
         """Store `key`/`value` (batch, kv_heads, q, width) at positions `[at, at + q)` of block `layer`, in its
         pages. Keys and values may differ in width (DeepSeek's blocks cache a compressed latent as keys and a
         rotary key as values)."""
-        keys, values = self.pool.keys[layer], self.pool.values[layer]
-        if key.shape[1::2] != keys.shape[::2] or value.shape[1::2] != values.shape[::2]:
-            raise RuntimeError(f"block {layer} cached keys {tuple(key.shape)} and values {tuple(value.shape)}; the "
-                               f"pool holds (heads, width) {keys.shape[::2]} and {values.shape[::2]}")
+        stores = self.pool.stores(layer, key, value)
         for a, b, starts in self.segments(at, at + key.shape[2]):
-            for pool, new in ((keys, key), (values, value)):
+            for pool, new in stores:
                 part = new[:, :, a - at : b - at]
                 view = _rows_view(pool, starts, b - a)
                 if view is not None:

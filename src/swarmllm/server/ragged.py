@@ -73,11 +73,26 @@ class RaggedPass:
         self.span, self.parts, self.q = span, parts, q
         self._layer: int | None = None
         self._handed: torch.Tensor | None = None  # the keys `update` last handed back
+        # Where every new token goes in the pool, row by row (the order of `key`'s rows and tokens): one copy per
+        # block stores the whole batch's new keys, instead of one per session. All of a pass's sessions are in
+        # the server's one pool; `update` falls back to writing session by session if they were not.
+        self._pool = parts[0].kv.pool if parts and all(p.kv.pool is parts[0].kv.pool for p in parts) else None
+        slots: list[int] = []
+        for part in parts if self._pool is not None else ():
+            pieces = part.kv.segments(part.past, part.past + q)
+            for row in range(part.rows.stop - part.rows.start):
+                for a, b, starts in pieces:
+                    slots.extend(range(starts[row], starts[row] + b - a))
+        self._slots = torch.tensor(slots, dtype=torch.long, device=span.device) if self._pool is not None else None
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key, value: (rows, kv_heads, q, head_dim) of every session, stacked
-        for part in self.parts:
-            part.kv.write(layer_idx, key[part.rows], value[part.rows], part.past)
+        if self._pool is not None and self._slots is not None:
+            for store, new in self._pool.stores(layer_idx, key, value):  # (kv_heads, slots, width) each
+                store.index_copy_(1, self._slots, new.transpose(0, 1).reshape(new.shape[1], -1, new.shape[3]))
+        else:
+            for part in self.parts:
+                part.kv.write(layer_idx, key[part.rows], value[part.rows], part.past)
         self._layer, self._handed = layer_idx, key
         return key, value
 
