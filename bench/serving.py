@@ -6,7 +6,8 @@ float32) run decode steps of 8 sessions in one pass, at a 64-token and at a 1,02
 the step's time at 1,024 over that at 64, against what attention's own arithmetic adds: the same sessions'
 attention alone (`scaled_dot_product_attention` over each session's keys, every block), timed in the same
 run. And the bytes of keys and values a step moves besides storing its new tokens (the sessions' `copied`
-counters), per step: a step should store its new tokens and read the past in place. Then the long step again
+counters), per step: a step should store its new tokens and read the past in place. A session of 4 beams,
+reordered before every step as beam search does, reports the same at 1,024 tokens. Then the long step again
 with every session's pages interleaved with the others' (the worst layout the page pool can hand out: one
 run per page), over the step with one run each.
 
@@ -108,6 +109,12 @@ def measure_steps() -> dict:
                           "ratio_to_one_run": step_s / out[STEP_CONTEXTS[1]]["step_s"]}
     print(f"  context {STEP_CONTEXTS[1]}, pages interleaved: step {step_s * 1e3:.2f} ms, copied {copied / 2**20:.2f} MiB/step",
           file=sys.stderr)
+    # Beam search: one session of BEAMS rows reordered every step, at the long context.
+    step_s, copied = _beam_steps(span, STEP_CONTEXTS[1])
+    whole = bytes_per_token(span) * BEAMS * STEP_CONTEXTS[1]  # what a reorder copying the session's cache would move
+    out["beams"] = {"rows": BEAMS, "step_s": step_s, "copied_bytes_per_step": copied, "whole_cache_bytes": whole}
+    print(f"  {BEAMS} beams at {STEP_CONTEXTS[1]}, reordered every step: step {step_s * 1e3:.2f} ms, copied "
+          f"{copied / 2**20:.2f} MiB/step (the session's whole cache: {whole / 2**20:.1f} MiB)", file=sys.stderr)
     short, long = (out[c] for c in STEP_CONTEXTS)
     out["step_ratio"] = long["step_s"] / short["step_s"]
     out["arithmetic_ratio"] = (STEP_CONTEXTS[1] + 1) / (STEP_CONTEXTS[0] + 1)  # attention's work per new token
@@ -163,6 +170,45 @@ def _batched_steps(span, context: int, interleaved: bool = False) -> tuple[float
     copied = (sum(s.kv.copied for s in sessions) - copied0) / TIMED_STEPS
     loop.close()
     return statistics.median(times[2:]), copied
+
+
+BEAMS = 4
+
+
+def _beam_steps(span, context: int) -> tuple[float, float]:
+    """Median seconds of a decode step of one `BEAMS`-row session reordered before every step (random parents,
+    as beam search's are), and bytes copied per step, over `TIMED_STEPS` steps."""
+    import asyncio
+    import random
+
+    import torch
+
+    from swarmllm.server.cache import CacheMemory, PagePool, SessionKV, bytes_per_token
+    from swarmllm.server.compute import Extras
+    from swarmllm.server.inference import Session, StepInput, run_batch
+
+    limit = context + TIMED_STEPS + 8
+    pool = PagePool(span, bytes_per_token(span, BEAMS) * STEP_PAGE * (limit // STEP_PAGE + 2), STEP_PAGE)
+    loop, memory = asyncio.new_event_loop(), CacheMemory(pool.capacity, queue_timeout=1.0)
+    kv = SessionKV(pool, span, BEAMS, limit=limit)
+    session, hidden, rng = Session(span, BEAMS, limit, kv, Extras()), span.config.hidden_size, random.Random(0)
+
+    def step(tokens: int, hypo_ids: list[int] | None) -> StepInput:
+        loop.run_until_complete(kv.prepare(memory, kv.length, kv.length + tokens, hypo_ids, "a benchmark step"))
+        pos = torch.arange(kv.length, kv.length + tokens).expand(BEAMS, -1)
+        return StepInput(session, torch.randn(BEAMS, tokens, hidden), pos, None)
+
+    run_batch([step(context, None)])
+    times, copied0 = [], kv.copied
+    for n in range(TIMED_STEPS + 2):  # 2 untimed warm-up steps
+        if n == 2:
+            copied0 = kv.copied
+        inputs = step(1, [rng.randrange(BEAMS) for _ in range(BEAMS)])
+        t0 = time.perf_counter()
+        run_batch([inputs])
+        times.append(time.perf_counter() - t0)
+    loop.close()
+    return statistics.median(times[2:]), (kv.copied - copied0) / TIMED_STEPS
 
 
 def _attention_alone(config, context: int) -> float:

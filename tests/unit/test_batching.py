@@ -114,6 +114,53 @@ def test_sessions_whose_pages_interleave_attend_over_each_run_in_place_and_equal
     assert sum(kv.copied for kv in kvs) == 0
 
 
+def test_beams_share_pages_instead_of_copying_their_past_and_each_row_equals_its_own_history() -> None:
+    """Beam search reorders a session's rows every step. Rows take each other's page tables, so beams share
+    their common past; a row about to write into a page it shares gets its own copy of that one page. Over 24
+    steps of random reorders (batched with another session), each row's output equals the blocks run on that
+    row's whole history, a step copies at most 2 pages (3 rows), whatever the length, and the budget counts
+    each page once."""
+    model = _model("llama")
+    span = span_from_model(model, 0, 4)
+    pool = PagePool(span, bytes_per_token(span) * 400, page_tokens=4)
+    memory = CacheMemory(pool.capacity, queue_timeout=1.0)
+    beams, other = SessionKV(pool, span, 3, limit=40), SessionKV(pool, span, 1, limit=40)
+    sessions = [Session(span, 3, 40, beams, Extras()), Session(span, 1, 40, other, Extras())]
+    g = torch.Generator().manual_seed(0)
+    width = span.config.hidden_size
+    histories = [torch.randn(1, 6, width, generator=g) for _ in range(3)]
+    lone = torch.randn(1, 6, width, generator=g)
+    loop = asyncio.new_event_loop()
+
+    def step(kv: SessionKV, x: torch.Tensor, hypo_ids: list[int] | None = None) -> StepInput:
+        loop.run_until_complete(kv.prepare(memory, kv.length, kv.length + x.shape[1], hypo_ids, "a step"))
+        pos = torch.arange(kv.length, kv.length + x.shape[1]).expand(x.shape[0], -1)
+        return StepInput(sessions[0] if kv is beams else sessions[1], x, pos, None)
+
+    def want(history: torch.Tensor) -> torch.Tensor:
+        return span(history, torch.arange(history.shape[1])[None])[:, -1]
+
+    with torch.no_grad():
+        run_batch([step(beams, torch.cat(histories))])
+        run_batch([step(other, lone)])
+        worst = 0
+        for n in range(24):
+            hypo = torch.randint(0, 3, (3,), generator=g).tolist()
+            x = torch.randn(3, 1, width, generator=g)
+            histories = [torch.cat([histories[h], x[r : r + 1]], dim=1) for r, h in enumerate(hypo)]
+            y = torch.randn(1, 1, width, generator=g)
+            lone = torch.cat([lone, y], dim=1)
+            before = beams.copied
+            got, got_lone = run_batch([step(beams, x, hypo), step(other, y)])
+            worst = max(worst, beams.copied - before)
+            for r in range(3):
+                torch.testing.assert_close(got[r, -1], want(histories[r])[0], rtol=1e-4, atol=1e-4, msg=f"step {n} row {r}")
+            torch.testing.assert_close(got_lone[0, -1], want(lone)[0], rtol=1e-4, atol=1e-4)
+            assert memory.used == pool.in_use * pool.page_bytes == beams.held + other.held
+    loop.close()
+    assert 0 < worst <= 2 * pool.page_bytes and other.copied == 0
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_batched_decode_step_reads_the_past_in_place_where_it_attends_per_session(attention: str) -> None:
     """With sdpa, each session attends over its own cache in place: batched decode steps copy no past keys or

@@ -154,6 +154,7 @@ class PagePool:
         self.values = {b: tensor(vh, vw) for b in range(span.start, span.end)}
         self.in_use = 0  # pages in some session's table
         self._used = bytearray(self.pages)  # 1: in a session's table
+        self._refs = [0] * self.pages  # rows whose table holds the page (beams share their common past)
         self._claimed = bytearray(self.pages)  # 1: set aside for a session's growth
         self._blocked = bytearray(self.pages)  # used or claimed: where no new room is set aside
 
@@ -193,8 +194,7 @@ class PagePool:
         that still runs for it reads them)."""
         for table in kv.tables:
             for p in table:
-                self._used[p], self._blocked[p] = 0, self._claimed[p]
-            self.in_use -= len(table)
+                self._drop(p)
         for claim in kv.claims:
             for p in claim:
                 self._claimed[p], self._blocked[p] = 0, self._used[p]
@@ -232,11 +232,46 @@ class PagePool:
         for i, table in enumerate(rows):
             self._take(table, free[i * n : (i + 1) * n])
 
+    def retable(self, old: list[list[int]], new: list[list[int]]) -> int:
+        """Rows that held the pages of `old` hold those of `new` now (pages of `old` only, listed again); returns
+        how many pages no row holds any more, which are free."""
+        for table in new:
+            for p in table:
+                self._refs[p] += 1
+        freed = self.in_use
+        for table in old:
+            for p in table:
+                self._drop(p)
+        return freed - self.in_use
+
+    def unshare(self, table: list[int], j: int) -> int:
+        """Give the row of `table` its own copy of its `j`th page, held by other rows too: a free page, preferably
+        one set aside for nobody; returns the page copied from (the copy is the compute thread's to make)."""
+        shared = table[j]
+        new = self._blocked.find(b"\0")
+        if new < 0:
+            new = self._used.find(b"\0")
+        assert new >= 0, "a page to copy into must be paid for"
+        self._take([], [new])
+        self._drop(shared)
+        table[j] = new
+        return shared
+
+    def shared(self, p: int) -> bool:
+        return self._refs[p] > 1
+
     def _take(self, table: list[int], pages) -> None:
         for p in pages:
             self._used[p] = self._blocked[p] = 1
+            self._refs[p] = 1
         table.extend(pages)
         self.in_use += len(pages)
+
+    def _drop(self, p: int) -> None:
+        self._refs[p] -= 1
+        if not self._refs[p]:
+            self._used[p], self._blocked[p] = 0, self._claimed[p]
+            self.in_use -= 1
 
 
 @dataclass(eq=False)
@@ -262,6 +297,7 @@ class SessionKV:
     tables: list[list[int]] = field(init=False)  # per row, the pool's pages in token order
     claims: list[range] = field(default_factory=list)  # room set aside in the pool for this session's growth
     released: bool = False  # its pages are back in the pool
+    _copies: list[tuple[int, int]] = field(default_factory=list)  # (page, its copy) for the compute thread to make
     _bounds: list[int] = field(default_factory=list)  # token positions where some row's run of pages ends
     # `segments` answers of the current pages: a pass asks the same ones for every block.
     _pieces: dict[tuple[int, int], list[tuple[int, int, list[int]]]] = field(default_factory=dict)
@@ -302,11 +338,59 @@ class SessionKV:
         if pages:
             assert not self.released, "a released session takes no pages"
             self.pool.grow(self, pages)
-            ends = {0, self.capacity}
-            for table in self.tables:
-                ends.update(j * self.page_tokens for j in range(1, len(table)) if table[j] != table[j - 1] + 1)
-            self._bounds = sorted(ends)
-            self._pieces = {}
+            self._retabled()
+
+    async def prepare(self, memory: CacheMemory, past: int, tokens: int, hypo_ids: list[int] | None, what: str) -> None:
+        """Everything a step needs before it runs: it follows `past` tokens (a rewind when fewer than `length`),
+        ends at `tokens`, and with `hypo_ids` makes row i continue row `hypo_ids[i]` (beam search) first.
+        Waits in `memory`'s queue for the pages it needs; raises CacheFullError with the session unchanged.
+
+        A beam reorder copies no keys or values: rows take each other's page tables, and pages that several
+        rows then hold are shared. A row about to write into a shared page gets its own copy of that page first
+        (one page per row and step at most, made by the compute thread before the pass: `copy_pages`)."""
+        order = hypo_ids if hypo_ids is not None else range(self.batch)
+        tables = [list(self.tables[h]) for h in order]
+        held = collections.Counter(p for t in tables for p in t)
+        first, last = past // self.page_tokens, -(-min(tokens, self.capacity) // self.page_tokens)
+        shared = sum(n - 1 for p, n in held.items() if n > 1 and any(p in t[first:last] for t in tables))
+        grow = self.pages_for(tokens) * self.batch
+        if grow + shared:  # (a reorder also frees what no row holds any more; it is given back below)
+            await memory.acquire((grow + shared) * self.pool.page_bytes, what)
+            self.held += (grow + shared) * self.pool.page_bytes
+        self.rewind(past)
+        if hypo_ids is not None:
+            freed = self.pool.retable(self.tables, tables)
+            self.tables = tables
+            memory.release(freed * self.pool.page_bytes)
+            self.held -= freed * self.pool.page_bytes
+        for table in self.tables:
+            for j in range(first, min(last, len(table))):
+                if self.pool.shared(table[j]):
+                    src = self.pool.unshare(table, j)  # table[j] is the row's own page now
+                    self._copies.append((src, table[j]))
+        self._retabled()
+        self.take(tokens)
+
+    def copy_pages(self) -> None:
+        """Make the page copies `prepare` planned (on the compute thread, before the step's pass), every block."""
+        tokens = self.page_tokens
+        for src, dst in self._copies:
+            for block in range(self.span.start, self.span.end):
+                for store in (self.pool.keys[block], self.pool.values[block]):
+                    store[:, dst * tokens : (dst + 1) * tokens] = store[:, src * tokens : (src + 1) * tokens]
+                    self.copied += nbytes(store[:, :tokens])
+        self._copies = []
+
+    def evenly(self, length: int) -> bool:
+        """Whether every piece of tokens `[0, length)` reads all rows as one strided view."""
+        return all(_evenly(starts) for _, _, starts in self.segments(0, length))
+
+    def _retabled(self) -> None:
+        ends = {0, self.capacity}
+        for table in self.tables:
+            ends.update(j * self.page_tokens for j in range(1, len(table)) if table[j] != table[j - 1] + 1)
+        self._bounds = sorted(ends)
+        self._pieces = {}
 
     def release(self, memory: CacheMemory) -> None:
         """Give every page and its bytes back, once. The tables stay as they are: the session's last pass may
@@ -359,15 +443,15 @@ class SessionKV:
                     for row, slot in enumerate(starts):
                         pool[:, slot : slot + b - a] = part[row]
 
-    def views(self, layer: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def views(self, layer: int, length: int, row: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Tokens `[0, length)` of block `layer` as (keys, values) pairs of (batch, kv_heads, tokens, width),
         one per piece of consecutive slots: views of the pool, or stacked copies (counted) where the rows'
-        slots are not evenly spaced."""
+        slots are not evenly spaced. With `row`, that row's alone, (1, kv_heads, tokens, width): views always."""
         out = []
         for a, b, starts in self.segments(0, length):
             pair = []
             for pool in (self.pool.keys[layer], self.pool.values[layer]):
-                view = _rows_view(pool, starts, b - a)
+                view = _rows_view(pool, starts if row is None else starts[row : row + 1], b - a)
                 if view is None:
                     view = torch.stack([pool[:, slot : slot + b - a] for slot in starts])
                     self.copied += nbytes(view)
@@ -389,16 +473,6 @@ class SessionKV:
         keys, values = torch.cat([k for k, _ in pieces], dim=2), torch.cat([v for _, v in pieces], dim=2)
         self.copied += nbytes(keys) + nbytes(values)
         return keys, values
-
-    def reorder(self, hypo_ids: torch.Tensor) -> None:
-        """Row i becomes what row `hypo_ids[i]` was (beam search reordering its beams): a copy of the session."""
-        if not self.length:
-            return
-        for layer in range(self.span.start, self.span.end):
-            keys, values = self.read(layer, self.length)
-            keys, values = keys.index_select(0, hypo_ids), values.index_select(0, hypo_ids)
-            self.write(layer, keys, values, 0)
-            self.copied += nbytes(keys) + nbytes(values)
 
 
 def _evenly(starts: list[int]) -> bool:

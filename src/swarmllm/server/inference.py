@@ -197,6 +197,8 @@ def run_batch(steps: list[StepInput]) -> list[torch.Tensor]:
 
     Each session's length advances only if the whole pass succeeds (a failed pass leaves garbage beyond
     `length`, which the next step overwrites)."""
+    for s in steps:
+        s.session.kv.copy_pages()  # pages that beams shared and a row is about to write (`SessionKV.prepare`)
     session0 = steps[0].session
     span, q = session0.span, steps[0].hidden.shape[1]
     dtype = span.dtype

@@ -112,18 +112,29 @@ class RaggedPass:
                                "attention: they cannot attend per session (mark the family attention_reads_cache=False)")
         layer, n = self._layer, self.q
         layer_type = self.span.types[layer - self.span.start]
-        assert _sdpa is not None
         outs = []
         for part in self.parts:
-            runs = part.kv.views(layer, part.past + n)  # (rows, kv_heads, tokens, width) each: views of the pool
-            mask = part.masks[layer_type]
-            if len(runs) == 1:
-                out, _ = _sdpa(module, query[part.rows], *runs[0], mask, **kwargs)
-            else:
-                allowed = mask if mask is not None else _causal(part.past, n, query.device)
-                out = _over_runs(module, query[part.rows], runs, allowed, **kwargs)
-            outs.append(out)  # (rows, q, heads, head_dim)
+            length, mask = part.past + n, part.masks[layer_type]
+            if part.kv.evenly(length):  # all rows in one strided view per piece
+                outs.append(_attend(module, query[part.rows], part.kv.views(layer, length), mask, part.past, kwargs))
+                continue
+            for row in range(part.rows.stop - part.rows.start):  # beams that share pages: each row its own views
+                at = part.rows.start + row
+                outs.append(_attend(module, query[at : at + 1], part.kv.views(layer, length, row),
+                                    None if mask is None else mask[row : row + 1], part.past, kwargs))
         return torch.cat(outs), None
+
+
+def _attend(module, query: torch.Tensor, runs: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None,
+            past: int, kwargs: dict) -> torch.Tensor:
+    """Queries (rows, heads, q, width) over their keys and values held as `runs` of the pool: transformers' own
+    sdpa over a single run, `_over_runs` over several. Returns (rows, q, heads, value width)."""
+    if len(runs) == 1:
+        assert _sdpa is not None  # installed before any pass
+        out, _ = _sdpa(module, query, *runs[0], mask, **kwargs)
+        return out
+    allowed = mask if mask is not None else _causal(past, query.shape[2], query.device)
+    return _over_runs(module, query, runs, allowed, **kwargs)
 
 
 def _causal(past: int, q: int, device: torch.device) -> torch.Tensor:

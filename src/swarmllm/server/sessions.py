@@ -170,10 +170,8 @@ class Sessions:
                 raise compute.BadRequest(f"push_to names {len(step.push_to)} servers")
             c.limits.check_attention(batch, c.scheduler.chunk_size(session, q), past + q)
             with c.limits.tokens(peer, batch * q):
-                await live.kv.reserve(c.memory, past + q, f"step {step.step_id} of session {meta.session_id[:8]}")
-                live.kv.rewind(past)
-                if hypo_ids is not None:  # on the compute thread, which alone touches cache tensors
-                    await c.scheduler.run(live.kv.reorder, hypo_ids.to(session.span.device))
+                await live.kv.prepare(c.memory, past, past + q, None if hypo_ids is None else hypo_ids.tolist(),
+                                      f"step {step.step_id} of session {meta.session_id[:8]}")
                 t0 = time.perf_counter()
                 out = c.faults.tamper(await c.scheduler.step(session, hidden, position_ids, mask, peer=peer))
                 c.count(peer, session.span, batch * q, "inference", time.perf_counter() - t0)
