@@ -55,6 +55,10 @@ def figures(results: dict) -> list[tuple[str, str, float, float | None, bool]]:
             0.0, False)
     add("batch-8 decode step at 1,024 tokens", "pages interleaved / one run", _get(steps, "interleaved", "ratio_to_one_run"),
         None, False)
+    beams = _get(steps, "beams") or {}
+    if isinstance(beams.get("copied_bytes_per_step"), (int, float)) and beams.get("whole_cache_bytes"):
+        add("batch-8 decode step at 1,024 tokens", "4 beams reordered: bytes copied per step / their cache",
+            beams["copied_bytes_per_step"] / beams["whole_cache_bytes"], None, False)
     for mode in ("prompt_lookup", "draft_model"):
         add("fewer round trips (100 ms RTT)", f"{mode.replace('_', ' ')}: tok/s over plain",
             _get(results, "speculative", mode, "speedup"))

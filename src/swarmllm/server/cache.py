@@ -25,6 +25,9 @@ soft: when no unclaimed room is left, pages set aside for others are taken too, 
 its last page; the sessions concerned then read their past as several runs (attention costs a little more,
 results are the same).
 
+Beams share pages: a beam search reorder makes rows take each other's tables (the pool counts the rows that
+hold each page), and a row about to write into a page it shares copies that one page first (`SessionKV.prepare`).
+
 Pages span all of the server's blocks, so that one table per row serves every block and the budget counts
 exactly the pages in use. A session on part of the span pays for all of it (clients route whole spans where
 they can).
@@ -280,9 +283,10 @@ class SessionKV:
     grown up to `capacity` tokens (what the memory budget granted on the event loop). Tokens `[0, length)` are
     valid; a failed step only has to reset `length`.
 
-    It owns its length and pages: `reserve` takes pages from the memory budget and the pool (on the event
-    loop), `commit` advances the length after a pass (on the compute thread), `rewind` cuts it (a client's
-    rewind, or a failed pass), and `release` gives every page back."""
+    It owns its length and pages: `reserve` takes pages from the memory budget and the pool and `prepare` does
+    all a step needs (pages, rewind, beam reorder; both on the event loop), `commit` advances the length after
+    a pass (on the compute thread), `rewind` cuts it (a client's rewind, or a failed pass), and `release` gives
+    every page back."""
 
     pool: PagePool
     span: Span
