@@ -11,7 +11,9 @@ a free port. Measured in the same run:
 - concurrency: K requests at once through the API, total tokens/s as a ratio to one request at a time
   (the servers batch the concurrent sessions' steps; target >= 3x at K=8), first with every request
   computing its own LM head, then with the host's head batcher (`batch_heads`, the default: one head
-  pass for every request's decode step); and one request with n=K choices, the same way.
+  pass for every request's decode step); and one request with n=K choices, the same way;
+- sampling: the host's CPU per sampled token (top_p 0.9) on real logits, ranking only the most likely tokens
+  for the nucleus against sorting the whole vocabulary, with equal draws (exit 1 otherwise).
 
 Usage: python bench/api.py [--new-tokens 32] [--concurrent 8] [--threads 1] [--repeats 2]
 """
@@ -217,10 +219,46 @@ def prompt_lookup(args, client, model, model_dir) -> dict:
     return out
 
 
+def sampling_cost(threads: int) -> dict:
+    """The API host's CPU per sampled token (temperature 0.7, top_p 0.9) on SmolLM2's real logits: the
+    positions of a code-editing prompt, run once by a local model. Ranking only the most likely tokens for the
+    nucleus (`generation.nucleus_candidates`) against sorting the whole vocabulary, in the same run, with the
+    same draws."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swarmllm.api import generation
+    from swarmllm.models.source import resolve_model
+
+    torch.set_num_threads(threads)
+    model_dir = resolve_model("smollm2")
+    ids = AutoTokenizer.from_pretrained(model_dir)(CODE_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(model_dir).eval()(ids).logits[0]  # (positions, vocab)
+    sampling = generation.Sampling(max_tokens=1, temperature=0.7, top_p=0.9)
+    first = generation.NUCLEUS_FIRST
+    times, draws = {}, {}
+    for label, ranked in (("full_sort", logits.shape[1]), ("top_first", first), ("full_sort", logits.shape[1]),
+                          ("top_first", first)):
+        generation.NUCLEUS_FIRST = ranked
+        generator = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        draws[label] = [generation.pick(row, sampling, generator) for row in logits]
+        times.setdefault(label, []).append((time.perf_counter() - t0) / len(logits))
+    generation.NUCLEUS_FIRST = first
+    probs = torch.softmax(logits / 0.7, dim=-1)
+    fits = float((probs.topk(first).values.sum(-1) >= 0.9).float().mean())
+    full, fast = min(times["full_sort"]), min(times["top_first"])
+    return {"positions": len(logits), "full_sort_ms": round(full * 1e3, 3), "top_first_ms": round(fast * 1e3, 3),
+            "ratio": round(fast / full, 3), "nucleus_in_top_share": round(fits, 3),
+            "same_draws": draws["full_sort"] == draws["top_first"]}
+
+
 def main() -> int:
     args = parse_args()
     prepare()
     r = run(args)
+    r["sampling"] = sampling_cost(args.threads)
     print(f"api: {r['api_tok_s']:.2f} tok/s, {r['api_ratio_to_direct']:.2f}x direct generate() "
           f"({r['direct_tok_s']:.2f}); first token after {r['api_first_token_s'] * 1e3:.0f} ms; "
           f"text {'matches' if r['text_matches'] else 'DIFFERS from'} direct")
@@ -235,9 +273,14 @@ def main() -> int:
     print(f"--prompt-lookup {lk['lookup_tokens']} on a code edit: {lk['lookup']['tok_s']:.2f} tok/s against "
           f"{lk['plain']['tok_s']:.2f} ({lk['speedup']:.2f}x), first token {lk['lookup']['first_token_s'] * 1e3:.0f} "
           f"against {lk['plain']['first_token_s'] * 1e3:.0f} ms; text {'equal' if lk['texts_equal'] else 'DIFFERS'}")
+    sm = r["sampling"]
+    print(f"sampling a token (t=0.7, top_p=0.9) on the API host: {sm['top_first_ms']:.2f} ms ranking the top "
+          f"tokens first against {sm['full_sort_ms']:.2f} ms sorting the vocabulary ({sm['ratio']:.2f}x; nucleus "
+          f"within the top at {sm['nucleus_in_top_share']:.0%} of {sm['positions']} positions; draws "
+          f"{'equal' if sm['same_draws'] else 'DIFFER'})")
     merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**merged, "api": r}, indent=2) + "\n")
-    return 0 if r["text_matches"] and lk["texts_equal"] else 1
+    return 0 if r["text_matches"] and lk["texts_equal"] and sm["same_draws"] else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from swarmllm.api.generation import Piece, Sampling, TextStream, complete, lookup, pick
+from swarmllm.api.generation import Piece, Sampling, TextStream, complete, lookup, nucleus_candidates, pick
 from tests.counters import CountForwards
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
@@ -41,6 +41,26 @@ def test_top_p_samples_from_the_smallest_nucleus(top_p: float, allowed: set[int]
     # Probabilities 0.5, 0.3, 0.2: 0.5 alone reaches top_p <= 0.5, 0.6 needs the second token too.
     logits = _probs_logits(0.5, 0.3, 0.2)
     assert _samples(logits, Sampling(max_tokens=1, top_p=top_p)) == allowed
+
+
+@pytest.mark.parametrize("scale", [12.0, 1.0])  # peaked: the nucleus lies in the top 1024; flat: it does not
+def test_top_p_ranks_only_the_tokens_its_nucleus_can_reach_and_draws_what_a_full_sort_draws(scale: float) -> None:
+    """The nucleus is found among the 1,024 most likely tokens when they hold top_p's mass, and by sorting the
+    whole vocabulary otherwise; either way a seeded generator draws what it draws after a full sort."""
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(3)) * scale
+    sampling = Sampling(max_tokens=1, temperature=0.7, top_p=0.9)
+    probs = torch.softmax(logits / 0.7, dim=-1)
+    ranked, _ = nucleus_candidates(probs, 0.9)
+    assert ranked.numel() == (1024 if scale > 1 else 49152)
+
+    def full_sort(generator: torch.Generator) -> int:
+        ranked, order = probs.sort(descending=True)
+        ranked[ranked.cumsum(0) - ranked >= 0.9] = 0.0
+        return int(order[torch.multinomial(ranked, 1, generator=generator)])
+
+    fast, full = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    draws = [pick(logits, sampling, fast) for _ in range(50)]
+    assert draws == [full_sort(full) for _ in range(50)] and len(set(draws)) > 1
 
 
 def test_a_seeded_generator_reproduces_its_samples() -> None:

@@ -101,11 +101,30 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (never empty).
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p
-        sorted_probs[outside] = 0.0
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+        ranked, order = nucleus_candidates(probs, sampling.top_p)
+        outside = ranked.cumsum(0) - ranked >= sampling.top_p
+        # The draw runs over the whole vocabulary's length, zeros past the nucleus, as with a full sort: the same
+        # generator draws the same token.
+        weights = probs.new_zeros(probs.shape)
+        weights[: ranked.numel()] = ranked.masked_fill(outside, 0.0)
+        return int(order[torch.multinomial(weights, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# The most likely tokens ranked first for top_p. Sorting SmolLM2's whole vocabulary (49,152) costs 2.9 ms of CPU
+# per token, most of what the host spends on a sampled token (its share of an 8-row LM-head pass: 1.4 ms).
+NUCLEUS_FIRST = 1024
+
+
+def nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`probs` (vocab,) in descending order, with their token ids, as far as top_p's nucleus can reach: the top
+    `NUCLEUS_FIRST` when their mass reaches `top_p` (the nucleus then lies within them: every later token
+    follows at least that mass), the whole vocabulary sorted otherwise (a flat distribution)."""
+    if probs.numel() > NUCLEUS_FIRST:
+        ranked, order = probs.topk(NUCLEUS_FIRST)
+        if float(ranked.sum()) >= top_p:
+            return ranked, order
+    return probs.sort(descending=True)
 
 
 class TextStream:
