@@ -44,6 +44,8 @@ def figures(results: dict) -> list[tuple[str, str, float, float | None, bool]]:
     add("serving many clients", "API: n=4 choices / 1", _get(results, "api", "n_choices_ratio_to_one"), None)
     add("speed vs baseline", "API stream / direct generate", _get(results, "api", "api_ratio_to_direct"), None)
     add("speed vs baseline", "API with logprobs / without", _get(results, "api", "logprobs_ratio_to_api"), None)
+    add("speed vs baseline", "API top_p sampling CPU: top tokens first / full sort", _get(results, "api", "sampling", "ratio"),
+        None, False)
     steps = _get(results, "serving_steps") or {}
     if isinstance(steps.get("step_ratio"), (int, float)) and steps.get("arithmetic_ratio"):
         add("batch-8 decode step at 1,024 tokens", "step growth 1,024/64 / attention's arithmetic growth",
