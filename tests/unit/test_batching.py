@@ -56,6 +56,22 @@ class _Sequence:
         torch.testing.assert_close(self.norm(got)[:, real], self.want[:, a:b][:, real], rtol=1e-4, atol=1e-4, msg=name)
 
 
+def _prefill_then_decode_together(name: str, seqs: list[_Sequence], sessions: list[Session], prompt: list[int]) -> None:
+    """Each session's prompt in a pass of its own, then every session's next token in shared passes until all
+    sequences end; every output checked against the full model."""
+    with torch.no_grad():
+        for seq, session, n in zip(seqs, sessions, prompt):
+            (out,) = run_batch([seq.step(session, 0, n)])
+            seq.check(out, 0, n, f"{name} prefill {n}")
+        pos = list(prompt)
+        while any(p < seq.ids.shape[1] for p, seq in zip(pos, seqs)):
+            live = [i for i, seq in enumerate(seqs) if pos[i] < seq.ids.shape[1]]
+            outs = run_batch([seqs[i].step(sessions[i], pos[i], pos[i] + 1) for i in live])
+            for i, out in zip(live, outs):
+                seqs[i].check(out, pos[i], pos[i] + 1, f"{name} session {i} decode at {pos[i]}")
+                pos[i] += 1
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager adds the mask to the scores: 0 or -inf
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_batched_sessions_of_different_lengths_equal_the_full_model(name: str, attention: str) -> None:
@@ -69,17 +85,7 @@ def test_batched_sessions_of_different_lengths_equal_the_full_model(name: str, a
     seqs = [_Sequence(model, 14, 0, 1), _Sequence(model, 12, 2, 2), _Sequence(model, 9, 0, 3)]
     prompt = [7, 5, 2]
     sessions = [_session(span) for _ in seqs]
-    with torch.no_grad():
-        for seq, session, n in zip(seqs, sessions, prompt):
-            (out,) = run_batch([seq.step(session, 0, n)])
-            seq.check(out, 0, n, f"{name} prefill {n}")
-        pos = list(prompt)
-        while any(p < seq.ids.shape[1] for p, seq in zip(pos, seqs)):
-            live = [i for i, seq in enumerate(seqs) if pos[i] < seq.ids.shape[1]]
-            outs = run_batch([seqs[i].step(sessions[i], pos[i], pos[i] + 1) for i in live])
-            for i, out in zip(live, outs):
-                seqs[i].check(out, pos[i], pos[i] + 1, f"{name} session {i} decode at {pos[i]}")
-                pos[i] += 1
+    _prefill_then_decode_together(name, seqs, sessions, prompt)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3", "qwen2", "falcon"])
@@ -100,17 +106,7 @@ def test_sessions_whose_pages_interleave_attend_over_each_run_in_place_and_equal
             kv.take(min(tokens, seq.ids.shape[1]))
     assert all(len(kv.segments(0, kv.capacity)) >= 5 for kv in kvs), [kv.tables for kv in kvs]
     prompt = [5, 6, 2]
-    with torch.no_grad():
-        for seq, session, n in zip(seqs, sessions, prompt):
-            (out,) = run_batch([seq.step(session, 0, n)])  # alone, over several runs from the second page on
-            seq.check(out, 0, n, f"{name} prefill {n}")
-        pos = list(prompt)
-        while any(p < seq.ids.shape[1] for p, seq in zip(pos, seqs)):
-            live = [i for i, seq in enumerate(seqs) if pos[i] < seq.ids.shape[1]]
-            outs = run_batch([seqs[i].step(sessions[i], pos[i], pos[i] + 1) for i in live])
-            for i, out in zip(live, outs):
-                seqs[i].check(out, pos[i], pos[i] + 1, f"{name} session {i} decode at {pos[i]}")
-                pos[i] += 1
+    _prefill_then_decode_together(name, seqs, sessions, prompt)  # prompts alone: over several runs from page 2
     assert sum(kv.copied for kv in kvs) == 0
 
 
