@@ -192,3 +192,31 @@ def test_session_kv_owns_its_pages_length_and_rewinds(span) -> None:
     kv.release(memory)  # a second release frees nothing twice
     assert (memory.used, kv.pool.in_use) == (0, 0)
     assert kv.capacity == 12, "the tables stay: a pass still running for the session reads them to its end"
+
+
+def test_beam_steps_in_a_full_pool_count_what_a_reorder_frees_and_a_refused_one_changes_nothing(span) -> None:
+    """Two rows (beams) fill the pool. A reorder that makes row 1 continue row 0 frees row 1's two pages and
+    needs one, a copy of the page both rows write next: it fits, and the session holds a page less. A step
+    that then needs a new page per row finds one free, not two: it fails with CacheFullError after its queue
+    wait, and the session keeps its tables, length and budget."""
+    per_page = bytes_per_token(span) * 4
+    pool = PagePool(span, 4 * per_page, 4)
+    memory = CacheMemory(budget=pool.capacity, queue_timeout=0.1)
+    kv = SessionKV(pool, span, batch=2)
+
+    async def main():
+        await kv.reserve(memory, 8, "two pages per row")  # the whole pool
+        for layer in range(4):
+            kv.write(layer, torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8), 0)
+        kv.commit(6)
+        await kv.prepare(memory, 6, 7, [0, 0], "a beam step")
+        assert kv.tables[0][0] == kv.tables[1][0] and kv.tables[0][1] != kv.tables[1][1]  # the first page shared
+        assert memory.used == kv.held == 3 * per_page == pool.in_use * per_page and len(kv._copies) == 1
+        kv.copy_pages()
+        kv.commit(2)
+        tables, used = [list(t) for t in kv.tables], memory.used
+        with pytest.raises(CacheFullError):
+            await kv.prepare(memory, 8, 9, [1, 0], "a step past the pages")
+        assert (kv.tables, kv.length, memory.used, kv.held, pool.in_use) == (tables, 8, used, used, 3)
+
+    asyncio.run(main())

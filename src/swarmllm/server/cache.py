@@ -235,17 +235,15 @@ class PagePool:
         for i, table in enumerate(rows):
             self._take(table, free[i * n : (i + 1) * n])
 
-    def retable(self, old: list[list[int]], new: list[list[int]]) -> int:
-        """Rows that held the pages of `old` hold those of `new` now (pages of `old` only, listed again); returns
-        how many pages no row holds any more, which are free."""
+    def retable(self, old: list[list[int]], new: list[list[int]]) -> None:
+        """Rows that held the pages of `old` hold those of `new` now (pages of `old` only, listed again); pages no
+        row holds any more are free."""
         for table in new:
             for p in table:
                 self._refs[p] += 1
-        freed = self.in_use
         for table in old:
             for p in table:
                 self._drop(p)
-        return freed - self.in_use
 
     def unshare(self, table: list[int], j: int) -> int:
         """Give the row of `table` its own copy of its `j`th page, held by other rows too: a free page, preferably
@@ -358,15 +356,17 @@ class SessionKV:
         first, last = past // self.page_tokens, -(-min(tokens, self.capacity) // self.page_tokens)
         shared = sum(n - 1 for p, n in held.items() if n > 1 and any(p in t[first:last] for t in tables))
         grow = self.pages_for(tokens) * self.batch
-        if grow + shared:  # (a reorder also frees what no row holds any more; it is given back below)
-            await memory.acquire((grow + shared) * self.pool.page_bytes, what)
-            self.held += (grow + shared) * self.pool.page_bytes
+        freed = len({p for t in self.tables for p in t} - held.keys())  # pages no row holds after the reorder
+        extra = (grow + shared - freed) * self.pool.page_bytes  # what the step adds to the session's pages
+        if extra > 0:
+            await memory.acquire(extra, what)
         self.rewind(past)
         if hypo_ids is not None:
-            freed = self.pool.retable(self.tables, tables)
+            self.pool.retable(self.tables, tables)  # frees those pages before the copies and growth take theirs
             self.tables = tables
-            memory.release(freed * self.pool.page_bytes)
-            self.held -= freed * self.pool.page_bytes
+        if extra < 0:
+            memory.release(-extra)
+        self.held += extra
         for table in self.tables:
             for j in range(first, min(last, len(table))):
                 if self.pool.shared(table[j]):
