@@ -18,7 +18,7 @@ concurrent requests fall into cohorts that go round the route apart, each cohort
 of a round after the other's. A fixed wait shorter than that gap never merges them (measured with 8 threads
 on 3 servers, `bench/serving.py`: waiting up to 0.1 s, the servers' passes held 2 to 4 steps, 0.86x to 2.3x the
 tokens/s of one thread); waiting up to one period merges them within one round (passes of all 8 steps, 3.1x
-to 3.4x; 8 requests through the API host, `bench/api.py`: 3.8x to 4.2x).
+to 3.4x; 8 requests through the API host, `bench/api.py`: 3.4x to 4.2x).
 A thread overdue past 1.5 periods is not in the round (its user paused, its route stalled), so no pass waits
 longer for it. A thread that is done decoding says so (`forget`), so no pass waits for it at all.
 
