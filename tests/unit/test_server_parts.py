@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,26 @@ def test_beam_steps_in_a_full_pool_count_what_a_reorder_frees_and_a_refused_one_
         assert (kv.tables, kv.length, memory.used, kv.held, pool.in_use) == (tables, 8, used, used, 3)
 
     asyncio.run(main())
+
+
+def _rss() -> int:
+    import resource
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def test_the_pool_is_allocated_whole_but_a_cpu_holds_only_the_pages_sessions_write(span) -> None:
+    """A 1 GiB pool adds next to nothing to the process's resident memory on a CPU (the operating system maps
+    its pages when first written), and writing 64 MiB of keys and values adds about that: a server's budget
+    costs what its sessions use."""
+    tokens = 64 * 2**20 // bytes_per_token(span)
+    ones = torch.ones(1, 2, tokens, 8)  # what every block writes as keys and as values, made before measuring
+    before = _rss()
+    pool = PagePool(span, 2**30, 64)
+    allocated = _rss() - before
+    kv = SessionKV(pool, span, batch=1)
+    kv.take(tokens)
+    for layer in range(4):
+        kv.write(layer, ones, ones, 0)
+    written = _rss() - before - allocated
+    assert allocated < 16 * 2**20 and 60 * 2**20 < written < 80 * 2**20, (allocated, written)
