@@ -300,6 +300,7 @@ class SessionKV:
     claims: list[range] = field(default_factory=list)  # room set aside in the pool for this session's growth
     released: bool = False  # its pages are back in the pool
     _copies: list[tuple[int, int]] = field(default_factory=list)  # (page, its copy) for the compute thread to make
+    _sharing: bool = False  # a reorder has made rows share pages (some may still)
     _bounds: list[int] = field(default_factory=list)  # token positions where some row's run of pages ends
     # `segments` answers of the current pages: a pass asks the same ones for every block.
     _pieces: dict[tuple[int, int], list[tuple[int, int, list[int]]]] = field(default_factory=dict)
@@ -350,6 +351,11 @@ class SessionKV:
         A beam reorder copies no keys or values: rows take each other's page tables, and pages that several
         rows then hold are shared. A row about to write into a shared page gets its own copy of that page first
         (one page per row and step at most, made by the compute thread before the pass: `copy_pages`)."""
+        if hypo_ids is None and not self._sharing:  # no row holds another's pages: growth alone
+            await self.reserve(memory, tokens, what)
+            self.rewind(past)
+            return
+        self._sharing = self._sharing or hypo_ids is not None and len(set(hypo_ids)) < self.batch
         order = hypo_ids if hypo_ids is not None else range(self.batch)
         tables = [list(self.tables[h]) for h in order]
         held = collections.Counter(p for t in tables for p in t)
@@ -377,6 +383,8 @@ class SessionKV:
 
     def copy_pages(self) -> None:
         """Make the page copies `prepare` planned (on the compute thread, before the step's pass), every block."""
+        if not self._copies:
+            return
         tokens = self.page_tokens
         for src, dst in self._copies:
             for block in range(self.span.start, self.span.end):
