@@ -114,13 +114,6 @@ class CacheMemory:
                 self._wake()
             raise
 
-    def try_acquire(self, nbytes: int) -> bool:
-        """Take `nbytes` only if they are free now and nobody is queued before; never waits."""
-        if self._waiters or nbytes > self.free:
-            return False
-        self.used += nbytes
-        return True
-
     def release(self, nbytes: int) -> None:
         self.used = max(0, self.used - nbytes)
         self._wake()
@@ -144,7 +137,7 @@ class PagePool:
     `grow` and `release` run on the event loop; `keys` and `values` are read and written by the compute thread."""
 
     def __init__(self, span: Span, budget: int, page_tokens: int):
-        self.start, self.end, self.page_tokens = span.start, span.end, page_tokens
+        self.page_tokens = page_tokens
         self.page_bytes = bytes_per_token(span) * page_tokens  # one page: one row, every block
         self.pages = budget // self.page_bytes
         (kh, kw), (vh, vw) = span.cache_shapes
@@ -473,8 +466,7 @@ class SessionKV:
 
     def in_place(self, length: int) -> bool:
         """Whether tokens `[0, length)` read as one view of the pool in every block."""
-        pieces = self.segments(0, length)
-        return len(pieces) == 1 and _evenly(pieces[0][2])
+        return len(self.segments(0, length)) == 1 and self.evenly(length)
 
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens `[0, length)` of block `layer` as one (batch, kv_heads, length, width) pair: a view of the

@@ -83,11 +83,11 @@ class RaggedPass:
             for row in range(part.rows.stop - part.rows.start):
                 for a, b, starts in pieces:
                     slots.extend(range(starts[row], starts[row] + b - a))
-        self._slots = torch.tensor(slots, dtype=torch.long, device=span.device) if self._pool is not None else None
+        self._slots = torch.tensor(slots, dtype=torch.long, device=span.device)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key, value: (rows, kv_heads, q, head_dim) of every session, stacked
-        if self._pool is not None and self._slots is not None:
+        if self._pool is not None:
             for store, new in self._pool.stores(layer_idx, key, value):  # (kv_heads, slots, width) each
                 store.index_copy_(1, self._slots, new.transpose(0, 1).reshape(new.shape[1], -1, new.shape[3]))
         else:
@@ -134,7 +134,7 @@ def _attend(module, query: torch.Tensor, runs: list[tuple[torch.Tensor, torch.Te
         out, _ = _sdpa(module, query, *runs[0], mask, **kwargs)
         return out
     allowed = mask if mask is not None else _causal(past, query.shape[2], query.device)
-    return _over_runs(module, query, runs, allowed, **kwargs)
+    return _over_runs(query, runs, allowed, **kwargs)
 
 
 def _causal(past: int, q: int, device: torch.device) -> torch.Tensor:
@@ -146,7 +146,7 @@ def _causal(past: int, q: int, device: torch.device) -> torch.Tensor:
 _UNSUPPORTED = ("softcap", "s_aux", "sinks")
 
 
-def _over_runs(module, query: torch.Tensor, runs: list[tuple[torch.Tensor, torch.Tensor]], allowed: torch.Tensor,
+def _over_runs(query: torch.Tensor, runs: list[tuple[torch.Tensor, torch.Tensor]], allowed: torch.Tensor,
                *, scaling: float | None = None, dropout: float = 0.0, **kwargs) -> torch.Tensor:
     """Attention of `query` (rows, heads, q, width) over keys and values held as several runs of the pool (a
     session whose pages are not consecutive), without copying them together: the scores of every run side by
